@@ -1,0 +1,1 @@
+"""dwpose core (never imports ComfyUI)."""

@@ -1,0 +1,1 @@
+"""steadydancer core (never imports ComfyUI)."""

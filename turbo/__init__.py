@@ -1,0 +1,1 @@
+"""turbo core (never imports ComfyUI)."""
