@@ -1,0 +1,160 @@
+"""fp8 (e4m3) linear layer with a per-tensor weight scale and fp8 tensor-core matmuls (opt-in).
+
+Weights: ``weight`` float8_e4m3fn [out, in] and ``scale_weight`` (float32 scalar) such that
+``W ~= weight.float() * scale_weight`` (the layout of "fp8 scaled" Wan checkpoints, which name the scale
+``scale_weight``).
+
+Activations are quantized on the fly per token (row-wise amax / 448), and the product runs as one
+``torch._scaled_mm`` call with a row-wise activation scale [M, 1], the weight's per-tensor scale broadcast to
+[1, N], the bias fused, and the result in the compute dtype (bf16). On GPUs without fp8 tensor cores (before
+sm_89), or when ``use_scaled_mm`` is False, the weight is dequantized to the input dtype and a plain
+``F.linear`` runs instead (same weights, so the same function up to the activation rounding).
+
+``convert_linears_to_fp8(model)`` swaps the ``nn.Linear`` layers inside ``model.blocks`` in place (q/k/v/o of
+self- and cross-attention incl. k_img/v_img, and the FFN), leaving embeddings and the head in bf16, which is the
+split TurboDiffusion's quantized checkpoints use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "convert_linears_to_fp8",
+           "fp8_matmul_supported"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+
+
+def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w -> (w8 float8_e4m3fn, scale float32 scalar) with w ~= w8 * scale."""
+    wf = w.float()
+    scale = (wf.abs().amax() / FP8_MAX).clamp(min=1e-12)
+    w8 = (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return w8, scale.reshape(())
+
+
+def _quantize_rowwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+_quant_compiled = None
+_quant_compile_failed = False
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32), per-row amax scaling.
+
+    On CUDA the function is compiled once (dynamic in M) so the amax and the cast are one fused pass over x
+    instead of five eager kernels with a float32 intermediate."""
+    global _quant_compiled, _quant_compile_failed
+    if x.is_cuda and not _quant_compile_failed:
+        try:
+            if _quant_compiled is None:
+                _quant_compiled = torch.compile(_quantize_rowwise_eager, dynamic=True)
+            return _quant_compiled(x)
+        except Exception:  # no triton / inductor: stay correct, just slower
+            _quant_compile_failed = True
+    return _quantize_rowwise_eager(x)
+
+
+def fp8_matmul_supported(device: torch.device | str | None = None) -> bool:
+    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or 9.x (Hopper) and later."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding fp8 weights. State-dict keys: ``weight`` (fp8), ``scale_weight``,
+    ``bias``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 compute_dtype: torch.dtype = torch.bfloat16, use_scaled_mm: bool | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.use_scaled_mm = use_scaled_mm  # None: auto (CUDA sm_89+)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
+                    use_scaled_mm: bool | None = None) -> "FP8Linear":
+        w = linear.weight.detach()
+        compute_dtype = compute_dtype or (w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                compute_dtype=compute_dtype, use_scaled_mm=use_scaled_mm)
+        w8, scale = quantize_per_tensor(w)
+        m.weight = nn.Parameter(w8, requires_grad=False)
+        m.scale_weight = scale.to(w.device)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_fp8(cls, weight_fp8: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16, use_scaled_mm: bool | None = None) -> "FP8Linear":
+        """Wrap already-quantized checkpoint tensors (e.g. Wan "fp8_e4m3fn_scaled" files)."""
+        out_f, in_f = weight_fp8.shape
+        m = cls(in_f, out_f, bias is not None, device="meta", compute_dtype=compute_dtype,
+                use_scaled_mm=use_scaled_mm)
+        m.weight = nn.Parameter(weight_fp8.to(FP8_DTYPE), requires_grad=False)
+        m.scale_weight = torch.as_tensor(scale, dtype=torch.float32, device=weight_fp8.device).reshape(())
+        if bias is not None:
+            m.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return (self.weight.to(acc) * self.scale_weight.to(acc)).to(dtype)
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        if self.use_scaled_mm is not None:
+            return self.use_scaled_mm
+        return x.is_cuda and fp8_matmul_supported(x.device) and self.in_features % 16 == 0 \
+            and self.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast(x):
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = quantize_rowwise(x2)
+        ws = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=ws, bias=self.bias,
+                               out_dtype=self.compute_dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3 per-tensor"
+
+
+def convert_linears_to_fp8(model: nn.Module, root: str = "blocks", compute_dtype: torch.dtype | None = None,
+                           use_scaled_mm: bool | None = None, skip: tuple[str, ...] = ()) -> int:
+    """Replace every ``nn.Linear`` under ``model.<root>`` by an ``FP8Linear`` (in place, freeing the original
+    weight as it goes). Returns the number of layers converted."""
+    base = model.get_submodule(root) if root else model
+    targets = [(n, m) for n, m in base.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)]
+    for name, lin in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = base.get_submodule(parent_name) if parent_name else base
+        setattr(parent, attr, FP8Linear.from_linear(lin, compute_dtype=compute_dtype, use_scaled_mm=use_scaled_mm))
+        del lin
+    return len(targets)
