@@ -4,9 +4,10 @@ Weights: ``weight`` float8_e4m3fn [out, in] and ``scale_weight`` (float32 scalar
 ``W ~= weight.float() * scale_weight`` (the layout of "fp8 scaled" Wan checkpoints, which name the scale
 ``scale_weight``).
 
-Activations are quantized on the fly per token (row-wise amax / 448), and the product runs as one
-``torch._scaled_mm`` call with a row-wise activation scale [M, 1], the weight's per-tensor scale broadcast to
-[1, N], the bias fused, and the result in the compute dtype (bf16). On GPUs without fp8 tensor cores (before
+Activations are quantized on the fly, per token (``act_scaling="rowwise"``, default: row-wise amax / 448) or
+per call (``"tensor"``), and the product runs as one ``torch._scaled_mm`` call (row-wise: activation scale
+[M, 1], the weight's per-tensor scale broadcast to [1, N]; tensor-wise: two scalars) with the bias fused and the
+result in the compute dtype (bf16). ``fast_accum=True`` uses the fp8 fast-accumulation mode. On GPUs without fp8 tensor cores (before
 sm_89), or when ``use_scaled_mm`` is False, the weight is dequantized to the input dtype and a plain
 ``F.linear`` runs instead (same weights, so the same function up to the activation rounding).
 
@@ -21,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "convert_linears_to_fp8",
-           "fp8_matmul_supported"]
+__all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "quantize_tensorwise",
+           "convert_linears_to_fp8", "fp8_matmul_supported"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -42,24 +43,41 @@ def _quantize_rowwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-_quant_compiled = None
-_quant_compile_failed = False
+def _quantize_tensorwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    scale = (xf.abs().amax() / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+_EAGER = {"rowwise": _quantize_rowwise_eager, "tensor": _quantize_tensorwise_eager}
+_compiled: dict = {}
+_compile_failed = False
+
+
+def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """On CUDA the quantizer is compiled once (dynamic in M), so amax and cast are one or two fused passes over
+    x instead of five eager kernels with a float32 intermediate. Inside an outer torch.compile region the eager
+    function is traced into that graph instead."""
+    global _compile_failed
+    if x.is_cuda and not _compile_failed and not torch.compiler.is_compiling():
+        try:
+            fn = _compiled.get(mode)
+            if fn is None:
+                fn = _compiled[mode] = torch.compile(_EAGER[mode], dynamic=True)
+            return fn(x)
+        except Exception:  # no triton / inductor: stay correct, just slower
+            _compile_failed = True
+    return _EAGER[mode](x)
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32), per-row amax scaling.
+    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32), per-row amax scaling."""
+    return _quantize(x, "rowwise")
 
-    On CUDA the function is compiled once (dynamic in M) so the amax and the cast are one fused pass over x
-    instead of five eager kernels with a float32 intermediate."""
-    global _quant_compiled, _quant_compile_failed
-    if x.is_cuda and not _quant_compile_failed:
-        try:
-            if _quant_compiled is None:
-                _quant_compiled = torch.compile(_quantize_rowwise_eager, dynamic=True)
-            return _quant_compiled(x)
-        except Exception:  # no triton / inductor: stay correct, just slower
-            _quant_compile_failed = True
-    return _quantize_rowwise_eager(x)
+
+def quantize_tensorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (x8 float8_e4m3fn, scale float32 scalar), one amax for the whole tensor."""
+    return _quantize(x, "tensor")
 
 
 def fp8_matmul_supported(device: torch.device | str | None = None) -> bool:
@@ -77,12 +95,17 @@ class FP8Linear(nn.Module):
     ``bias``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 compute_dtype: torch.dtype = torch.bfloat16, use_scaled_mm: bool | None = None):
+                 compute_dtype: torch.dtype = torch.bfloat16, use_scaled_mm: bool | None = None,
+                 act_scaling: str = "rowwise", fast_accum: bool = False):
         super().__init__()
+        if act_scaling not in _EAGER:
+            raise ValueError(f"act_scaling must be one of {sorted(_EAGER)}, got {act_scaling!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
         self.use_scaled_mm = use_scaled_mm  # None: auto (CUDA sm_89+)
+        self.act_scaling = act_scaling      # "rowwise": one scale per token; "tensor": one per call
+        self.fast_accum = fast_accum        # cuBLAS/CUTLASS fp8 fast accumulation (less exact, faster)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device),
                                    requires_grad=False)
         self.register_buffer("scale_weight", torch.ones((), dtype=torch.float32, device=device))
@@ -94,11 +117,11 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
-                    use_scaled_mm: bool | None = None) -> "FP8Linear":
+                    use_scaled_mm: bool | None = None, **options) -> "FP8Linear":
         w = linear.weight.detach()
         compute_dtype = compute_dtype or (w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
-                compute_dtype=compute_dtype, use_scaled_mm=use_scaled_mm)
+                compute_dtype=compute_dtype, use_scaled_mm=use_scaled_mm, **options)
         w8, scale = quantize_per_tensor(w)
         m.weight = nn.Parameter(w8, requires_grad=False)
         m.scale_weight = scale.to(w.device)
@@ -108,11 +131,12 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_fp8(cls, weight_fp8: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16, use_scaled_mm: bool | None = None) -> "FP8Linear":
+                 compute_dtype: torch.dtype = torch.bfloat16, use_scaled_mm: bool | None = None,
+                 **options) -> "FP8Linear":
         """Wrap already-quantized checkpoint tensors (e.g. Wan "fp8_e4m3fn_scaled" files)."""
         out_f, in_f = weight_fp8.shape
         m = cls(in_f, out_f, bias is not None, device="meta", compute_dtype=compute_dtype,
-                use_scaled_mm=use_scaled_mm)
+                use_scaled_mm=use_scaled_mm, **options)
         m.weight = nn.Parameter(weight_fp8.to(FP8_DTYPE), requires_grad=False)
         m.scale_weight = torch.as_tensor(scale, dtype=torch.float32, device=weight_fp8.device).reshape(())
         if bias is not None:
@@ -136,18 +160,24 @@ class FP8Linear(nn.Module):
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, xs = quantize_rowwise(x2)
-        ws = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=ws, bias=self.bias,
-                               out_dtype=self.compute_dtype)
+        xq, xs = _quantize(x2, self.act_scaling)
+        if self.act_scaling == "rowwise":
+            ws = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
+        else:
+            ws = self.scale_weight
+        bias = self.bias if self.bias is None or self.bias.dtype == self.compute_dtype else \
+            self.bias.to(self.compute_dtype)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=ws, bias=bias,
+                               out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3 per-tensor"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fp8=e4m3 per-tensor weight, act={self.act_scaling}, fast_accum={self.fast_accum}")
 
 
 def convert_linears_to_fp8(model: nn.Module, root: str = "blocks", compute_dtype: torch.dtype | None = None,
-                           use_scaled_mm: bool | None = None, skip: tuple[str, ...] = ()) -> int:
+                           use_scaled_mm: bool | None = None, skip: tuple[str, ...] = (), **options) -> int:
     """Replace every ``nn.Linear`` under ``model.<root>`` by an ``FP8Linear`` (in place, freeing the original
     weight as it goes). Returns the number of layers converted."""
     base = model.get_submodule(root) if root else model
@@ -155,6 +185,7 @@ def convert_linears_to_fp8(model: nn.Module, root: str = "blocks", compute_dtype
     for name, lin in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = base.get_submodule(parent_name) if parent_name else base
-        setattr(parent, attr, FP8Linear.from_linear(lin, compute_dtype=compute_dtype, use_scaled_mm=use_scaled_mm))
+        setattr(parent, attr, FP8Linear.from_linear(lin, compute_dtype=compute_dtype, use_scaled_mm=use_scaled_mm,
+                                                    **options))
         del lin
     return len(targets)

@@ -62,18 +62,19 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over consecutive token blocks. x [B, L, H, D] -> [B, H, nblocks, D] float32/64 (last block: mean of its
-    real tokens only)."""
+    """Mean over consecutive token blocks. x [B, L, H, D] -> [B, H, nblocks, D] in float32 (float64 for float64
+    input); the last, partial block is the mean of its real tokens. Sums accumulate in the wide dtype without a
+    widened copy of x."""
     b, n, h, d = x.shape
-    nb = (n + block - 1) // block
-    pad = nb * block - n
-    xf = x.to(_acc_dtype(x))
-    if pad:
-        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
-    sums = xf.view(b, nb, block, h, d).sum(dim=2)  # [B, nb, H, D]
-    counts = torch.full((nb,), float(block), device=x.device, dtype=xf.dtype)
-    counts[-1] = block - pad
-    return (sums / counts.view(1, nb, 1, 1)).transpose(1, 2)
+    acc = _acc_dtype(x)
+    nfull, rem = divmod(n, block)
+    parts = []
+    if nfull:
+        parts.append(x[:, : nfull * block].reshape(b, nfull, block, h, d).sum(dim=2, dtype=acc) / block)
+    if rem:
+        parts.append(x[:, nfull * block:].sum(dim=1, keepdim=True, dtype=acc) / rem)
+    pooled = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return pooled.transpose(1, 2)
 
 
 def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseAttentionConfig) -> torch.Tensor:
@@ -81,11 +82,10 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseAttentionConfi
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B, H, D")
     lq, lk = q.shape[1], k.shape[1]
-    if cfg.smooth_k:
-        kf = k.to(_acc_dtype(k))
-        k = kf - kf.mean(dim=1, keepdim=True)
     qp = _pool_blocks(q, cfg.block_q)  # [B,H,nq,D]
     kp = _pool_blocks(k, cfg.block_k)  # [B,H,nk,D]
+    if cfg.smooth_k:  # pooled(k - mean_k) == pooled(k) - mean_k: no centred copy of k needed
+        kp = kp - (k.sum(dim=1, dtype=kp.dtype) / lk).unsqueeze(2)
     scores = qp @ kp.transpose(-1, -2)  # [B,H,nq,nk] float32 (float64 if inputs are)
     nq, nk = scores.shape[-2], scores.shape[-1]
     forced = torch.zeros(nq, nk, dtype=torch.bool, device=scores.device)
@@ -154,6 +154,8 @@ def _flex(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
+    if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled block): traced into it
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)

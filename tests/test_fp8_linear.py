@@ -10,6 +10,7 @@ from steadydancer_turbo.steadydancer.fp8_linear import (
     convert_linears_to_fp8,
     quantize_per_tensor,
     quantize_rowwise,
+    quantize_tensorwise,
 )
 
 
@@ -60,18 +61,20 @@ def test_fallback_forward_is_dequantized_linear():
 
 
 @pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="torch._scaled_mm unavailable on this CPU build")
-def test_scaled_mm_path_matches_float64_of_quantized_operands():
+@pytest.mark.parametrize("act_scaling", ["rowwise", "tensor"])
+def test_scaled_mm_path_matches_float64_of_quantized_operands(act_scaling):
     torch.manual_seed(2)
     lin = nn.Linear(64, 48).to(torch.bfloat16)
-    f8 = FP8Linear.from_linear(lin, use_scaled_mm=True)
+    f8 = FP8Linear.from_linear(lin, use_scaled_mm=True, act_scaling=act_scaling)
     x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    x[0, 3] *= 20  # a loud token
     out = f8(x)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 48)
-    xq, xs = quantize_rowwise(x.reshape(-1, 64))
+    xq, xs = (quantize_rowwise if act_scaling == "rowwise" else quantize_tensorwise)(x.reshape(-1, 64))
     ref = (xq.double() * xs.double()) @ (f8.weight.double() * f8.scale_weight.double()).T + lin.bias.double()
     torch.testing.assert_close(out.reshape(-1, 48).double(), ref, rtol=2e-2, atol=2e-2)
     exact = lin(x).double()
-    assert ((out.double() - exact).norm() / exact.norm()).item() < 0.06
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 0.08
 
 
 def test_convert_only_blocks_and_keeps_keys():

@@ -1,0 +1,59 @@
+"""Speed switches for a built ``SteadyDancerDiT`` (all opt-in; none changes the state-dict keys).
+
+    from steadydancer_turbo.steadydancer import accel
+    accel.use_attention(model, "auto")            # cuDNN attention on Hopper, SDPA elsewhere
+    accel.use_attention(model, accel.sparse(0.15)) # top-k block-sparse self-attention (turbo path)
+    accel.use_fp8(model)                           # fp8 e4m3 weights + fp8 tensor-core matmuls (sm_89+)
+    accel.compile_blocks(model)                    # torch.compile each transformer block (fuses norms,
+                                                   # modulation, RoPE, GELU, residuals; first call compiles)
+
+``compile_blocks`` also switches RoPE to its real-valued fp32 form (``model.rope_dtype = torch.float32``):
+inductor does not generate code for complex tensors, so the official float64-complex rotation would stay
+unfused. The two forms agree to ~1e-7 relative before the cast to bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import get_backend
+from .fast_attention import sparse_backend
+from .fp8_linear import convert_linears_to_fp8
+
+__all__ = ["use_attention", "sparse", "use_fp8", "compile_blocks", "uncompile_blocks"]
+
+
+def use_attention(model: nn.Module, backend: str) -> None:
+    get_backend(backend)  # unknown / unavailable names fail here, not mid-forward
+    model.attention_backend = backend
+
+
+def sparse(topk: float = 0.15, **kw) -> str:
+    """Name of a top-k block-sparse self-attention backend (registered on first use)."""
+    return sparse_backend(topk, **kw)
+
+
+def use_fp8(model: nn.Module, act_scaling: str = "rowwise", fast_accum: bool = False) -> int:
+    """Swap every nn.Linear in model.blocks for an FP8Linear (in place). Returns how many were swapped."""
+    return convert_linears_to_fp8(model, act_scaling=act_scaling, fast_accum=fast_accum)
+
+
+def compile_blocks(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False,
+                   mode: str | None = None) -> nn.Module:
+    """``torch.compile`` every block in place (``nn.Module.compile``). All blocks share one compiled graph per
+    input shape (their code is the same and parameters are graph inputs). ``fullgraph=True`` makes any graph
+    break an error instead of a silent slowdown."""
+    if hasattr(model, "rope_dtype"):
+        model.rope_dtype = torch.float32
+    for blk in model.blocks:
+        blk.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+    return model
+
+
+def uncompile_blocks(model: nn.Module, rope_dtype: torch.dtype = torch.float64) -> nn.Module:
+    for blk in model.blocks:
+        blk._compiled_call_impl = None
+    if hasattr(model, "rope_dtype"):
+        model.rope_dtype = rope_dtype
+    return model

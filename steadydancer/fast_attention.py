@@ -1,0 +1,83 @@
+"""Faster attention backends, registered into ``attention.py``'s registry on import.
+
+- ``"sdpa_cudnn"``: PyTorch's cuDNN fused attention called directly (``aten._scaled_dot_product_cudnn_attention``;
+  direct, so it also works inside ``torch.compile`` regions without an ``sdpa_kernel`` context). On an H100 with
+  torch 2.11, head dim 128, it runs self-attention over 35,880 tokens in 45 ms against 72 ms for the flash
+  kernel that plain ``"sdpa"`` picks (bench/dit_bench.py, micro section). Falls back to ``"sdpa"`` off CUDA,
+  for other dtypes/head dims, or if cuDNN refuses the shape.
+- ``"auto"``: ``"sdpa_cudnn"`` on Hopper (sm_90, where it was measured faster), ``"sdpa"`` elsewhere.
+- ``"flex_sparse"`` (top-k 0.15) and ``sparse_backend(topk, ...)`` for other settings: training-free top-k
+  block-sparse *self*-attention (``sparse_attention.py``). Calls whose query and key lengths differ (the
+  cross-attention to text / CLIP tokens) stay dense, through ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import _REGISTRY, _sdpa, register_backend
+from .sparse_attention import SparseAttentionConfig, sparse_attention
+
+__all__ = ["sparse_backend", "cudnn_attention_usable"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def cudnn_attention_usable(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (q.is_cuda and q.dtype in _HALF and k.dtype == q.dtype and q.shape[-1] <= 128
+            and q.shape[-1] % 8 == 0 and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+_cudnn_failed = False
+
+
+def _sdpa_cudnn(q, k, v):
+    global _cudnn_failed
+    if not _cudnn_failed and cudnn_attention_usable(q, k):
+        try:
+            out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, False)[0]
+            return out.transpose(1, 2)
+        except RuntimeError:  # cuDNN too old / shape unsupported: use PyTorch's own choice from now on
+            if torch.compiler.is_compiling():
+                raise
+            _cudnn_failed = True
+    return _sdpa(q, k, v)
+
+
+def _is_hopper(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
+
+
+def _auto(q, k, v):
+    return _sdpa_cudnn(q, k, v) if _is_hopper(q) else _sdpa(q, k, v)
+
+
+register_backend("sdpa_cudnn", _sdpa_cudnn, doc="cuDNN fused attention (direct aten call), sdpa fallback")
+register_backend("auto", _auto, doc="sdpa_cudnn on Hopper, sdpa elsewhere")
+
+
+def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, keep_tail_tokens: int = 0,
+                   force_diagonal: bool = True) -> str:
+    """Register (once) and return the name of a top-k block-sparse self-attention backend."""
+    cfg = SparseAttentionConfig(topk=topk, block_q=block_q, block_k=block_k, force_diagonal=force_diagonal,
+                                keep_tail_tokens=keep_tail_tokens)
+    name = f"flex_sparse:{topk:g}"
+    if (block_q, block_k) != (128, 128):
+        name += f":b{block_q}x{block_k}"
+    if keep_tail_tokens:
+        name += f":tail{keep_tail_tokens}"
+    if not force_diagonal:
+        name += ":nodiag"
+    if name not in _REGISTRY:
+        def fn(q, k, v, _cfg=cfg):
+            if q.shape[1] != k.shape[1]:  # cross-attention: dense
+                return _auto(q, k, v)
+            return sparse_attention(q, k, v, _cfg)
+
+        register_backend(name, fn, doc=f"top-k block-sparse self-attention {cfg}")
+    return name
+
+
+register_backend("flex_sparse", _REGISTRY[sparse_backend(0.15)].fn,
+                 doc="top-k (0.15) block-sparse self-attention via flex_attention; cross-attention dense")
