@@ -83,7 +83,8 @@ class SteadyDancerConfig:
     def tiny(cls, **overrides) -> "SteadyDancerConfig":
         """A small configuration with the real structure, for tests."""
         # clip_dim / align sizes stay at the official values: the official code hard-codes them
-        base = dict(dim=64, ffn_dim=96, num_layers=2, num_heads=4, text_dim=48, freq_dim=32)
+        # num_heads = dim / 128 as in every real checkpoint, so from_state_dict_shapes round-trips
+        base = dict(dim=256, ffn_dim=320, num_layers=2, num_heads=2, text_dim=64, freq_dim=64)
         base.update(overrides)
         return cls(**base)
 

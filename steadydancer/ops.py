@@ -35,18 +35,25 @@ def apply_cd(mod: nn.Module, x: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
     return mod(x)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """To fp32 for the normalisation statistics (float64 stays float64, for high-precision reference runs)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def layer_norm_fp32(x: torch.Tensor, mod: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm computed in fp32 (official: ``super().forward(x.float())`` / autocast layer_norm). Returns fp32."""
-    w = mod.weight.float() if mod.weight is not None else None
-    b = mod.bias.float() if mod.bias is not None else None
-    return F.layer_norm(x.float(), mod.normalized_shape, w, b, mod.eps)
+    x = upcast(x)
+    w = mod.weight.to(x.dtype) if mod.weight is not None else None
+    b = mod.bias.to(x.dtype) if mod.bias is not None else None
+    return F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
 
 
 def group_norm_fp32(x: torch.Tensor, mod: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm in fp32 (autocast runs group_norm in fp32 and returns fp32)."""
-    w = mod.weight.float() if mod.weight is not None else None
-    b = mod.bias.float() if mod.bias is not None else None
-    return F.group_norm(x.float(), mod.num_groups, w, b, mod.eps)
+    x = upcast(x)
+    w = mod.weight.to(x.dtype) if mod.weight is not None else None
+    b = mod.bias.to(x.dtype) if mod.bias is not None else None
+    return F.group_norm(x, mod.num_groups, w, b, mod.eps)
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +69,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
         return y * self.weight.to(x.dtype)
 
