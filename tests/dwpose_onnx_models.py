@@ -4,7 +4,7 @@
   float32 [B,8400,85]. It emits planted raw YOLOX predictions, gated by the image: a frame whose
   letterboxed maximum is below ~128 (a black frame) gives all-zero predictions (no person).
 - pose "reader": input ``input`` float32 [N,3,384,288] -> ``simcc_x`` [N,133,576], ``simcc_y`` [N,133,768].
-  simcc_x = per-column maximum of the normalized crop, each value repeated twice (split ratio 2), same for
+  simcc_x = 4 + per-column maximum of the normalized crop (always > 0), each value repeated twice (split ratio 2), same for
   every keypoint; simcc_y likewise per row. A bright spot in the frame therefore decodes at the spot.
 - pose "planted": constant SimCC maps (per-keypoint peaks) plus 0 * input, any batch.
 Hand-written raw predictions and geometry live in the tests, independent of the code under test.
@@ -77,14 +77,16 @@ def reading_pose(batch=None, input_hw=(384, 288), k=133):
     nodes = []
     for ax, red, L in (("x", [1, 2], w), ("y", [1, 3], h)):
         nodes += [
-            helper.make_node("ReduceMax", ["input"], [f"m{ax}"], keepdims=0, axes=red),  # [N,L]
+            helper.make_node("ReduceMax", ["input"], [f"m0{ax}"], keepdims=0, axes=red),  # [N,L]
+            helper.make_node("Add", [f"m0{ax}", "four"], [f"m{ax}"]),  # > 0: black is 4 - 103.53/57.375
             helper.make_node("Reshape", [f"m{ax}", "s3"], [f"r{ax}"]),  # [N,L,1]
             helper.make_node("Concat", [f"r{ax}", f"r{ax}"], [f"c{ax}"], axis=2),  # [N,L,2]
             helper.make_node("Reshape", [f"c{ax}", "s2"], [f"u{ax}"]),  # [N,2L]
             helper.make_node("Unsqueeze", [f"u{ax}", "ax1"], [f"v{ax}"]),  # [N,1,2L]
             helper.make_node("Expand", [f"v{ax}", "kshape"], [f"simcc_{ax}"]),  # [N,K,2L]
         ]
-    inits = [numpy_helper.from_array(np.array([0, -1, 1], np.int64), "s3"),
+    inits = [numpy_helper.from_array(np.array(4.0, np.float32), "four"),
+             numpy_helper.from_array(np.array([0, -1, 1], np.int64), "s3"),
              numpy_helper.from_array(np.array([0, -1], np.int64), "s2"),
              numpy_helper.from_array(np.array([1], np.int64), "ax1"),
              numpy_helper.from_array(np.array([1, k, 1], np.int64), "kshape")]
