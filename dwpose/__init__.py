@@ -44,6 +44,9 @@ Public API
   -> [F,H,W,3]. Standard OpenPose colours / widths; ``swap_rb=True`` reproduces SteadyDancer's R/B-swapped files.
 - ``compute_alignment(ref, driving)`` -> ``Alignment`` (ratios, offset); ``align_poses(ref, driving)``;
   ``negative_poses(poses, seed)``; ``negative_factors(n, seed)``.
+- ``steadydancer_pose_frames(ref, driving, width, height, seed=0, align=True, threshold=0.35, swap_rb=False,
+  as_float=False)`` -> (positive frames, negative frames, aligned poses, negative poses): retarget + negative
+  poses + body/hands drawing at 2x then resize, in one call (``STEADYDANCER_THRESHOLD`` = 0.35).
 - ``find_model_file(name, folders, target_folder=None)`` (raises ``ModelNotFoundError``); ``MODEL_FILES``
   (names, URLs), ``DEFAULT_DETECTOR``, ``DEFAULT_ESTIMATOR``.
 - Runtime: ``get_session``, ``default_providers``, ``available_providers``, ``session_creations``,
@@ -57,7 +60,7 @@ from .estimator import PoseEstimator, bbox_center_scale, crop_matrix, crop_perso
 from .keypoints import KEYPOINT_THRESHOLD, OPENPOSE_FROM_COCO, FramePose, Person, from_pose_keypoint, \
     person_from_wholebody, present, to_pose_keypoint, wholebody_to_openpose
 from .models import DEFAULT_DETECTOR, DEFAULT_ESTIMATOR, MODEL_FILES, ModelNotFoundError, find_model_file
-from .pipeline import DWPose, as_uint8_frames
+from .pipeline import STEADYDANCER_THRESHOLD, DWPose, as_uint8_frames, steadydancer_pose_frames
 from .retarget import Alignment, align_person, align_poses, compute_alignment, negative_factors, negative_poses
 from .runtime import available_providers, clear_session_cache, default_providers, get_session, session_creations
 
@@ -70,4 +73,5 @@ __all__ = [
     "DEFAULT_ESTIMATOR", "get_session", "default_providers", "available_providers", "session_creations",
     "clear_session_cache", "letterbox", "anchor_grid", "decode_people", "nms", "bbox_center_scale",
     "fix_aspect", "crop_matrix", "crop_person", "input_to_image", "simcc_decode", "as_uint8_frames",
+    "steadydancer_pose_frames", "STEADYDANCER_THRESHOLD",
 ]

@@ -98,3 +98,28 @@ class DWPose:
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
         return results
+
+
+STEADYDANCER_THRESHOLD = 0.35  # keypoint score threshold of SteadyDancer's preprocessing (DW/CNA use 0.3)
+
+
+def steadydancer_pose_frames(ref, driving, width: int, height: int, seed: int = 0, align: bool = True,
+                             threshold: float = STEADYDANCER_THRESHOLD, swap_rb: bool = False,
+                             as_float: bool = False):
+    """SteadyDancer conditioning frames from extracted poses.
+
+    ``ref``: the reference image's ``FramePose`` (extracted at the generation size, as the official
+    preprocessing does); ``driving``: the video's ``FramePose`` list. Returns ``(positive, negative,
+    aligned_poses, negative_poses)``: frames [F, height, width, 3] drawn with body + hands, no face, at
+    twice the size and resized (PIL bicubic), the negative ones with per-frame random aspect/scale from ``seed``.
+    ``align=False`` skips the retargeting (driving poses drawn as extracted).
+    """
+    from .draw import render_poses
+    from .retarget import align_poses, negative_poses
+
+    aligned = align_poses(ref, driving, threshold) if align else list(driving)
+    negative = negative_poses(aligned, seed=seed, threshold=threshold)
+    kw = dict(body=True, hands=True, face=False, supersample=2, threshold=threshold, swap_rb=swap_rb,
+              as_float=as_float)
+    return (render_poses(aligned, width, height, **kw), render_poses(negative, width, height, **kw),
+            aligned, negative)

@@ -224,3 +224,15 @@ def test_negative_poses_reproducible_and_anchored_at_neck():
                                    (p.right_hand[:, :2] - p.body[1, :2]) * [asp * s, s], atol=1e-12)
     # independent per frame
     assert len({round(x[0], 9) for x in D.negative_factors(5, 1234)}) == 5
+
+
+def test_steadydancer_pose_frames_bundle():
+    ref, drv, ra, va = _scene(4)
+    pos, neg, aligned, negative = D.steadydancer_pose_frames(ref, drv, 288, 512, seed=7)
+    assert pos.shape == neg.shape == (4, 512, 288, 3) and pos.dtype == np.uint8
+    assert pos.max() > 0 and not np.array_equal(pos, neg)
+    pos2, neg2, _, _ = D.steadydancer_pose_frames(ref, drv, 288, 512, seed=7)
+    np.testing.assert_array_equal(neg, neg2)
+    # no face drawn: the face landmarks are present but no white pixel appears
+    assert D.present(aligned[0].people[0].face, 0.35).any()
+    assert not ((D.render_poses(aligned, 288, 512, face=False) == 255).all(-1)).any()
