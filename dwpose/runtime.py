@@ -218,15 +218,27 @@ def get_session(model, providers=None, threads: int | None = None) -> SessionInf
                     ort.preload_dlls()
             except Exception:  # pragma: no cover - best effort only
                 pass
-        sess = ort.InferenceSession(model, sess_options=_session_options(threads),
-                                    providers=_with_options(req))
+        retried = False
+        try:
+            sess = ort.InferenceSession(model, sess_options=_session_options(threads),
+                                        providers=_with_options(req))
+        except Exception as e:  # a GPU provider that throws instead of falling back: retry on CPU, loudly
+            if not any(_provider_name(p) in GPU_PROVIDERS for p in req):
+                raise
+            msg = (f"DWPose: {name}: creating the session with {[_provider_name(p) for p in req]} failed "
+                   f"({type(e).__name__}: {e}); retrying with CPUExecutionProvider")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+            sess = ort.InferenceSession(model, sess_options=_session_options(threads),
+                                        providers=["CPUExecutionProvider"])
+            retried = True
         _creations += 1
         got = list(sess.get_providers())
         info = SessionInfo(sess, name, req, got, list(sess.get_inputs()), list(sess.get_outputs()))
         _sessions[key] = info
         dropped = [_provider_name(p) for p in req if _provider_name(p) in GPU_PROVIDERS
                    and _provider_name(p) not in got]
-        if dropped:
+        if dropped and not retried:
             why = explain_gpu_fallback(req, got)
             msg = (f"DWPose: {name}: requested {dropped[0]} but the session runs on {got[0]} "
                    f"(expect ~1-2 s per frame instead of milliseconds). Why: {why}")

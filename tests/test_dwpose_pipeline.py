@@ -192,3 +192,21 @@ def test_no_person_anywhere_never_crashes():
     assert [len(f.people) for f in out] == [0, 0]
     assert D.to_pose_keypoint(out[0]) == {"people": [], "canvas_height": 99, "canvas_width": 101}
     assert D.render_poses(out, 101, 99).max() == 0
+
+
+def test_session_that_throws_on_gpu_retries_on_cpu(monkeypatch):
+    real = ort.InferenceSession
+    calls = []
+
+    def fake(model, sess_options=None, providers=None):
+        calls.append([p[0] if isinstance(p, tuple) else p for p in providers])
+        if "CUDAExecutionProvider" in calls[-1]:
+            raise RuntimeError("CUDA failure 999: unknown error")
+        return real(model, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", fake)
+    runtime.clear_session_cache()
+    with pytest.warns(RuntimeWarning, match="CUDA failure 999.*retrying with CPUExecutionProvider"):
+        info = runtime.get_session(M.reading_pose(k=2), "cuda")
+    assert info.provider == "CPUExecutionProvider" and calls[-1] == ["CPUExecutionProvider"]
+    runtime.clear_session_cache()
