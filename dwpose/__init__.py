@@ -56,7 +56,7 @@ Public API
 from .detector import YoloxDetector, anchor_grid, decode_people, letterbox, nms
 from .draw import COLORS, HAND_EDGE_COLORS, LIMB_COLORS, LIMBS, draw_pose, render_poses, resize_frame
 from .estimator import PoseEstimator, bbox_center_scale, crop_matrix, crop_person, fix_aspect, input_to_image, \
-    simcc_decode
+    normalize_crops, simcc_decode, warp_person
 from .keypoints import KEYPOINT_THRESHOLD, OPENPOSE_FROM_COCO, FramePose, Person, from_pose_keypoint, \
     person_from_wholebody, present, to_pose_keypoint, wholebody_to_openpose
 from .models import DEFAULT_DETECTOR, DEFAULT_ESTIMATOR, MODEL_FILES, ModelNotFoundError, find_model_file
@@ -73,5 +73,5 @@ __all__ = [
     "DEFAULT_ESTIMATOR", "get_session", "default_providers", "available_providers", "session_creations",
     "clear_session_cache", "letterbox", "anchor_grid", "decode_people", "nms", "bbox_center_scale",
     "fix_aspect", "crop_matrix", "crop_person", "input_to_image", "simcc_decode", "as_uint8_frames",
-    "steadydancer_pose_frames", "STEADYDANCER_THRESHOLD",
+    "steadydancer_pose_frames", "STEADYDANCER_THRESHOLD", "warp_person", "normalize_crops",
 ]

@@ -54,15 +54,27 @@ def input_to_image(points, center, scale, input_wh):
     return np.asarray(points, dtype=np.float64) / wh * scale + center - scale / 2.0
 
 
-def crop_person(frame, box, input_wh, padding: float = BBOX_PADDING):
-    """Frame + box -> (normalized CHW float32 crop, center, scale)."""
+def warp_person(frame, box, input_wh, padding: float = BBOX_PADDING):
+    """Frame + box -> (uint8 HxWx3 crop at the model's input size, center, scale)."""
     center, scale = bbox_center_scale(box, padding)
     scale = fix_aspect(scale, input_wh[0] / input_wh[1])
     m = crop_matrix(center, scale, input_wh)
     crop = cv2.warpAffine(frame, m, (int(input_wh[0]), int(input_wh[1])), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    x = (crop.astype(np.float32) - MEAN) / STD
-    return x.transpose(2, 0, 1), center, scale
+    return crop, center, scale
+
+
+def normalize_crops(crops: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """uint8 [N,h,w,3] RGB crops -> (crop - mean) / std as [N,3,h,w] (one vectorized pass for the batch)."""
+    x = np.asarray(crops, dtype=np.float32) - MEAN
+    x *= 1.0 / STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=dtype)
+
+
+def crop_person(frame, box, input_wh, padding: float = BBOX_PADDING):
+    """Frame + box -> (normalized CHW float32 crop, center, scale)."""
+    crop, center, scale = warp_person(frame, box, input_wh, padding)
+    return normalize_crops(crop[None])[0], center, scale
 
 
 def simcc_decode(simcc_x, simcc_y, split_ratio: float = SIMCC_SPLIT_RATIO):
@@ -111,11 +123,11 @@ class PoseEstimator:
         return self.info.provider
 
     def run_crops(self, crops: np.ndarray):
-        """[N,3,h,w] normalized crops -> simcc_x, simcc_y (float32), batched as the model allows."""
+        """[N,h,w,3] uint8 crops -> simcc_x, simcc_y (float32), normalized and batched as the model allows."""
         xs, ys = [], []
         step = max(1, self.max_batch)
         for start in range(0, len(crops), step):
-            x = crops[start:start + step].astype(self.dtype)
+            x = normalize_crops(crops[start:start + step], self.dtype)
             n = len(x)
             if self.fixed_batch and n < self.fixed_batch:
                 x = np.concatenate([x, np.zeros((self.fixed_batch - n,) + x.shape[1:], x.dtype)])
@@ -130,13 +142,10 @@ class PoseEstimator:
         """``items``: list of (frame HxWx3 uint8 RGB, box xyxy). Returns keypoints [N,K,2] frame px, scores [N,K]."""
         if len(items) == 0:
             return np.zeros((0, 133, 2)), np.zeros((0, 133))
-        crops, centers, scales = [], [], []
-        for frame, box in items:
-            c, ctr, sc = crop_person(frame, box, self.input_wh)
-            crops.append(c)
-            centers.append(ctr)
-            scales.append(sc)
-        sx, sy = self.run_crops(np.stack(crops))
+        warped = [warp_person(frame, box, self.input_wh) for frame, box in items]
+        crops = np.stack([w[0] for w in warped])
+        centers = np.stack([w[1] for w in warped])[:, None]
+        scales = np.stack([w[2] for w in warped])[:, None]
+        sx, sy = self.run_crops(crops)
         locs, vals = simcc_decode(sx, sy)
-        kpts = input_to_image(locs, np.stack(centers)[:, None], np.stack(scales)[:, None], self.input_wh)
-        return kpts, vals
+        return input_to_image(locs, centers, scales, self.input_wh), vals
