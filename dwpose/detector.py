@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .runtime import dim_is_dynamic, get_session, input_dtype
+from .runtime import cpu_map, dim_is_dynamic, get_session, input_dtype
 
 PAD_VALUE = 114
 STRIDES = (8, 16, 32)
@@ -115,7 +115,7 @@ class YoloxDetector:
         step = max(1, self.max_batch)
         for start in range(0, n, step):
             chunk = frames[start:start + step]
-            tensors, ratios = zip(*(self.preprocess(f) for f in chunk))
+            tensors, ratios = zip(*cpu_map(self.preprocess, chunk))
             x = np.stack(tensors).astype(self.dtype)
             if self.fixed_batch and len(chunk) < self.fixed_batch:  # pad a static batch
                 pad = np.zeros((self.fixed_batch - len(chunk),) + x.shape[1:], x.dtype)

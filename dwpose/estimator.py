@@ -18,7 +18,7 @@ import os
 import cv2
 import numpy as np
 
-from .runtime import dim_is_dynamic, get_session, input_dtype
+from .runtime import cpu_map, dim_is_dynamic, get_session, input_dtype
 
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
@@ -142,7 +142,7 @@ class PoseEstimator:
         """``items``: list of (frame HxWx3 uint8 RGB, box xyxy). Returns keypoints [N,K,2] frame px, scores [N,K]."""
         if len(items) == 0:
             return np.zeros((0, 133, 2)), np.zeros((0, 133))
-        warped = [warp_person(frame, box, self.input_wh) for frame, box in items]
+        warped = cpu_map(lambda it: warp_person(it[0], it[1], self.input_wh), items)
         crops = np.stack([w[0] for w in warped])
         centers = np.stack([w[1] for w in warped])[:, None]
         scales = np.stack([w[2] for w in warped])[:, None]

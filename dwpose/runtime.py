@@ -252,6 +252,24 @@ def get_session(model, providers=None, threads: int | None = None) -> SessionInf
         return info
 
 
+_pool = None
+
+
+def cpu_map(fn, items):
+    """``list(map(fn, items))`` on a small shared thread pool (OpenCV / NumPy release the GIL), so frame
+    pre-processing uses several cores while the GPU waits less."""
+    global _pool
+    items = list(items)
+    if len(items) < 2:
+        return [fn(i) for i in items]
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 1)),
+                                   thread_name_prefix="dwpose-prep")
+    return list(_pool.map(fn, items))
+
+
 def session_creations() -> int:
     """How many ORT sessions this process created (tests use it to prove sessions are reused)."""
     return _creations
