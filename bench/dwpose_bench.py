@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import pathlib
 import sys
 import time
@@ -49,8 +48,6 @@ class _Net:
     """Tiny graph builder: conv + SiLU layers with random weights, counting multiply-accumulates."""
 
     def __init__(self, seed=0):
-        from onnx import helper, numpy_helper  # noqa: F401
-
         self.nodes, self.inits, self.macs, self.params, self.n = [], [], 0, 0, 0
         self.rng = np.random.default_rng(seed)
 
@@ -99,7 +96,6 @@ class _Net:
 
 
 def _model_bytes(net, inputs, outputs):
-    import onnx
     from onnx import helper
 
     g = helper.make_graph(net.nodes, "bench", inputs, outputs, initializer=net.inits)
