@@ -108,8 +108,8 @@ def test_embeddings_match_diffusers_piecewise(pair):
         tok = torch.randn(2, 3 * 2 * 3, CFG.dim)
         ctx_all = torch.cat([img, ctx], dim=1)
         want = ref.blocks[0](tok, ctx_all, tproj.unflatten(1, (6, -1)), ref.rope(torch.zeros(1, 1, 3, 4, 6)))
-        got = ours.blocks[0](tok, e0, ours.embed_clip(clip, None, torch.float32), ours.embed_text(txt, 2, torch.float32),
-                             ours.rope((3, 2, 3), tok.device))
+        got = ours.blocks[0](tok, e0, ours.embed_clip(clip, None, torch.float32),
+                             ours.embed_text(txt, 2, torch.float32), ours.rope((3, 2, 3), tok.device))
         assert _rel(got, want) < 1e-5
 
 

@@ -38,7 +38,8 @@ def model():
 def _inputs(b=1, f=3, h=4, w=6, seed=1):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(x=r(b, 16, f, h, w), timestep=torch.tensor([700] * b), context=[r(6 + i, CFG.text_dim) for i in range(b)],
+    return dict(x=r(b, 16, f, h, w), timestep=torch.tensor([700] * b),
+                context=[r(6 + i, CFG.text_dim) for i in range(b)],
                 clip_fea=r(b, 257, CFG.clip_dim), clip_fea_c=r(b, 257, CFG.clip_dim), y=r(b, 20, f, h, w),
                 cond=r(b, 16, f, h, w), ref_x=r(b, 36, 1, h, w), ref_c=r(b, 36, 1, h, w))
 
@@ -245,3 +246,16 @@ def test_shape_errors_are_clear(model):
     with pytest.raises(ValueError, match="multiples of the patch size"):
         k2 = _inputs(h=5)
         _run(model, **k2)
+
+
+def test_rope_in_float32_is_a_close_option(model):
+    """model.rope_dtype (official: float64) may be lowered for speed; in a float32 model the change is tiny."""
+    kw = _inputs()
+    ref = _run(model, **kw)
+    try:
+        model.rope_dtype = torch.float32
+        out = _run(model, **kw)
+    finally:
+        model.rope_dtype = torch.float64
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-5
