@@ -72,13 +72,28 @@ def rope_freqs(grid: Tuple[int, int, int], head_dim: int, theta: float = 10000.0
     return torch.cat(parts, dim=-1).reshape(f * h * w, 1, -1)
 
 
+ROPE_CHUNK_TOKENS = 4096  # bounds the float64 temporaries (official: whole sequence at once, ~4 GB at 53k tokens)
+
+
 def rope_apply(x: torch.Tensor, freqs: torch.Tensor, out_dtype: torch.dtype,
-               rope_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Rotate adjacent (even, odd) channel pairs of x [B, L, H, D] by freqs [L, 1, D/2]; result in out_dtype."""
+               rope_dtype: torch.dtype = torch.float64, chunk: int = ROPE_CHUNK_TOKENS) -> torch.Tensor:
+    """Rotate adjacent (even, odd) channel pairs of x [B, L, H, D] by freqs [L, 1, D/2]; result in out_dtype.
+
+    Done in ``chunk``-token slices: elementwise, so bit-identical to one pass, with bounded float64 memory.
+    """
     b, l, n, d = x.shape
-    z = torch.view_as_complex(x.to(rope_dtype).reshape(b, l, n, d // 2, 2))
     f = freqs if rope_dtype == torch.float64 else freqs.to(torch.complex64)
-    return torch.view_as_real(z * f).reshape(b, l, n, d).to(out_dtype)
+
+    def rot(xs, fs):
+        z = torch.view_as_complex(xs.to(rope_dtype).reshape(xs.shape[0], xs.shape[1], n, d // 2, 2))
+        return torch.view_as_real(z * fs).reshape(xs.shape).to(out_dtype)
+
+    if l <= chunk:
+        return rot(x, f)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    for s in range(0, l, chunk):
+        out[:, s:s + chunk] = rot(x[:, s:s + chunk], f[s:s + chunk])
+    return out
 
 
 # ---------------------------------------------------------------------- Wan blocks

@@ -259,3 +259,15 @@ def test_rope_in_float32_is_a_close_option(model):
         model.rope_dtype = torch.float64
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < 1e-5
+
+
+def test_chunked_rope_is_bit_identical():
+    from steadydancer_turbo.steadydancer.model import rope_apply, rope_freqs
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5 * 3 * 4, 3, 128, generator=g).bfloat16()
+    fr = rope_freqs((5, 3, 4), 128)
+    whole = rope_apply(x, fr, torch.bfloat16, chunk=10 ** 9)
+    assert torch.equal(rope_apply(x, fr, torch.bfloat16, chunk=7), whole)
+    # and it is a rotation of each (even, odd) pair: norms are kept (in float64)
+    r64 = rope_apply(x.double(), fr, torch.float64)
+    torch.testing.assert_close(r64.view(2, 60, 3, 64, 2).norm(dim=-1), x.double().view(2, 60, 3, 64, 2).norm(dim=-1))
