@@ -22,7 +22,19 @@ all bf16. We reproduce each cast explicitly with the model's compute dtype ``cd`
 - CLIP tokens: img_emb ends in a LayerNorm that autocast runs in fp32, so ref + first-pose CLIP embeddings are
   summed in fp32 and then cast to cd for k_img/v_img.
 With cd = float32 (or float64) the whole model is plain float32 (float64) math, which is what the parity tests
-use.
+use. tests/test_dit_official_parity.py shows the bf16 path equals the official code under (emulated) CUDA
+autocast bit for bit.
+
+For loaders / offloading:
+- build on the meta device (``build_meta``), then ``load_state_dict(sd, assign=True)``; there are no buffers.
+- every Linear/Conv is a plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv3d`` reached as a module attribute
+  (or a ``nn.Sequential`` index), so it can be replaced in place by any module whose ``forward(x)`` takes x in
+  the compute dtype and returns the compute dtype (fp8 / GGUF layers). Plain layers whose weights are in another
+  float dtype than cd are cast on the fly (fine for the small pose modules, slow for the big block layers).
+- set ``model.compute_dtype`` explicitly when patch_embedding_fuse.weight's dtype is not the intended one
+  (e.g. quantised files that keep that conv in fp32).
+- ``model.blocks`` is an ``nn.ModuleList`` of ``WanAttentionBlock``; each is called once per forward as
+  ``block(x, e0, ctx_img, ctx_txt, freqs, backend, rope_dtype)`` (forward pre/post hooks work for block swap).
 """
 from __future__ import annotations
 
