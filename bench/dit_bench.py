@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 T0 = time.time()
+DEV = "cuda"
 RESULTS: list[dict] = []
 ARGS = None
 LOG = None
@@ -50,6 +51,7 @@ LOG = None
 RES = {"480p": (832, 480), "720p": (1280, 720)}
 FRAMES = 81
 D, FFN, LAYERS, HEADS, HD = 5120, 13824, 40, 40, 128
+TEXT_DIM, FREQ_DIM = 4096, 256
 L_TEXT, L_IMG = 512, 257
 
 
@@ -89,23 +91,38 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def mem_alloc():
+    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
+
+
 def cuda_time(fn, reps: int, warmup: int = 1) -> tuple[list[float], float, object]:
-    """Returns (times_s, peak_bytes, last_output)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    """Returns (times_s, peak_bytes, last_output). CUDA events on the GPU (host clock for --device cpu)."""
+    sync()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     out = None
     for _ in range(warmup):
         out = fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        out = fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return times, torch.cuda.max_memory_allocated(), out
+        if DEV == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            out = fn()
+            e.record()
+            sync()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+    return times, (torch.cuda.max_memory_allocated() if DEV == "cuda" else 0), out
 
 
 def median(x):
@@ -116,7 +133,8 @@ def median(x):
 
 def free_cuda():
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -142,7 +160,7 @@ def bf16_params_on(device: str, dtype=torch.bfloat16):
 def randomize_(model: nn.Module, seed: int = 0):
     """Deterministic random weights with sane scales, generated on the GPU: matrices ~ N(0, 1/fan_in),
     1-D weights of norms = 1, biases ~ N(0, 0.02), other 1-D / modulation tables ~ N(0, 1/sqrt(dim))."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEV).manual_seed(seed)
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             continue
@@ -189,6 +207,9 @@ ENV: dict = {}
 
 
 def section_env():
+    if DEV != "cuda":
+        ENV.update(card="cpu (smoke test)", torch=torch.__version__, date=datetime.datetime.utcnow().strftime("%Y-%m-%d"))
+        return
     p = torch.cuda.get_device_properties(0)
     ENV.update(card=p.name, torch=torch.__version__, cuda=torch.version.cuda,
                cudnn=torch.backends.cudnn.version(), date=datetime.datetime.utcnow().strftime("%Y-%m-%d"),
@@ -216,9 +237,9 @@ def section_micro():
                                                                   sparse_attention_reference)
 
     # correctness of the GPU flex path (full blocks, non-divisible length) against a masked reference
-    g = torch.Generator(device="cuda").manual_seed(1)
-    L = 9000
-    q, k, v = (torch.randn(1, L, 4, HD, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    g = torch.Generator(device=DEV).manual_seed(1)
+    L = 9000 if DEV == "cuda" else 700
+    q, k, v = (torch.randn(1, L, 4, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
     cfg = SparseAttentionConfig(topk=0.15)
     idx = select_kv_blocks(q, k, cfg)
     out = sparse_attention(q, k, v, cfg, kv_indices=idx)
@@ -233,7 +254,7 @@ def section_micro():
         import steadydancer_turbo.steadydancer.fast_attention  # noqa: F401
 
         L = tokens("480p", 2)
-        q, k, v = (torch.randn(1, L, HEADS, HD, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        q, k, v = (torch.randn(1, L, HEADS, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
         ref = None
         for name in ("sdpa", "sdpa_cudnn", "auto"):
             fn = get_backend(name)
@@ -248,7 +269,7 @@ def section_micro():
 
     if ARGS.micro == "full":
         for res, L in (("480p", tokens("480p", 2)), ("720p", tokens("720p", 2))):
-            q, k, v = (torch.randn(1, L, HEADS, HD, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+            q, k, v = (torch.randn(1, L, HEADS, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             flops = 4 * L * L * HD * HEADS
             reps = 5 if res == "480p" else 3
@@ -286,8 +307,8 @@ def section_micro():
     from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear, quantize_rowwise
 
     M = tokens("480p", 2)
-    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    lin = nn.Linear(D, FFN, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, D, device=DEV, dtype=torch.bfloat16, generator=g)
+    lin = nn.Linear(D, FFN, device=DEV, dtype=torch.bfloat16)
     flops = 2 * M * D * FFN
     with torch.no_grad():
         t, _, ref = cuda_time(lambda: lin(x), 10)
@@ -312,10 +333,10 @@ def section_micro():
 # ----------------------------------------------------------------------------------------------------- diffusers
 def diffusers_inputs(res, g):
     lh, lw = latent_hw(res)
-    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    bf = dict(device=DEV, dtype=torch.bfloat16, generator=g)
     return dict(hidden_states=torch.randn(1, 36, 21, lh, lw, **bf),
-                timestep=torch.tensor([999], device="cuda", dtype=torch.long),
-                encoder_hidden_states=torch.randn(1, L_TEXT, 4096, **bf),
+                timestep=torch.tensor([999], device=DEV, dtype=torch.long),
+                encoder_hidden_states=torch.randn(1, L_TEXT, TEXT_DIM, **bf),
                 encoder_hidden_states_image=torch.randn(1, L_IMG, 1280, **bf), return_dict=False)
 
 
@@ -323,18 +344,19 @@ def section_diffusers():
     from diffusers import WanTransformer3DModel
 
     t0 = time.time()
-    with bf16_params_on("cuda"):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128,
-                                      in_channels=36, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=FFN,
-                                      num_layers=LAYERS, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                      eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024)
+    with bf16_params_on(DEV):
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HD,
+                                      in_channels=36, out_channels=16, text_dim=TEXT_DIM, freq_dim=FREQ_DIM,
+                                      ffn_dim=FFN, num_layers=LAYERS, cross_attn_norm=True,
+                                      qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280,
+                                      added_kv_proj_dim=D, rope_max_seq_len=1024)
     model.eval().requires_grad_(False)
     randomize_(model, seed=0)
-    torch.cuda.synchronize()
+    sync()
     nparams = sum(p.numel() for p in model.parameters())
     log(f"diffusers model built in {time.time() - t0:.1f}s, {nparams / 1e9:.3f} B params, "
-        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-    g = torch.Generator(device="cuda").manual_seed(123)
+        f"{mem_alloc() / 2**30:.1f} GiB")
+    g = torch.Generator(device=DEV).manual_seed(123)
     for res in ARGS.res:
         L = tokens(res)
         est = {"480p": 3.5, "720p": 13.0}[res] * (ARGS.reps + 1) + 5
@@ -349,20 +371,28 @@ def section_diffusers():
                peak_gib=peak / 2**30, finite=bool(torch.isfinite(out).all()))
         BASE[res] = median(t)
         del out
-        if res == "480p" and "diffusers_cudnn" in ARGS.variants and have_time(15):
-            try:
-                model.set_attention_backend("_native_cudnn")
-                with torch.no_grad():
-                    t, peak, out = cuda_time(lambda: model(**inp)[0], ARGS.reps)
-                record(section="model", model="diffusers", variant="dense_cudnn", res=res, tokens=L, s=median(t),
-                       times=t, tflops=fl["total"] / median(t) / 1e12, peak_gib=peak / 2**30)
-                model.reset_attention_backend() if hasattr(model, "reset_attention_backend") else \
-                    model.set_attention_backend("native")
-                del out
-            except Exception as e:
-                record(section="model", model="diffusers", variant="dense_cudnn", res=res, error=repr(e)[:300])
         del inp
         free_cuda()
+    res = "480p"
+    if res in ARGS.res and "diffusers_cudnn" in ARGS.variants and have_time(15):
+        L, fl = tokens(res), dit_flops(tokens(res))
+        inp = diffusers_inputs(res, g)
+        try:
+            model.set_attention_backend("_native_cudnn")
+            with torch.no_grad():
+                t, peak, out = cuda_time(lambda: model(**inp)[0], ARGS.reps)
+            record(section="model", model="diffusers", variant="dense_cudnn", res=res, tokens=L, s=median(t),
+                   times=t, tflops=fl["total"] / median(t) / 1e12, peak_gib=peak / 2**30,
+                   ratio_vs_diffusers=median(t) / BASE[res])
+            del out
+        except Exception as e:
+            record(section="model", model="diffusers", variant="dense_cudnn", res=res, error=repr(e)[:300])
+        finally:
+            if hasattr(model, "reset_attention_backend"):
+                model.reset_attention_backend()
+            else:
+                model.set_attention_backend("native")
+        del inp
     del model
     free_cuda()
 
@@ -373,15 +403,15 @@ BASE: dict = {}
 # ----------------------------------------------------------------------------------------------------- ours
 def ours_inputs(res, g):
     lh, lw = latent_hw(res)
-    f32 = dict(device="cuda", dtype=torch.float32, generator=g)
-    bf = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    f32 = dict(device=DEV, dtype=torch.float32, generator=g)
+    bf = dict(device=DEV, dtype=torch.bfloat16, generator=g)
     zr = torch.randn(1, 16, 1, lh, lw, **f32)
     return dict(x=torch.randn(1, 16, 21, lh, lw, **f32),
-                timestep=torch.tensor([999], device="cuda", dtype=torch.long),
-                context=torch.randn(1, L_TEXT, 4096, **bf),
+                timestep=torch.tensor([999], device=DEV, dtype=torch.long),
+                context=torch.randn(1, L_TEXT, TEXT_DIM, **bf),
                 clip_fea=torch.randn(1, L_IMG, 1280, **bf), clip_fea_c=torch.randn(1, L_IMG, 1280, **bf),
                 y=torch.randn(1, 20, 21, lh, lw, **f32), cond=torch.randn(1, 16, 21, lh, lw, **f32),
-                ref_x=torch.cat([zr, torch.ones(1, 4, 1, lh, lw, device="cuda"), zr], 1),
+                ref_x=torch.cat([zr, torch.ones(1, 4, 1, lh, lw, device=DEV), zr], 1),
                 ref_c=torch.randn(1, 16, 1, lh, lw, **f32))
 
 
@@ -427,14 +457,14 @@ def turbo_sample(model, inp, steps=4, seed=0):
                                         cond_pos=inp["cond"], ref_x=inp["ref_x"], ref_c=inp["ref_c"])
         return sample_rcm(model, cond, seed=seed, steps=steps), "turbo.rcm.sample_rcm"
     sig = [0.99502, 0.93378, 0.85290, 0.60898, 0.0]  # rCM, sigma_max=200 (I2V), spec-turbo.md
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(inp["x"].shape, device="cuda", generator=g) * sig[0]
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(inp["x"].shape, device=DEV, generator=g) * sig[0]
     kw = {k: v for k, v in inp.items() if k not in ("x", "timestep")}
     for s, s_next in zip(sig[:-1], sig[1:]):
-        ts = torch.full((1,), 1000 * s, device="cuda")
+        ts = torch.full((1,), 1000 * s, device=DEV)
         v = model(x=x, timestep=ts, **kw)
         x0 = x - s * v
-        x = (1 - s_next) * x0 + s_next * torch.randn(x.shape, device="cuda", generator=g) if s_next > 0 else x0
+        x = (1 - s_next) * x0 + s_next * torch.randn(x.shape, device=DEV, generator=g) if s_next > 0 else x0
     return x, "bench loop"
 
 
@@ -444,16 +474,16 @@ def section_ours():
     from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 
     t0 = time.time()
-    cfg = SteadyDancerConfig.full_14b()
-    with bf16_params_on("cuda"):
+    cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
+    with bf16_params_on(DEV):
         model = SteadyDancerDiT(cfg, attention="sdpa")
     model.eval().requires_grad_(False)
     randomize_(model, seed=0)
-    torch.cuda.synchronize()
+    sync()
     nparams = sum(p.numel() for p in model.parameters())
     log(f"ours built in {time.time() - t0:.1f}s, {nparams / 1e9:.3f} B params, "
-        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-    g = torch.Generator(device="cuda").manual_seed(7)
+        f"{mem_alloc() / 2**30:.1f} GiB")
+    g = torch.Generator(device=DEV).manual_seed(7)
     inputs = {res: ours_inputs(res, g) for res in ARGS.res}
     dense = {}
     V = ARGS.variants
@@ -513,7 +543,7 @@ def section_ours():
             t0c = time.time()
             with torch.no_grad():
                 model(**inputs["480p"])
-            torch.cuda.synchronize()
+            sync()
             record(section="compile", what="first_forward_480p_dense", s=time.time() - t0c)
             compiled = True
             go(f"dense_{best}_compiled", "480p", best, warmup=0)
@@ -536,14 +566,14 @@ def section_ours():
         n = accel.use_fp8(model, act_scaling=ARGS.fp8_scaling, fast_accum=ARGS.fp8_fast_accum)
         free_cuda()
         log(f"fp8: converted {n} linears ({ARGS.fp8_scaling}, fast_accum={ARGS.fp8_fast_accum}), "
-            f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+            f"{mem_alloc() / 2**30:.1f} GiB")
         tag = "_compiled" if compiled else ""
         if compiled:
             t0c = time.time()
             with torch.no_grad():
                 set_backend(model, best)
                 model(**inputs["480p"])
-            torch.cuda.synchronize()
+            sync()
             record(section="compile", what="first_forward_480p_fp8", s=time.time() - t0c)
         go(f"fp8{tag}", "480p", best, warmup=0 if compiled else 1)
         if "sparse" in V:
@@ -615,7 +645,18 @@ def main():
     ap.add_argument("--topk", type=float, default=0.15)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; sections that would overrun are skipped")
+    ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script itself (use with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (smoke test)")
     ARGS = ap.parse_args()
+    global DEV, D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM
+    DEV = ARGS.device
+    if ARGS.tiny:
+        from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+
+        c = SteadyDancerConfig.tiny()
+        D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM = (c.dim, c.ffn_dim, c.num_layers, c.num_heads, c.head_dim,
+                                                         c.text_dim, c.freq_dim)
+        RES.update({"480p": (128, 96), "720p": (160, 128)})
     ARGS.res = [r for r in ARGS.res.split(",") if r]
     ARGS.variants = set(ARGS.variants.split(","))
     if ARGS.out:

@@ -127,3 +127,8 @@ def _sage(q, k, v):
 
 
 register_backend("sage", _sage, _importable("sageattention"), doc="SageAttention (quantised QK, lossy)")
+
+
+# Faster kernels (cuDNN attention, "auto", top-k block-sparse "flex_sparse"); imported last because it registers
+# into the registry above.
+from . import fast_attention  # noqa: E402,F401
