@@ -522,78 +522,101 @@ def section_ours():
             record(section="turbo", model="ours", variant=variant, error=repr(e)[:500],
                    tb=traceback.format_exc()[-2000:])
 
-    # 1. dense bf16, eager: official-equivalent (sdpa picks flash, float64 RoPE) and cuDNN attention
+    # fp8 twins of every block Linear, kept next to the bf16 ones (~16 GB more) so the run can switch between
+    # bf16 and fp8 in any order instead of converting destructively.
+    twins = {}
+
+    def use_fp8(on: bool):
+        from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
+
+        if on and not twins:
+            if ARGS.fp8_scaling == "auto":
+                cands = [r for r in RESULTS if str(r.get("what", "")).startswith("ffn1_fp8_") and "ms" in r
+                         and r.get("rel_l2_vs_bf16", 1) < 0.05]
+                pick = min(cands, key=lambda r: r["ms"])["what"][len("ffn1_fp8_"):] if cands else "rowwise"
+                ARGS.fp8_scaling = pick.split("_")[0]
+                ARGS.fp8_fast_accum = pick.endswith("_fastacc")
+            for name, mod in model.blocks.named_modules():
+                if type(mod) is nn.Linear:
+                    twins[name] = (mod, FP8Linear.from_linear(mod, act_scaling=ARGS.fp8_scaling,
+                                                              fast_accum=ARGS.fp8_fast_accum))
+            log(f"fp8 twins: {len(twins)} linears ({ARGS.fp8_scaling}, fast_accum={ARGS.fp8_fast_accum}), "
+                f"{mem_alloc() / 2**30:.1f} GiB allocated")
+            record(section="fp8", what="mode", act_scaling=ARGS.fp8_scaling, fast_accum=ARGS.fp8_fast_accum,
+                   linears=len(twins))
+        for name, (lin, f8) in twins.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.blocks.get_submodule(parent_name) if parent_name else model.blocks
+            setattr(parent, attr, f8 if on else lin)
+
+    def guarded(label, fn):
+        try:
+            fn()
+            return True
+        except Exception as e:
+            record(section="model", model="ours", variant=label, error=repr(e)[:500], tb=traceback.format_exc()[-2000:])
+            log(traceback.format_exc())
+            return False
+
+    # 1. dense bf16, eager: cuDNN attention (reference outputs for every error below) and the official-equivalent
+    #    path (sdpa picks flash; float64 RoPE) at 480p
     for res in ARGS.res:
         out = go(f"dense_{best}", res, best, ref=False)
         if out is not None:
             dense[res] = out
     if "sdpa" in V and best != "sdpa":
         go("dense_sdpa", "480p", "sdpa")
-    # 2. top-k sparse self-attention (eager blocks; the flex kernel itself is compiled, ~20 s per shape)
+    # 2. fp8 linears, eager
+    if "fp8" in V and have_time(20) and guarded("fp8_setup", lambda: use_fp8(True)):
+        go("fp8", "480p", best)
+        use_fp8(False)
+    # 3. top-k sparse self-attention (eager blocks; the flex kernel itself is compiled, ~20 s per shape), bf16 and
+    #    fp8
     if "sparse" in V:
         for res in reversed(ARGS.res):
             go(f"sparse{ARGS.topk}", res, sp, kf=keep[res], extra_s=30)
+        if twins:
+            use_fp8(True)
+            for res in reversed(ARGS.res):
+                go(f"fp8_sparse{ARGS.topk}", res, sp, kf=keep[res] * 0.8)
+            use_fp8(False)
+    # 4. whole turbo sampling, eager
     turbo(f"turbo4_dense_{best}", best, est["480p"])
-    # 3. torch.compile per block (fp32 real RoPE), dense
-    compiled = False
-    if "compile" in V and have_time(150):
-        try:
-            set_backend(model, best)
-            accel.compile_blocks(model)
+    if twins and "sparse" in V:
+        use_fp8(True)
+        turbo(f"turbo4_fp8_sparse{ARGS.topk}", sp, est["480p"] * 0.55)
+        use_fp8(False)
+    # 5. torch.compile per block (fp32 real RoPE, all elementwise work fused); fp8 recompiles once for its modules
+    if "compile" in V and "480p" in inputs and have_time(150):
+        def first(label):
             t0c = time.time()
             with torch.no_grad():
                 model(**inputs["480p"])
             sync()
-            record(section="compile", what="first_forward_480p_dense", s=time.time() - t0c)
-            compiled = True
+            record(section="compile", what=f"first_forward_480p_{label}", s=time.time() - t0c)
+
+        set_backend(model, best)
+        accel.compile_blocks(model)
+        if guarded("dense_compiled", lambda: first("dense")):
             go(f"dense_{best}_compiled", "480p", best, warmup=0)
             turbo(f"turbo4_dense_{best}_compiled", best, est["480p"] * 0.9)
-        except Exception as e:
-            record(section="model", model="ours", variant="dense_compiled", error=repr(e)[:500],
-                   tb=traceback.format_exc()[-2000:])
-            accel.uncompile_blocks(model)
-    # 4. fp8 linears (blocks recompile for the swapped modules when compiled)
-    if "fp8" in V and have_time(40):
-        if ARGS.fp8_scaling == "auto":
-            cands = [r for r in RESULTS if str(r.get("what", "")).startswith("ffn1_fp8_") and "ms" in r
-                     and r.get("rel_l2_vs_bf16", 1) < 0.05]
-            if cands:
-                pick = min(cands, key=lambda r: r["ms"])["what"][len("ffn1_fp8_"):]
-                ARGS.fp8_scaling = pick.split("_")[0]
-                ARGS.fp8_fast_accum = pick.endswith("_fastacc")
-            else:
-                ARGS.fp8_scaling = "rowwise"
-        n = accel.use_fp8(model, act_scaling=ARGS.fp8_scaling, fast_accum=ARGS.fp8_fast_accum)
-        free_cuda()
-        log(f"fp8: converted {n} linears ({ARGS.fp8_scaling}, fast_accum={ARGS.fp8_fast_accum}), "
-            f"{mem_alloc() / 2**30:.1f} GiB")
-        tag = "_compiled" if compiled else ""
-        if compiled:
-            t0c = time.time()
-            with torch.no_grad():
-                set_backend(model, best)
-                model(**inputs["480p"])
-            sync()
-            record(section="compile", what="first_forward_480p_fp8", s=time.time() - t0c)
-        go(f"fp8{tag}", "480p", best, warmup=0 if compiled else 1)
-        if "sparse" in V:
-            # compiled blocks + flex: try once at 480p; fall back to eager blocks if it fails
-            if compiled:
-                r = go(f"fp8_sparse{ARGS.topk}_compiled", "480p", sp, kf=keep["480p"], extra_s=90)
-                if r is None:
-                    accel.uncompile_blocks(model)
-                    compiled, tag = False, ""
-            turbo(f"turbo4_fp8_sparse{ARGS.topk}{tag}", sp, est["480p"] * 0.5)
-            if compiled and "720p" in inputs:
-                accel.uncompile_blocks(model)  # 720p: eager blocks (a second compile does not fit the budget)
-                compiled, tag = False, ""
-            for res in reversed(ARGS.res):
-                if res == "480p" and tag:
-                    continue
-                go(f"fp8_sparse{ARGS.topk}{tag}", res, sp, kf=keep[res], extra_s=10)
-        if "720p" in inputs:
-            go("fp8", "720p", best)
-    del model, inputs, dense
+            if twins and have_time(120):
+                use_fp8(True)
+                if guarded("fp8_compiled", lambda: first("fp8")):
+                    go(f"fp8_{best}_compiled", "480p", best, warmup=0)
+                    if "sparse" in V and have_time(100):
+                        set_backend(model, sp)
+                        if guarded("fp8_sparse_compiled", lambda: first("fp8_sparse")):
+                            go(f"fp8_sparse{ARGS.topk}_compiled", "480p", sp, kf=keep["480p"], warmup=0)
+                            turbo(f"turbo4_fp8_sparse{ARGS.topk}_compiled", sp, est["480p"] * 0.45)
+                use_fp8(False)
+        accel.uncompile_blocks(model)
+    # 6. leftovers if time allows: fp8 at 720p (eager)
+    if twins and "720p" in inputs:
+        use_fp8(True)
+        go("fp8", "720p", best)
+        use_fp8(False)
+    del model, inputs, dense, twins
     free_cuda()
 
 
