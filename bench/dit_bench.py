@@ -330,6 +330,39 @@ def section_micro():
     free_cuda()
 
 
+def section_flextune():
+    """Pick the fastest flex kernel options for top-k self-attention at the 480p shape (checked against the
+    default configuration's output); later sections use the winner."""
+    from steadydancer_turbo.steadydancer import sparse_attention as spa
+
+    g = torch.Generator(device=DEV).manual_seed(5)
+    L = tokens("480p", 2)
+    q, k, v = (torch.randn(1, L, HEADS, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    cfg = spa.SparseAttentionConfig(topk=ARGS.topk)
+    idx = spa.select_kv_blocks(q, k, cfg)
+    cands = [None, {"USE_TMA": True}, {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}]
+    best, best_ms, ref = None, float("inf"), None
+    for opts in cands:
+        if not have_time(25):
+            break
+        try:
+            spa.set_flex_kernel_options(opts)
+            spa._compiled_flex = None  # fresh compile with these options
+            t, _, o = cuda_time(lambda: spa.sparse_attention(q, k, v, cfg, kv_indices=idx), 5)
+            ref = o if ref is None else ref
+            err = rel_l2(o, ref)
+            record(section="micro", what="flex_tune", options=str(opts), ms=median(t) * 1e3, rel_l2_vs_default=err)
+            if err < 1e-2 and median(t) * 1e3 < best_ms:
+                best, best_ms = opts, median(t) * 1e3
+        except Exception as e:
+            record(section="micro", what="flex_tune", options=str(opts), error=repr(e)[:300])
+    spa.set_flex_kernel_options(best)
+    spa._compiled_flex = None
+    record(section="micro", what="flex_tune_choice", options=str(best), ms=best_ms)
+    del q, k, v, ref
+    free_cuda()
+
+
 # ----------------------------------------------------------------------------------------------------- diffusers
 def diffusers_inputs(res, g):
     lh, lw = latent_hw(res)
@@ -616,6 +649,87 @@ def section_ours():
         use_fp8(True)
         go("fp8", "720p", best)
         use_fp8(False)
+    del model, inputs, dense, twins
+    free_cuda()
+
+
+def section_turboc():
+    """Compiled blocks only: fp8 + top-k sparse at 720p and 480p (incl. whole 4-step turbo sampling), bf16
+    sparse at 720p, against eager dense references of this run, plus a bf16 noise floor (same model, input
+    perturbed by one bf16 rounding) to read the random-weight errors against."""
+    from steadydancer_turbo.steadydancer import accel
+    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
+    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+
+    cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
+    with bf16_params_on(DEV):
+        model = SteadyDancerDiT(cfg, attention="sdpa")
+    model.eval().requires_grad_(False)
+    randomize_(model, seed=0)
+    g = torch.Generator(device=DEV).manual_seed(7)
+    inputs = {res: ours_inputs(res, g) for res in ARGS.res}
+    twins = {}
+    for name, mod in model.blocks.named_modules():
+        if type(mod) is nn.Linear:
+            twins[name] = (mod, FP8Linear.from_linear(mod, act_scaling=ARGS.fp8_scaling,
+                                                      fast_accum=ARGS.fp8_fast_accum))
+    record(section="fp8", what="mode", act_scaling=ARGS.fp8_scaling, fast_accum=ARGS.fp8_fast_accum)
+
+    def use_fp8(on):
+        for name, (lin, f8) in twins.items():
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.blocks.get_submodule(parent_name) if parent_name else model.blocks, attr, f8 if on else lin)
+
+    best = ARGS.dense_backend
+    dense = {}
+    with torch.no_grad():
+        for res in ARGS.res:
+            if have_time({"480p": 5, "720p": 17}[res]):
+                set_backend(model, best)
+                _, _, dense[res] = cuda_time(lambda: model(**inputs[res]), 1, warmup=0)
+        if "480p" in dense:
+            inp = dict(inputs["480p"])
+            inp["x"] = inp["x"].to(torch.bfloat16).float() + inp["x"] * 2 ** -9 * torch.randn(
+                inp["x"].shape, device=DEV, generator=g)
+            _, _, o = cuda_time(lambda: model(**inp), 1, warmup=0)
+            xr = rel_l2(inp["x"], inputs["480p"]["x"])
+            record(section="noise_floor", res="480p", input_rel_l2=xr, output_rel_l2=rel_l2(o, dense["480p"]))
+            del o, inp
+    free_cuda()
+
+    def run(variant, res, topk, fp8, turbo):
+        if res not in inputs:
+            return
+        L = tokens(res, 2)
+        nk = math.ceil(L / 128)
+        kf = max(1, int(topk * nk)) / nk
+        if not have_time({"480p": 35, "720p": 50}[res] + (6 if turbo else 0)):
+            return
+        try:
+            use_fp8(fp8)
+            set_backend(model, f"flex_sparse:{topk}")
+            t0c = time.time()
+            with torch.no_grad():
+                model(**inputs[res])
+            sync()
+            record(section="compile", what=f"first_forward_{res}_{variant}", s=time.time() - t0c)
+            run_ours_variant(model, variant, res, inputs[res], dense.get(res), ARGS.reps, kf, warmup=0)
+            if turbo:
+                with torch.no_grad():
+                    t, peak, (x, how) = cuda_time(lambda: turbo_sample(model, inputs["480p"]), 1, warmup=0)
+                record(section="turbo", model="ours", variant=f"turbo4_{variant}", res=res, s=t[0],
+                       peak_gib=peak / 2**30, sampler=how, finite=bool(torch.isfinite(x).all()))
+        except Exception as e:
+            record(section="model", model="ours", variant=variant, res=res, error=repr(e)[:500],
+                   tb=traceback.format_exc()[-2000:])
+            log(traceback.format_exc())
+
+    accel.compile_blocks(model)
+    run(f"fp8_sparse{ARGS.topk}_compiled", "720p", ARGS.topk, True, False)
+    run("fp8_sparse0.1_compiled", "480p", 0.1, True, True)
+    run(f"fp8_sparse{ARGS.topk}_compiled", "480p", ARGS.topk, True, True)
+    run(f"sparse{ARGS.topk}_compiled", "720p", ARGS.topk, False, False)
     del model, inputs, dense, twins
     free_cuda()
 

@@ -41,6 +41,7 @@ __all__ = [
     "build_block_mask",
     "sparse_attention",
     "sparse_attention_reference",
+    "set_flex_kernel_options",
 ]
 
 
@@ -148,18 +149,27 @@ def build_block_mask(kv_indices: torch.Tensor, q_len: int, kv_len: int, block_q:
 
 
 _compiled_flex = None
+_KERNEL_OPTIONS: dict | None = None
+
+
+def set_flex_kernel_options(options: dict | None) -> None:
+    """Triton kernel options for the fused flex kernel (e.g. ``{"USE_TMA": True}`` or tile sizes); None keeps
+    PyTorch's defaults. Takes effect for shapes not compiled yet."""
+    global _KERNEL_OPTIONS
+    _KERNEL_OPTIONS = dict(options) if options else None
 
 
 def _flex(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
+    kw = {"kernel_options": dict(_KERNEL_OPTIONS)} if _KERNEL_OPTIONS else {}
     if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled block): traced into it
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, **kw)
     import warnings
 
     with warnings.catch_warnings():
