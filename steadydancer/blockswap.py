@@ -112,7 +112,10 @@ class BlockSwap:
     def _set(mod, name, t):
         if name in mod._parameters:
             p = mod._parameters[name]
-            p.data = t
+            try:
+                p.data = t
+            except RuntimeError:  # e.g. to/from the meta device: a new Parameter object
+                mod._parameters[name] = nn.Parameter(t, requires_grad=False)
         else:
             mod._buffers[name] = t
 

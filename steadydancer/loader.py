@@ -279,7 +279,7 @@ def _sized_meta_copy(model, cd):
         pass
 
     def sized(mod):
-        m = _Sized()
+        m = nn.ModuleList() if isinstance(mod, nn.ModuleList) else _Sized()
         for n, p in mod._parameters.items():
             if p is not None:
                 m.register_buffer(n, torch.empty(p.shape, dtype=cd, device="meta"))
@@ -288,7 +288,10 @@ def _sized_meta_copy(model, cd):
                 m.register_buffer(n, b)
         for n, c in mod._modules.items():
             if c is not None:
-                m.add_module(n, sized(c))
+                if isinstance(m, nn.ModuleList):
+                    m.append(sized(c))
+                else:
+                    m.add_module(n, sized(c))
         return m
 
     return sized(model)

@@ -155,7 +155,8 @@ def random_k_blocks(qtype, rows, cols, rng):
 
 
 def write_gguf(sd, path, qtype, five_d="fix", seed=0, prefix=""):
-    """city96-style GGUF: block Linear weights in ``qtype``, 1-D and small tensors F32, others F16.
+    """city96-style GGUF: block Linear weights in ``qtype`` (a list: cycled over the layers, a mixed-type
+    file like llama.cpp's *_K_M), 1-D and small tensors F32, others F16.
 
     five_d='fix': 5-D Conv3d weights appended as F32 with 5 dims (what fix_5d_tensors.py writes);
     five_d='orig_shape': 5-D weights flattened to (n/256, 256), the patch embeddings quantized as Q8_0,
@@ -168,7 +169,8 @@ def write_gguf(sd, path, qtype, five_d="fix", seed=0, prefix=""):
     w = gguf.GGUFWriter(str(path), arch="wan")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     deq = {}
-    can_quantize = qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16, Q.F16)
+    qtypes = list(qtype) if isinstance(qtype, (list, tuple)) else [qtype]
+    n_linear = 0
     for k, v in sd.items():
         a = v.float().numpy()
         name = prefix + k
@@ -184,7 +186,10 @@ def write_gguf(sd, path, qtype, five_d="fix", seed=0, prefix=""):
                 w.add_array(f"comfy.gguf.orig_shape.{name}", list(a.shape))
                 deq[k] = torch.from_numpy(gguf.quants.dequantize(data, t).reshape(a.shape).copy()) \
                     if t != Q.F32 else torch.from_numpy(a.copy())
-        elif is_block_linear_weight(k, v) and qtype not in (Q.F32,):
+        elif is_block_linear_weight(k, v) and qtypes != [Q.F32]:
+            qtype = qtypes[n_linear % len(qtypes)]
+            n_linear += 1
+            can_quantize = qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.BF16, Q.F16)
             data = gguf.quants.quantize(a, qtype) if can_quantize else random_k_blocks(qtype, *a.shape, rng)
             w.add_tensor(name, data, raw_dtype=qtype)
             deq[k] = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(a.shape).copy())
