@@ -110,22 +110,55 @@ class _SafetensorsFile:
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise CheckpointError(path, f"safetensors header is not valid JSON ({e})") from None
-        # Let the safetensors library validate the header the same way everybody else does
-        # (offsets cover the data exactly); it raises on truncated files.
+        self.metadata = header.get("__metadata__") or {}
+        self._validate(header, size - 8 - n)
+        # Also let the safetensors library check the header the way everybody else does, where installed.
         try:
             from safetensors import safe_open
-            with safe_open(self.path, framework="pt") as sf:
-                self.metadata = sf.metadata() or {}
-        except Exception as e:  # SafetensorError is not importable by a stable name
-            msg = str(e)
-            hint = " (the file is truncated or was not completely downloaded)" if (
-                "incomplete" in msg or "covered" in msg or "too small" in msg) else ""
-            raise CheckpointError(path, f"not a valid safetensors file: {msg}{hint}") from None
+        except ImportError:
+            safe_open = None
+        if safe_open is not None:
+            try:
+                with safe_open(self.path, framework="pt") as sf:
+                    self.metadata = sf.metadata() or {}
+            except Exception as e:  # SafetensorError is not importable by a stable name
+                msg = str(e)
+                hint = " (the file is truncated or was not completely downloaded)" if (
+                    "incomplete" in msg or "covered" in msg or "too small" in msg) else ""
+                raise CheckpointError(path, f"not a valid safetensors file: {msg}{hint}") from None
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.entries = header
         self._f = None
         self._mm = None
+
+    def _validate(self, header, data_len):
+        spans = []
+        for k, e in header.items():
+            if k == "__metadata__":
+                continue
+            try:
+                dt, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(self.path, f"malformed safetensors header entry {k!r}") from None
+            item = SAFETENSORS_DTYPES[dt].itemsize if dt in SAFETENSORS_DTYPES else None
+            n = 1
+            for d in shape:
+                n *= d
+            if item is not None and b - a != n * item:
+                raise CheckpointError(self.path, f"tensor {k!r}: {b - a} bytes for shape {shape} of {dt}")
+            spans.append((a, b))
+        spans.sort()
+        end = 0
+        for a, b in spans:
+            if a != end:
+                raise CheckpointError(self.path, "safetensors data offsets overlap or leave gaps")
+            end = b
+        if end > data_len:
+            raise CheckpointError(self.path, f"the header describes {end} data bytes but only {data_len} follow: "
+                                             "the file is truncated or was not completely downloaded")
+        if end != data_len:
+            raise CheckpointError(self.path, f"{data_len - end} bytes after the last tensor: not a valid safetensors file")
 
     def _map(self):
         if self._mm is None:
