@@ -11,6 +11,7 @@ Without CUDA the same code path runs (the "device" is the CPU, copies are no-ops
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,55 @@ def _tensors(module: nn.Module):
         for name, b in mod._buffers.items():
             if b is not None:
                 yield mod, name, False
+
+
+def _host_register(t: torch.Tensor) -> bool:
+    """Page-lock ``t``'s memory in place (cudaHostRegister, portable); False when not possible."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 1)) == 0
+    except Exception:
+        return False
+
+
+def _host_unregister(ptr: int):
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:
+        pass
+
+
+class HostArena:
+    """One flat host buffer for the weights of one swapped block, page-locked in place.
+
+    PyTorch's pinned-memory caching allocator rounds every allocation up to a power of two (a 141 MB
+    FFN weight takes 256 MB), so pinning tensor by tensor can cost up to 2x the host RAM. One exact-size
+    buffer per block registered with cudaHostRegister costs exactly the block's bytes. Falls back to
+    unpinned memory (transfers then stop overlapping with compute) when registration is not possible.
+    """
+
+    ALIGN = 256
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.buf = torch.empty(max(1, int(nbytes)), dtype=torch.uint8)
+        self.off = 0
+        self.pinned = bool(pin) and _host_register(self.buf)
+        if self.pinned:
+            weakref.finalize(self, _host_unregister, self.buf.data_ptr())
+
+    @classmethod
+    def size_for(cls, tensors) -> int:
+        return sum(t.numel() * t.element_size() + cls.ALIGN for t in tensors)
+
+    def empty(self, shape, dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        off = -(-self.off // self.ALIGN) * self.ALIGN
+        if off + nbytes > self.buf.numel():
+            raise RuntimeError("HostArena overflow (size estimate too small)")
+        self.off = off + nbytes
+        return self.buf[off:off + nbytes].view(dtype).view(tuple(shape))
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -61,7 +111,7 @@ class BlockSwap:
     """
 
     def __init__(self, model: nn.Module, blocks_to_swap: int, device, offload_device="cpu",
-                 prefetch: int = 1, pin_memory: bool = True):
+                 prefetch: int = 1, pin_memory: bool = True, arenas=None):
         self.model = model
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
@@ -73,6 +123,9 @@ class BlockSwap:
         self.prefetch = max(0, int(prefetch))
         self.cuda = self.device.type == "cuda"
         self.pin = pin_memory and self.cuda and self.offload_device.type == "cpu"
+        # host memory the loader already placed (and page-locked) block by block; kept alive here
+        self.arenas = list(arenas or [])
+        self.prepinned = bool(self.arenas)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._host = {}     # block index -> {(id(owner), name): host tensor}
         self._ready = {}    # block index -> (event or None, {(id(owner), name): device tensor})
@@ -90,7 +143,7 @@ class BlockSwap:
                 for mod, name, _ in _tensors(blk):
                     t = getattr(mod, name)
                     h = t.data.to(self.offload_device)
-                    if self.pin and not h.is_pinned():
+                    if self.pin and not h.is_pinned() and not self.prepinned:
                         h = h.pin_memory()
                     self._set(mod, name, h)
                 self._handles.append(blk.register_forward_pre_hook(self._make_pre(i)))
@@ -129,7 +182,7 @@ class BlockSwap:
             h = host.get(key)
             if h is None or (t.device == self.offload_device and t.data_ptr() != h.data_ptr()):
                 h = t.data.to(self.offload_device)
-                if self.pin and not h.is_pinned():
+                if self.pin and not h.is_pinned() and not self.prepinned:
                     h = h.pin_memory()
                 host[key] = h
             live[key] = (mod, name, h)

@@ -47,7 +47,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .blockswap import BlockSwap, blocks_to_swap_for_budget, ensure_on_device, module_bytes, offload_model
+from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_on_device, module_bytes,
+                        offload_model)
 from .checkpoint import CheckpointError, CheckpointReader
 from .lora import LoraKeyWarning, apply_loras
 from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf, fp8_matmul_supported, quantize_fp8
@@ -107,15 +108,27 @@ def _plan_quant_modules(model, reader, storage, cd):
         else:
             new.weight = torch.empty(tuple(new.weight_shape) if kind == "fp8_new" else info.shape,
                                      dtype=qtype, device="meta")
-            new.weight_scale = torch.empty(1, dtype=torch.float32, device="meta")
+            n_scale = 1
+            if kind == "fp8" and info.scale_key is not None:
+                for d in info.scale_source.shape(info.scale_key):
+                    n_scale *= d
+            new.weight_scale = torch.empty(max(1, n_scale), dtype=torch.float32, device="meta")
         new._source_kind = kind
         _set_module(model, name, new)
         replaced[name] = new
     return replaced
 
 
-def _empty(shape, dtype, device, pin):
-    return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+class _Alloc:
+    """Where the tensors of one module go: ``device`` memory, or a swapped block's host arena."""
+
+    def __init__(self, device, arena=None):
+        self.device, self.arena = device, arena
+
+    def __call__(self, shape, dtype):
+        if self.arena is not None:
+            return self.arena.empty(shape, dtype)
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
 
 
 def _float_value(reader, key, cd):
@@ -192,22 +205,32 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         if not 0 <= n_swap <= n_blocks:
             raise ValueError(f"block_swap must be in 0..{n_blocks}, got {n_swap}")
         pin = device.type == "cuda" and offload_device.type == "cpu" and n_swap > 0
-        swapped = {id(m) for i in range(n_swap) for m in model.blocks[i].modules()}
+        allocs, arenas = {}, []
+        for i in range(n_swap):
+            if offload_device.type == "cpu":
+                sized = _sized_meta_copy(model.blocks[i], cd)
+                arena = HostArena(HostArena.size_for(list(sized.buffers())), pin)
+                arenas.append(arena)
+                a = _Alloc(offload_device, arena)
+            else:
+                a = _Alloc(offload_device)
+            for m in model.blocks[i].modules():
+                allocs[id(m)] = a
+        on_device = _Alloc(device)
 
         # stream the weights in, one tensor at a time
         for mname, mod in model.named_modules():
             pre = mname + "." if mname else ""
-            target = offload_device if id(mod) in swapped else device
-            tpin = pin and id(mod) in swapped
+            alloc = allocs.get(id(mod), on_device)
             if isinstance(mod, (QuantLinear, QuantConv)):
-                _load_quant(mod, pre, reader, target, tpin, cd)
+                _load_quant(mod, pre, reader, alloc)
                 names = ["bias"] if mod.bias is not None else []
             else:
                 names = [n for n, p in mod._parameters.items() if p is not None]
             for pname in names:
                 key = pre + pname
                 src = _float_value(reader, key, cd)
-                dst = _empty(tuple(src.shape), cd, target, tpin)
+                dst = alloc(tuple(src.shape), cd)
                 dst.copy_(src)
                 del src
                 reader.release(key)
@@ -220,11 +243,11 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
             m.fp8_matmul = bool(fp8_matmul) and m.qkind == "fp8" and m.qtype == torch.float8_e4m3fn
         model.requires_grad_(False)
         model.eval()
-        model.block_swap = BlockSwap(model, n_swap, device, offload_device)
+        model.block_swap = BlockSwap(model, n_swap, device, offload_device, arenas=arenas)
         model.load_info = {
             "path": str(path), "format": reader.format, "stored": reader.kinds(), "storage": storage,
             "compute_dtype": cd, "quantized_layers": len(quant), "blocks_to_swap": n_swap,
-            "device": str(device), "fp8_matmul": bool(fp8_matmul) and fp8_matmul_supported(device),
+            "device": str(device), "pinned_blocks": sum(a.pinned for a in arenas), "fp8_matmul": bool(fp8_matmul) and fp8_matmul_supported(device),
             "weight_bytes": module_bytes(model),
         }
         log.info("SteadyDancer loaded: %s", model.load_info)
@@ -239,31 +262,31 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         reader.close()
 
 
-def _load_quant(mod, pre, reader, target, pin, cd):
+def _load_quant(mod, pre, reader, alloc):
     key = pre + "weight"
     info = reader.infos[key]
     kind = mod._source_kind
     raw = None
     if kind == "gguf":
         raw = reader.read(key)
-        w = _empty(tuple(raw.shape), torch.uint8, target, pin)
+        w = alloc(tuple(raw.shape), torch.uint8)
         w.copy_(raw)
         scale = None
     elif kind == "fp8":
         raw, s = reader.read(key)
-        w = _empty(tuple(raw.shape), raw.dtype, target, pin)
+        w = alloc(tuple(raw.shape), raw.dtype)
         w.copy_(raw)
         scale = s if s is not None else torch.ones(1)
     else:  # "fp8_new": quantize a float weight at load
         src = reader.read(key)
         q, scale = quantize_fp8(src, mod.qtype)
-        w = _empty(tuple(q.shape), q.dtype, target, pin)
+        w = alloc(tuple(q.shape), q.dtype)
         w.copy_(q)
         del q, src
     del raw
     reader.release(key)
     mod.weight = w
-    sc = _empty((max(1, scale.numel()),), torch.float32, target, pin) if scale is not None else None
+    sc = alloc((max(1, scale.numel()),), torch.float32) if scale is not None else None
     if sc is not None:
         sc.copy_(scale.reshape(-1).to(torch.float32))
     mod.weight_scale = sc
