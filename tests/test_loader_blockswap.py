@@ -94,6 +94,8 @@ def test_fp8_scaled_mm_path_matches_dequantized_matmul():
         pytest.skip(f"_scaled_mm not available on this CPU build: {e}")
     assert out.shape == ref.shape
     assert U.rel_err(out, ref) < 0.06
+    out_bf16 = fp8_linear(x.bfloat16(), q, s, None, torch.bfloat16)  # the GPU path: bf16 activations
+    assert out_bf16.dtype == torch.bfloat16 and U.rel_err(out_bf16.float(), ref) < 0.07
     # QuantLinear with fp8_matmul on a device without fp8 tensor cores falls back to the exact dequant path
     lin = QuantLinear(128, 64, False, "fp8", torch.float8_e4m3fn, F32, device="cpu")
     lin.weight, lin.weight_scale = q, s

@@ -181,3 +181,13 @@ def test_format_detected_from_content_not_name(tmp_path, base):
     os.replace(tmp_path / "x.gguf", path)
     m = _check(path, deq, base)
     assert m.load_info["format"] == "gguf"
+
+
+def test_diffusers_layout_keys(tmp_path, base):
+    """A file with diffusers' WanTransformer3DModel names for the base blocks (SteadyDancer keys unchanged)."""
+    from steadydancer_turbo.steadydancer.keymap import official_to_diffusers_key
+    sd = {official_to_diffusers_key(k): v for k, v in base[1].items()}
+    assert "blocks.0.attn1.to_q.weight" in sd
+    path = U.write_safetensors(sd, tmp_path / "diffusers.safetensors", dtype=torch.bfloat16)
+    deq = {k: v.to(torch.bfloat16).float() for k, v in base[1].items()}
+    _check(path, deq, base, BOUND["bf16"])
