@@ -66,6 +66,9 @@ def official_latent_size(height: int, width: int, max_area: int = 1024 * 576,
     *floored* to a multiple of 8 pixels and the latent size floored to an even number (patch 2), same for
     width with ``w/h``. (The spec's "round(...)" describes the outer ``round``, which only turns the
     already-integral float into an int.) The pixel size is ``8 * lat``.
+
+    The float arithmetic is kept as official, quirks included: a 480x832 image with ``max_area=832*480``
+    gives 399360*(480/832) = 230399.99999999997, sqrt 479.99999999999994, so lat_h = 58 (464 px), not 60.
     """
     if height <= 0 or width <= 0 or max_area <= 0:
         raise ValueError("height, width and max_area must be positive")
