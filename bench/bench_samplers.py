@@ -48,26 +48,24 @@ def main():
     ap.add_argument("--size", default="1024x576", help="WxH pixels")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
     W, H = (int(v) for v in a.size.split("x"))
     h, w, T = H // 8, W // 8, check_frame_count(a.frames)
     dev = torch.device(a.device)
-    dt = getattr(torch, a.dtype)
     r = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
     cond = SteadyDancerConditioning(
         context=r(1, 120, 4096), context_null=r(1, 60, 4096), clip_fea=r(1, 257, 1280), clip_fea_c=r(1, 257, 1280),
         y=build_y(build_i2v_mask(a.frames, h, w, device=dev), r(1, 16, T, h, w)),
         cond_pos=r(1, 16, T, h, w), cond_neg=r(1, 16, T, h, w),
         ref_x=build_ref_x(r(1, 16, 1, h, w)), ref_c=build_ref_c(r(1, 16, 1, h, w)))
-    print(f"device {dev}, latent 16x{T}x{h}x{w}, model dtype {dt}")
+    print(f"device {dev}, latent 16x{T}x{h}x{w}")
     for solver in ("unipc", "euler"):
         for batch in (False, True):
             m = CheapModel()
             sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
             sync()
             t0 = time.perf_counter()
-            sample_official(m, cond, seed=0, steps=a.steps, solver=solver, batch_passes=batch, model_dtype=dt)
+            sample_official(m, cond, seed=0, steps=a.steps, solver=solver, batch_passes=batch)
             sync()
             dt_s = time.perf_counter() - t0
             print(f"official {solver:5s} batch={batch!s:5s}: {a.steps} steps, {m.forwards} forwards, {m.passes} passes "
@@ -75,7 +73,7 @@ def main():
     for mode in ("sde", "ode"):
         m = CheapModel()
         t0 = time.perf_counter()
-        sample_rcm(m, cond, seed=0, steps=4, mode=mode, model_dtype=dt)
+        sample_rcm(m, cond, seed=0, steps=4, mode=mode)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         print(f"rcm {mode}: 4 steps, {m.passes} passes, {1000 * (time.perf_counter() - t0) / 4:.2f} ms/step overhead")

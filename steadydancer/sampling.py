@@ -18,8 +18,9 @@ Reproduces ``WanI2VDancer.generate`` (wan/image2video_dancer.py) + ``FlowUniPCMu
   (``g_txt == 1`` drops ``e_ut``, ``g_pose == 0`` drops ``e_up``), so defaults + 40 steps = 91 passes,
   ``g_pose = 0`` -> 80, ``g_txt = 1, g_pose = 0`` -> 40.
 * Noise: float32 ``randn`` from a CPU ``torch.Generator`` seeded with ``seed`` (same video on any device;
-  the official script draws on CUDA, so its exact noise is not reproduced). Latents stay float32; the model
-  gets ``x`` and the conditioning in ``model_dtype`` (if given) and its output is used as float32.
+  the official script draws on CUDA, so its exact noise is not reproduced). Latents stay float32 and are
+  passed to the model as float32 (the DiT runs its own compute dtype, as the official autocast run does);
+  its output is used as float32.
 """
 from __future__ import annotations
 
@@ -215,14 +216,15 @@ def sample_official(
     initial noise (else drawn from ``seed`` on the CPU). ``callback(step, total, x0)`` after every step
     (``step`` 0-based, ``x0`` = current clean-latent estimate ``x - sigma*v``, float32); an exception
     raised in it propagates after the current step and nothing is kept. ``batch_passes``: run a step's
-    passes as one batched forward (True/False/"auto"). ``model_dtype``: cast x and the conditioning to this
-    dtype for the model (default ``getattr(model, "compute_dtype", None)``; None = pass float32).
+    passes as one batched forward (True/False/"auto"). ``model_dtype``: if given, cast x and the floating
+    conditioning to it before each call. Default None: pass float32 latents and conditioning, as the official
+    pipeline feeds fp32 VAE latents into its autocast-bf16 DiT; ``SteadyDancerDiT`` casts per op to its own
+    ``compute_dtype`` (pre-casting would round e.g. the pose latent before its fp32 ``cond + temporal +
+    spatial`` sum, unlike the official).
     """
     if solver not in ("unipc", "euler"):
         raise ValueError("solver must be 'unipc' or 'euler'")
     device = torch.device(device) if device is not None else cond.device
-    if model_dtype is None:
-        model_dtype = getattr(model, "compute_dtype", None)
     sig32, timesteps, s64 = official_schedule(steps, shift, sigmas)
     n = len(timesteps)
     if any(PASS_UP in guidance.passes(i, n) for i in range(n)) and not cond.has_negative_pose:
@@ -240,8 +242,8 @@ def sample_official(
 
     mcond = cond.to(device=device, dtype=model_dtype)
     max_passes = max(len(guidance.passes(i, n)) for i in range(n))
-    batch = should_batch(batch_passes, model, cond, device, max_passes - 1,
-                         torch.finfo(model_dtype).bits // 8 if model_dtype is not None else 4)
+    act_dtype = model_dtype or getattr(model, "compute_dtype", None) or torch.bfloat16
+    batch = should_batch(batch_passes, model, cond, device, max_passes - 1, torch.finfo(act_dtype).bits // 8)
     scheduler = make_unipc_scheduler(s64, device) if solver == "unipc" else None
     kw_cache = {}
 

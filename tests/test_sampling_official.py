@@ -268,7 +268,12 @@ def test_model_dtype_cast():
             seen.append((x.dtype, args[0].dtype, args[4].dtype))
             return super().__call__(x, t, *args).to(torch.bfloat16)
 
+    # default: float32 in (the DiT casts per op to its compute dtype, like the official autocast run)
     out = sample_official(Wrapped(), make_cond(), steps=4)
+    assert set(seen) == {(torch.float32,) * 3}
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    seen.clear()
+    out = sample_official(Wrapped(), make_cond(), steps=4, model_dtype=torch.bfloat16)
     assert set(seen) == {(torch.bfloat16,) * 3}
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 

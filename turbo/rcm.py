@@ -134,8 +134,9 @@ def sample_rcm(
     ``mode``: ``"sde"`` (re-noise, default) or ``"ode"`` (Euler). ``schedule``: ``"rcm"`` or ``"shift"``;
     ``sigmas`` (descending, ending in 0) overrides both. ``timestep_rounding``: see ``model_timesteps``
     (default: bfloat16 for rcm, float32 otherwise). ``callback(step, total, x0)`` after each step (0-based
-    step, float32 x0); an exception in it propagates after that step. ``model_dtype`` as in
-    ``sample_official`` (default ``getattr(model, "compute_dtype", None)``).
+    step, float32 x0); an exception in it propagates after that step. ``model_dtype``: if given, x (kept in
+    float64) and the conditioning are cast to it for the model, as TurboDiffusion feeds its net bf16 x;
+    default None passes float32 (``SteadyDancerDiT`` casts per op to its compute dtype).
     """
     if mode not in ("sde", "ode"):
         raise ValueError("mode must be 'sde' or 'ode'")
@@ -153,8 +154,6 @@ def sample_rcm(
     n = len(s) - 1
 
     device = torch.device(device) if device is not None else cond.device
-    if model_dtype is None:
-        model_dtype = getattr(model, "compute_dtype", None)
     B = cond.batch_size
     shape = (B, *cond.latent_shape)
     gen = torch.Generator(device="cpu")
