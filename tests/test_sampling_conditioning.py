@@ -157,3 +157,14 @@ def test_unbatched_inputs_get_batch_dim_and_validation():
 def test_to_dtype():
     c = make_cond().to(dtype=torch.bfloat16)
     assert c.y.dtype == c.context.dtype == c.cond_neg.dtype == torch.bfloat16
+
+
+def test_size_rule_equals_official_numpy_statement_on_many_sizes():
+    # the official statement (image2video_dancer.py), evaluated with numpy as there
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(64, 2049, size=2))
+        area = int(rng.choice([832 * 480, 1024 * 576, 1280 * 720]))
+        ar = h / w
+        want = (round(np.sqrt(area * ar) // 8 // 2 * 2), round(np.sqrt(area / ar) // 8 // 2 * 2))
+        assert official_latent_size(h, w, area) == want, (h, w, area)
