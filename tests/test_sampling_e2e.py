@@ -19,7 +19,9 @@ from steadydancer_turbo.turbo.rcm import sample_rcm  # noqa: E402
 
 
 def _tiny_dit(seed=0):
-    cfg = config_mod.SteadyDancerConfig.tiny()
+    # small everywhere (also the CLIP width) so the samplers' many forwards stay fast on CPU
+    cfg = config_mod.SteadyDancerConfig.tiny(dim=64, ffn_dim=96, num_heads=2, text_dim=32, freq_dim=32,
+                                             clip_dim=48)
     model = model_mod.SteadyDancerDiT(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
