@@ -90,10 +90,19 @@ FP8_E4M3_MAX = 448.0
 
 
 def fp8_matmul_supported(device) -> bool:
+    """fp8 tensor cores (Ada / Hopper / Blackwell: CUDA capability >= 8.9) and ``torch._scaled_mm``."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+    return _cuda_fp8_capable(device.index if device.index is not None else -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fp8_capable(index: int) -> bool:
+    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
+        return False
+    dev = torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
