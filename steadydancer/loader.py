@@ -131,15 +131,19 @@ class _Alloc:
         return torch.empty(tuple(shape), dtype=dtype, device=self.device)
 
 
-def _float_value(reader, key, cd):
-    """Any stored tensor -> float tensor in cd (used for tensors that are not kept quantized)."""
+def _float_value(reader, key, cd, work):
+    """Any stored tensor -> float tensor in cd (used for tensors that are not kept quantized).
+
+    Dequantization runs on ``work`` (the GPU when loading to one: decoding 14 B weights on the CPU takes
+    minutes); float tensors are returned as the zero-copy view of the file.
+    """
     info = reader.infos[key]
     raw = reader.read(key)
     if info.kind == "gguf":
-        return dequantize_gguf(raw, info.qtype, info.shape, cd)
+        return dequantize_gguf(raw.to(work), info.qtype, info.shape, cd)
     if info.kind == "fp8":
         w, s = raw
-        return dequantize_fp8(w, s, cd)
+        return dequantize_fp8(w.to(work), s, cd)
     return raw
 
 
@@ -217,19 +221,20 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
             for m in model.blocks[i].modules():
                 allocs[id(m)] = a
         on_device = _Alloc(device)
+        work = device if device.type == "cuda" else torch.device("cpu")
 
         # stream the weights in, one tensor at a time
         for mname, mod in model.named_modules():
             pre = mname + "." if mname else ""
             alloc = allocs.get(id(mod), on_device)
             if isinstance(mod, (QuantLinear, QuantConv)):
-                _load_quant(mod, pre, reader, alloc)
+                _load_quant(mod, pre, reader, alloc, work)
                 names = ["bias"] if mod.bias is not None else []
             else:
                 names = [n for n, p in mod._parameters.items() if p is not None]
             for pname in names:
                 key = pre + pname
-                src = _float_value(reader, key, cd)
+                src = _float_value(reader, key, cd, work)
                 dst = alloc(tuple(src.shape), cd)
                 dst.copy_(src)
                 del src
@@ -262,7 +267,7 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         reader.close()
 
 
-def _load_quant(mod, pre, reader, alloc):
+def _load_quant(mod, pre, reader, alloc, work):
     key = pre + "weight"
     info = reader.infos[key]
     kind = mod._source_kind
@@ -279,7 +284,7 @@ def _load_quant(mod, pre, reader, alloc):
         scale = s if s is not None else torch.ones(1)
     else:  # "fp8_new": quantize a float weight at load
         src = reader.read(key)
-        q, scale = quantize_fp8(src, mod.qtype)
+        q, scale = quantize_fp8(src.to(work), mod.qtype)
         w = alloc(tuple(q.shape), q.dtype)
         w.copy_(q)
         del q, src
