@@ -50,7 +50,8 @@ DEFAULT_PLAN = "bf16:0,40;fp8:0,20,40;q8_0:0;q4_k:0"
 def _import_pack():
     name = "steadydancer_turbo"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
@@ -330,7 +331,8 @@ def main():
     # table
     print()
     scale = 40 / L
-    hdr = "| format | swap | file GiB | load s | peak host RSS GiB (x file) | peak VRAM GiB | s / forward | vs bf16 swap 0 |"
+    hdr = ("| format | swap | file GiB | load s | peak host RSS GiB (x file) | peak VRAM GiB | s / forward "
+           "| vs bf16 swap 0 |")
     if L != 40:
         hdr += f" est. 40 blocks: s / fwd, peak VRAM GiB |"
     print(hdr)

@@ -34,7 +34,7 @@ import mmap
 import os
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -158,7 +158,8 @@ class _SafetensorsFile:
             raise CheckpointError(self.path, f"the header describes {end} data bytes but only {data_len} follow: "
                                              "the file is truncated or was not completely downloaded")
         if end != data_len:
-            raise CheckpointError(self.path, f"{data_len - end} bytes after the last tensor: not a valid safetensors file")
+            raise CheckpointError(self.path, f"{data_len - end} bytes after the last tensor: "
+                                             "not a valid safetensors file")
 
     def _map(self):
         if self._mm is None:
@@ -398,7 +399,8 @@ class CheckpointReader:
             self._open_safetensors_files([os.path.join(self.path, st[0])])
             self.format = "folder"
             return
-        raise CheckpointError(self.path, "folder has no *.safetensors.index.json and not exactly one *.safetensors file")
+        raise CheckpointError(self.path, "folder has no *.safetensors.index.json and not exactly one "
+                                         "*.safetensors file")
 
     def _open_safetensors_files(self, paths, weight_map=None):
         files = []
@@ -416,7 +418,8 @@ class CheckpointReader:
         if weight_map is not None:
             lost = [k for k, s in weight_map.items() if k not in raw]
             if lost:
-                raise CheckpointError(self.path, f"{len(lost)} tensors named in the index are in no shard, e.g. {lost[:3]}")
+                raise CheckpointError(self.path, f"{len(lost)} tensors named in the index are in no shard, "
+                                                 f"e.g. {lost[:3]}")
         md = {}
         for f in files:
             md.update(f.metadata)

@@ -252,7 +252,8 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         model.load_info = {
             "path": str(path), "format": reader.format, "stored": reader.kinds(), "storage": storage,
             "compute_dtype": cd, "quantized_layers": len(quant), "blocks_to_swap": n_swap,
-            "device": str(device), "pinned_blocks": sum(a.pinned for a in arenas), "fp8_matmul": bool(fp8_matmul) and fp8_matmul_supported(device),
+            "device": str(device), "pinned_blocks": sum(a.pinned for a in arenas),
+            "fp8_matmul": bool(fp8_matmul) and fp8_matmul_supported(device),
             "weight_bytes": module_bytes(model),
         }
         log.info("SteadyDancer loaded: %s", model.load_info)
