@@ -48,13 +48,13 @@ DEFAULT_PLAN = "bf16:0,40;fp8:0,20,40;q8_0:0;q4_k:0"
 
 
 def _import_pack():
+    """Make ``steadydancer_turbo.steadydancer`` importable from this checkout without running the pack's
+    ``__init__`` (which imports the ComfyUI node layer and its dependencies, not needed here)."""
     name = "steadydancer_turbo"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
                                                       submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
 
 
 def missing_modules(fmt):
