@@ -454,6 +454,7 @@ class CheckpointReader:
                 raise CheckpointError(self.path, f"tensor {name!r} uses GGUF quantization type {qt.name}, which "
                                                  f"this loader does not support (supported: F32, F16, BF16, "
                                                  f"{', '.join(q.name for q in GGUF_QUANT_TYPES)})")
+            info.shape = shape = self._patch_embed_shape(key, name, shape)
             n = 1
             for d in shape:
                 n *= d
@@ -492,13 +493,22 @@ class CheckpointReader:
                                                      f"{quant_layers[layer]!r}; only float8_e4m3fn / float8_e5m2 "
                                                      "are supported")
                 info = TensorInfo(key, fk, shape, "other", dt, source=part, stored_shape=shape)
-            if key in keymap.PATCH_EMBED_KEYS and len(shape) == 2:
-                # TurboDiffusion stores the Conv3d patch embedding as Linear over flattened (c, kt, kh, kw)
-                # patches; the patch is (1, 2, 2) for every Wan2.1 model.
-                if shape[1] % 4:
-                    raise CheckpointError(self.path, f"2-D {fk!r} of shape {shape} is not a (1,2,2) patch embedding")
-                info.shape = (shape[0], shape[1] // 4, 1, 2, 2)
+            info.shape = self._patch_embed_shape(key, fk, info.shape)
             self._add(info)
+
+    def _patch_embed_shape(self, key, fk, shape):
+        """Conv3d patch-embedding weights stored with fewer dims -> (dim, C, 1, 2, 2).
+
+        TurboDiffusion stores them as a Linear over flattened (c, kt, kh, kw) patches (2-D); some GGUF
+        converters drop the size-1 temporal kernel dim (4-D). The patch is (1, 2, 2) for every Wan2.1 model.
+        """
+        if key not in keymap.PATCH_EMBED_KEYS or len(shape) not in (2, 4):
+            return shape
+        if len(shape) == 4:
+            return (shape[0], shape[1], 1, shape[2], shape[3])
+        if shape[1] % 4:
+            raise CheckpointError(self.path, f"2-D {fk!r} of shape {shape} is not a (1,2,2) patch embedding")
+        return (shape[0], shape[1] // 4, 1, 2, 2)
 
     def _comfy_quant_layers(self, raw, prefix):
         layers = {}

@@ -184,6 +184,9 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
             raise CheckpointError(path, f"{len(missing)} tensors of the SteadyDancer model are missing from the "
                                         f"file, e.g. {missing[:5]}")
         for k in expected:
+            want, got = tuple(meta_sd[k].shape), reader.infos[k].shape
+            if want != got and tuple(d for d in want if d != 1) == tuple(d for d in got if d != 1):
+                reader.infos[k].shape = want  # same data with size-1 dims dropped/added (e.g. a 4-D patch embed)
             if tuple(meta_sd[k].shape) != reader.infos[k].shape:
                 raise CheckpointError(path, f"tensor {k!r} has shape {reader.infos[k].shape}, the model built "
                                             f"from this file's config expects {tuple(meta_sd[k].shape)}")

@@ -191,3 +191,21 @@ def test_diffusers_layout_keys(tmp_path, base):
     path = U.write_safetensors(sd, tmp_path / "diffusers.safetensors", dtype=torch.bfloat16)
     deq = {k: v.to(torch.bfloat16).float() for k, v in base[1].items()}
     _check(path, deq, base, BOUND["bf16"])
+
+
+def test_gguf_patch_embeds_stored_without_unit_dims(tmp_path, base):
+    """Some converters drop the size-1 temporal kernel dim of the Conv3d weights (5-D -> 4-D): same data."""
+    import numpy as np
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), arch="wan")
+    for k, v in base[1].items():
+        a = v.float().numpy()
+        if a.ndim == 5:
+            a = a.reshape([d for d in a.shape if d != 1] if a.shape[2] == 1 else a.shape)
+        w.add_tensor(k, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = _check(path, {k: v.float() for k, v in base[1].items()}, base, BOUND["fp32"])
+    assert m.patch_embedding_fuse.weight.dim() == 5
