@@ -117,7 +117,7 @@ def write_safetensors_stream(path, shp, gen_device, fp8=False):
                 t = scales
             else:
                 t = _rand(shape, gen_device)
-            f.write(t.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.contiguous().cpu().view(torch.uint8).numpy()))
     return off
 
 
