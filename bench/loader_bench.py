@@ -331,21 +331,23 @@ def main():
     # table
     print()
     scale = 40 / L
-    hdr = ("| format | swap | file GiB | load s | peak host RSS GiB (x file) | peak VRAM GiB | s / forward "
-           "| vs bf16 swap 0 |")
+    hdr = ("| format | swap | file GiB | load s | host RSS peak during load GiB (x file) | host RSS peak incl. forward GiB "
+           "| VRAM after load GiB | peak VRAM GiB | s / forward | vs bf16 swap 0 |")
     if L != 40:
-        hdr += f" est. 40 blocks: s / fwd, peak VRAM GiB |"
+        hdr += " est. 40 blocks: s / fwd, peak VRAM GiB |"
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     bf0 = next((r["forward_s"] for r in rows if r["fmt"] == "bf16" and r["swap"] == 0), None)
     for r in rows:
         rel = f"{r['forward_s'] / bf0:.2f}x" if bf0 else "-"
         line = (f"| {r['fmt']} | {r['swap']} | {gib(r['file']):.2f} | {r['load_s']:.1f} | "
-                f"{gib(r['peak_rss']):.2f} ({r['peak_rss'] / r['file']:.2f}) | {gib(r['peak_vram']):.2f} | "
-                f"{r['forward_s']:.3f} | {rel} |")
+                f"{gib(r['peak_rss_load']):.2f} ({r['peak_rss_load'] / r['file']:.2f}) | {gib(r['peak_rss']):.2f} | "
+                f"{gib(r['vram_after_load']):.2f} | {gib(r['peak_vram']):.2f} | {r['forward_s']:.3f} | {rel} |")
         if L != 40:
             line += f" ~{r['forward_s'] * scale:.2f}, ~{gib(r['peak_vram']) * scale:.1f} |"
         print(line)
+    print("- host RSS includes the process baseline (Python, torch, CUDA context: ~0.3 GiB on CPU, more with "
+          "CUDA); peak during load is VmHWM right after load_steadydancer returns")
     for n in notes:
         print("- " + n)
     if L != 40:
