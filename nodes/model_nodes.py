@@ -1,0 +1,215 @@
+"""Model loader and LoRA nodes.
+
+STEADYDANCER_MODEL is a ``SteadyDancerModelHandle``: a recipe (file, load options, LoRA list) plus the loaded
+module, kept in a one-slot process cache so a second run, or a LoRA change, does not always re-read 16-33 GB.
+The loader node loads eagerly (a missing/broken file fails on the loader node); LoRA nodes only add to the recipe
+(chainable, never mutate the loaded module in place); the sampler materializes the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+import torch
+
+from . import comfy_bridge as cb
+from .common import CATEGORY, MODEL_TYPE, tooltip
+
+log = logging.getLogger("steadydancer_turbo")
+
+WEIGHT_STORAGE = ["auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]
+COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]
+ATTENTION = ["sdpa", "sageattn", "flash_attn"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    weight_storage: str = "auto"
+    compute_dtype: str = "bf16"
+    attention: str = "sdpa"
+    block_swap: int = 0
+    vram_budget_gb: float = 0.0
+    offload_after: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SteadyDancerModelHandle:
+    path: str
+    options: LoadOptions
+    loras: tuple = ()  # ((path, strength), ...)
+
+    def with_lora(self, path: str, strength: float) -> "SteadyDancerModelHandle":
+        return dataclasses.replace(self, loras=self.loras + ((path, float(strength)),))
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def materialize(self, device=None):
+        """The loaded module with exactly this handle's LoRAs applied (re-reading the base file if needed)."""
+        return _CACHE.get(self, device)
+
+
+class _ModelCache:
+    """One loaded DiT at a time (a 14B model does not leave room for two)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.key = None
+        self.loras = ()
+        self.module = None
+
+    def clear(self):
+        self.key, self.loras, self.module = None, (), None
+        cb.soft_empty_cache()
+
+    def get(self, handle: SteadyDancerModelHandle, device=None):
+        from ..steadydancer import loader  # core; imported lazily so the pack imports without it
+        key = (handle.path, handle.options)
+        with self.lock:
+            if self.module is not None and self.key == key and self.loras == handle.loras:
+                return self.module
+            if self.module is not None and self.key == key and not self.loras and not handle.loras:
+                return self.module
+            self.clear()
+            o = handle.options
+            device = device or cb.torch_device()
+            cb.free_memory(_expected_bytes(handle.path, o), device)
+            storage = None if o.weight_storage == "auto" else o.weight_storage
+            module = loader.load_steadydancer(
+                handle.path,
+                compute_dtype=_DTYPES[o.compute_dtype],
+                storage=storage,
+                device=device,
+                offload_device=cb.offload_device(),
+                block_swap=int(o.block_swap),
+                vram_budget_gb=float(o.vram_budget_gb) or None,
+            )
+            _set_attention(module, o.attention)
+            if handle.loras:
+                loader.apply_loras(module, list(handle.loras))
+            self.key, self.loras, self.module = key, handle.loras, module
+            return module
+
+
+_CACHE = _ModelCache()
+
+
+def _expected_bytes(path: str, o: LoadOptions) -> float:
+    """Rough GPU bytes the DiT will take, for asking ComfyUI to free room first."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return 0.0
+    if o.vram_budget_gb:
+        return o.vram_budget_gb * (1 << 30)
+    if o.block_swap:
+        return size * max(0.1, 1.0 - o.block_swap / 40.0)
+    return float(size)
+
+
+def _set_attention(module, backend: str) -> None:
+    if hasattr(module, "set_attention"):
+        module.set_attention(backend)
+    elif hasattr(module, "attention"):
+        module.attention = backend
+
+
+def on_device(module, device) -> None:
+    """Put a (possibly block-swapped) model back on the compute device after an offload."""
+    from ..steadydancer import loader
+    if hasattr(loader, "move_to_device"):
+        loader.move_to_device(module, device)
+    elif not getattr(module, "block_swap", 0):
+        module.to(device)
+
+
+def offload(module) -> None:
+    from ..steadydancer import loader
+    if hasattr(loader, "move_to_device"):
+        loader.move_to_device(module, cb.offload_device())
+    else:
+        module.to(cb.offload_device())
+    cb.soft_empty_cache()
+
+
+class SteadyDancerModelLoader:
+    DESCRIPTION = ("Loads a SteadyDancer-14B diffusion model (.safetensors bf16/fp16/fp8-scaled or .gguf) from "
+                   "models/diffusion_models. Options trade speed for VRAM.")
+    CATEGORY = f"{CATEGORY}/model"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The SteadyDancer model, for the LoRA and sampler nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (cb.get_filename_list(cb.DIFFUSION_FOLDER), tooltip(
+                    "SteadyDancer weights in models/diffusion_models (e.g. "
+                    "Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ.safetensors, or a .gguf).")),
+                "weight_storage": (WEIGHT_STORAGE, tooltip(
+                    "How weights are kept in memory. auto = as stored in the file (fp8 stays fp8, GGUF stays "
+                    "quantized); fp8 halves VRAM vs bf16 at a small quality cost.", default="auto")),
+                "compute_dtype": (COMPUTE_DTYPES, tooltip(
+                    "Precision of the matmuls. bf16 is what the official code uses; fp16 for GPUs without "
+                    "bf16.", default="bf16")),
+                "attention": (ATTENTION, tooltip(
+                    "Attention kernel. sdpa works everywhere; sageattn / flash_attn need those packages.",
+                    default="sdpa")),
+                "block_swap": ("INT", tooltip(
+                    "Number of the 40 transformer blocks kept in CPU RAM and streamed to the GPU each step. "
+                    "More = less VRAM, slower.", default=0, min=0, max=40, step=1)),
+                "vram_budget_gb": ("FLOAT", tooltip(
+                    "If > 0, choose the block swap automatically to keep the model under this many GB of VRAM "
+                    "(overrides block_swap).", default=0.0, min=0.0, max=256.0, step=0.5)),
+                "offload_after": ("BOOLEAN", tooltip(
+                    "Move the model to CPU RAM after sampling so the VAE decode and other models have room.",
+                    default=True)),
+            }
+        }
+
+    def load(self, model_name, weight_storage, compute_dtype, attention, block_swap, vram_budget_gb, offload_after):
+        path = cb.get_full_path(cb.DIFFUSION_FOLDER, model_name)
+        opts = LoadOptions(weight_storage, compute_dtype, attention, int(block_swap), float(vram_budget_gb),
+                           bool(offload_after))
+        handle = SteadyDancerModelHandle(path, opts)
+        try:
+            module = handle.materialize()
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise RuntimeError(f"SteadyDancer: could not load {model_name!r}: {e}") from e
+        if offload_after:
+            offload(module)
+        return (handle,)
+
+
+class SteadyDancerLoraLoader:
+    DESCRIPTION = ("Adds a Wan2.1-I2V-14B LoRA (e.g. the lightx2v step-distill LoRA) to a SteadyDancer model. "
+                   "Chain several; they are applied in order when the sampler runs.")
+    CATEGORY = f"{CATEGORY}/model"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this LoRA added.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, tooltip("A SteadyDancer model from the loader (or another LoRA node).")),
+                "lora_name": (cb.get_filename_list(cb.LORA_FOLDER), tooltip(
+                    "LoRA file in models/loras, e.g. lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors.")),
+                "strength": ("FLOAT", tooltip(
+                    "LoRA strength (1.0 = as trained; 0 = off).", default=1.0, min=-10.0, max=10.0, step=0.01)),
+            }
+        }
+
+    def apply(self, model, lora_name, strength):
+        if strength == 0:
+            return (model,)
+        path = cb.get_full_path(cb.LORA_FOLDER, lora_name)
+        return (model.with_lora(path, strength),)
