@@ -133,13 +133,13 @@ class SteadyDancerPoseRetarget:
                 "colors": (["steadydancer", "openpose"], tooltip(
                     "steadydancer: red and blue swapped, as the official preprocessing writes its pose frames; "
                     "openpose: standard ControlNet colors (as kijai's workflows draw).", default="steadydancer")),
-                "seed": ("INT", tooltip("Seed of the random per-frame rescaling of the negative poses.",
+                "negative_seed": ("INT", tooltip("Seed of the random per-frame rescaling of the negative poses.",
                                         default=0, min=0, max=0xFFFFFFFF, control_after_generate=False)),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def retarget(self, driving_poses, reference_pose, align, hands, face, colors, seed, unique_id=None):
+    def retarget(self, driving_poses, reference_pose, align, hands, face, colors, negative_seed, unique_id=None):
         from ..dwpose import draw, keypoints, retarget
 
         if not driving_poses:
@@ -156,7 +156,7 @@ class SteadyDancerPoseRetarget:
             aligned = retarget.align_poses(ref, drv)
         else:
             aligned = [keypoints.FramePose(ref.width, ref.height, [p.copy() for p in f.people[:1]]) for f in drv]
-        neg = retarget.negative_poses(aligned, seed=int(seed))
+        neg = retarget.negative_poses(aligned, seed=int(negative_seed))
         W, H = ref.width, ref.height
         swap = colors == "steadydancer"
         pbar = cb.Progress(2)

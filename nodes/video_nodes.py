@@ -20,7 +20,7 @@ class SteadyDancerResampleFrames:
             "required": {
                 "images": ("IMAGE", tooltip("Driving video frames (e.g. Get Video Components 'images').")),
                 "source_fps": ("FLOAT", tooltip("Frame rate of the input (connect Get Video Components 'fps').",
-                                                default=30.0, min=0.01, max=1000.0, step=0.01)),
+                                                default=30.0, min=0.01, max=1000.0, step=0.01, forceInput=True)),
                 "target_fps": ("FLOAT", tooltip("Output frame rate; SteadyDancer/Wan generate at 16 fps.",
                                                 default=16.0, min=1.0, max=120.0, step=1.0)),
                 "max_frames": ("INT", tooltip("Keep at most this many output frames (0 = all). 81 = 5 s at 16 fps, the "
