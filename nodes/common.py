@@ -33,7 +33,7 @@ def adjust_length(n: int) -> tuple[int, str | None]:
 def adjust_size(width: int, height: int) -> tuple[int, int, str | None]:
     """Round width/height to the nearest multiple of 16 (at least 16). Returns (w, h, warning)."""
     def snap(v):
-        return max(SIZE_MULTIPLE, int(round(v / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+        return max(SIZE_MULTIPLE, int(math.floor(v / SIZE_MULTIPLE + 0.5)) * SIZE_MULTIPLE)  # half up
     w, h = snap(width), snap(height)
     if (w, h) == (int(width), int(height)):
         return w, h, None
