@@ -1,4 +1,4 @@
-"""Node layer without ComfyUI: import, INPUT_TYPES shape, helpers, and the conditioning node's tensors."""
+"""Node layer without ComfyUI: import, INPUT_TYPES shape, the bridge, frame/size/fps helpers."""
 from __future__ import annotations
 
 import importlib
@@ -8,8 +8,6 @@ import sys
 
 import pytest
 import torch
-
-
 
 pack = importlib.import_module("steadydancer_turbo")
 from steadydancer_turbo.nodes import comfy_bridge as cb  # noqa: E402
