@@ -19,9 +19,9 @@ from .common import CATEGORY, MODEL_TYPE, tooltip
 
 log = logging.getLogger("steadydancer_turbo")
 
-WEIGHT_STORAGE = ["auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"]
+WEIGHT_STORAGE = ["auto", "dequantize", "fp8_e4m3fn", "fp8_e5m2"]
 COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]
-ATTENTION = ["sdpa", "sageattn", "flash_attn"]
+ATTENTION = ["sdpa", "sage", "flash_attn"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -70,25 +70,28 @@ class _ModelCache:
         from ..steadydancer import loader  # core; imported lazily so the pack imports without it
         key = (handle.path, handle.options)
         with self.lock:
-            if self.module is not None and self.key == key and self.loras == handle.loras:
-                return self.module
-            if self.module is not None and self.key == key and not self.loras and not handle.loras:
-                return self.module
-            self.clear()
+            if self.module is not None and self.key == key:
+                n = len(self.loras)
+                if self.loras == handle.loras:
+                    return self.module
+                if handle.loras[:n] == self.loras:  # only LoRAs added at the end: apply just those
+                    loader.apply_loras(self.module, list(handle.loras[n:]))
+                    self.loras = handle.loras
+                    return self.module
+            self.clear()  # different file/options, or LoRAs removed/changed: merged weights need a fresh load
             o = handle.options
             device = device or cb.torch_device()
             cb.free_memory(_expected_bytes(handle.path, o), device)
-            storage = None if o.weight_storage == "auto" else o.weight_storage
             module = loader.load_steadydancer(
                 handle.path,
                 compute_dtype=_DTYPES[o.compute_dtype],
-                storage=storage,
+                storage=o.weight_storage,
                 device=device,
                 offload_device=cb.offload_device(),
                 block_swap=int(o.block_swap),
                 vram_budget_gb=float(o.vram_budget_gb) or None,
+                attention=o.attention,
             )
-            _set_attention(module, o.attention)
             if handle.loras:
                 loader.apply_loras(module, list(handle.loras))
             self.key, self.loras, self.module = key, handle.loras, module
@@ -111,28 +114,16 @@ def _expected_bytes(path: str, o: LoadOptions) -> float:
     return float(size)
 
 
-def _set_attention(module, backend: str) -> None:
-    if hasattr(module, "set_attention"):
-        module.set_attention(backend)
-    elif hasattr(module, "attention"):
-        module.attention = backend
-
-
-def on_device(module, device) -> None:
-    """Put a (possibly block-swapped) model back on the compute device after an offload."""
+def on_device(module, device=None) -> None:
+    """Put the (possibly block-swapped) model back on its compute device after an offload."""
     from ..steadydancer import loader
-    if hasattr(loader, "move_to_device"):
-        loader.move_to_device(module, device)
-    elif not getattr(module, "block_swap", 0):
-        module.to(device)
+    loader.ensure_on_device(module)
 
 
 def offload(module) -> None:
+    """Everything to the offload device (CPU RAM), device cache released."""
     from ..steadydancer import loader
-    if hasattr(loader, "move_to_device"):
-        loader.move_to_device(module, cb.offload_device())
-    else:
-        module.to(cb.offload_device())
+    loader.offload_model(module, cb.offload_device())
     cb.soft_empty_cache()
 
 
@@ -153,13 +144,15 @@ class SteadyDancerModelLoader:
                     "SteadyDancer weights in models/diffusion_models (e.g. "
                     "Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ.safetensors, or a .gguf).")),
                 "weight_storage": (WEIGHT_STORAGE, tooltip(
-                    "How weights are kept in memory. auto = as stored in the file (fp8 stays fp8, GGUF stays "
-                    "quantized); fp8 halves VRAM vs bf16 at a small quality cost.", default="auto")),
+                    "How weights are kept in memory. auto = as stored (fp8 stays fp8, GGUF stays quantized and is "
+                    "dequantized layer by layer); dequantize = all to compute dtype at load (fastest, most memory); "
+                    "fp8_e4m3fn / fp8_e5m2 = quantize a bf16/fp16 file's block weights at load (half the VRAM).",
+                    default="auto")),
                 "compute_dtype": (COMPUTE_DTYPES, tooltip(
                     "Precision of the matmuls. bf16 is what the official code uses; fp16 for GPUs without "
                     "bf16.", default="bf16")),
                 "attention": (ATTENTION, tooltip(
-                    "Attention kernel. sdpa works everywhere; sageattn / flash_attn need those packages.",
+                    "Attention kernel. sdpa works everywhere; sage (SageAttention, lossy) / flash_attn need those packages.",
                     default="sdpa")),
                 "block_swap": ("INT", tooltip(
                     "Number of the 40 transformer blocks kept in CPU RAM and streamed to the GPU each step. "
