@@ -114,7 +114,11 @@ def widget_values_to_api(node_info: dict, values: list, linked: set) -> dict:
     for name, spec, _ in _inputs(node_info):
         if is_widget(spec):
             if _opts(spec).get("hidden") and not values:
-                continue  # a hidden legacy widget (SaveVideo's top-level codec) may be absent
+                # a hidden legacy widget (SaveVideo's top-level codec): the frontend creates it with its default
+                # and exports it (verified with frontend 1.49.6: "codec": "auto" next to "format.codec")
+                default = _opts(spec).get("default", (combo_options(spec) or [{"key": None}])[0])
+                out[name] = default["key"] if isinstance(default, dict) else default
+                continue
             take(name, spec)
     if values:
         raise AssertionError(f"{len(values)} widget values left over: {values}")
