@@ -106,15 +106,18 @@ class SteadyDancerConditioning:
                 "positive": ("CONDITIONING", tooltip("Prompt from CLIPTextEncode with the umt5-xxl text encoder (CLIPLoader type wan).")),
                 "negative": ("CONDITIONING", tooltip("Negative prompt from CLIPTextEncode with the same encoder.")),
                 "vae": ("VAE", tooltip("The Wan2.1 VAE (wan_2.1_vae.safetensors via VAELoader).")),
-                "clip_vision_reference": ("CLIP_VISION_OUTPUT", tooltip("CLIPVisionEncode (crop none) of the reference image.")),
+                "clip_vision_reference": ("CLIP_VISION_OUTPUT", tooltip("CLIPVisionEncode (crop none) of the (fitted) reference image.")),
                 "clip_vision_pose": ("CLIP_VISION_OUTPUT", tooltip("CLIPVisionEncode (crop none) of the first aligned pose frame.")),
-                "reference_image": ("IMAGE", tooltip("The person to animate (first image of the batch is used).")),
+                "reference_image": ("IMAGE", tooltip("The person to animate, fitted to the generation size (Retarget Poses output; "
+                                                     "first image of the batch is used).")),
                 "pose_frames": ("IMAGE", tooltip("Aligned pose frames (from Retarget Poses), one per output frame.")),
-                "width": ("INT", tooltip("Output width in pixels; rounded to a multiple of 16.", default=480, min=16, max=4096, step=16)),
-                "height": ("INT", tooltip("Output height in pixels; rounded to a multiple of 16.", default=832, min=16, max=4096, step=16)),
+                "width": ("INT", tooltip("Output width in pixels, rounded to a multiple of 16; 0 = the reference image's "
+                                         "width (as prepared by Retarget Poses).", default=0, min=0, max=4096, step=16)),
+                "height": ("INT", tooltip("Output height in pixels, rounded to a multiple of 16; 0 = the reference image's "
+                                          "height.", default=0, min=0, max=4096, step=16)),
                 "length": ("INT", tooltip("Output frames; must be 4n+1 (81 = 5 s at 16 fps); others are rounded down. "
                                           "Capped by the number of pose frames.", default=81, min=1, max=1025, step=4)),
-                "fit": (FIT_MODES, tooltip("How the reference and pose frames are fitted to width x height: crop (keep aspect, "
+                "fit": (FIT_MODES, tooltip("Used only when the images are not already width x height: crop (keep aspect, "
                                            "center-crop), pad (keep aspect, black bars), stretch.", default="crop")),
             },
             "optional": {
@@ -128,6 +131,8 @@ class SteadyDancerConditioning:
               width, height, length, fit, negative_pose_frames=None, unique_id=None):
         from ..steadydancer import conditioning as sdc
 
+        width = int(width) or int(reference_image.shape[2])
+        height = int(height) or int(reference_image.shape[1])
         w, h, msg = adjust_size(width, height)
         if msg:
             cb.node_message(unique_id, msg)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, POSE_TYPE, tooltip
+from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, resize_images, tooltip
 
 PROVIDERS = ["auto", "cuda", "cpu"]
 CHUNK = 8
@@ -108,16 +108,50 @@ class SteadyDancerPoseExtract:
         return (out, _to_image(img))
 
 
+def _fit_geometry(rw: int, rh: int, W: int, H: int, fit: str):
+    """(scaled w, scaled h, x offset, y offset) of a rw x rh image placed on a W x H canvas, with exactly the
+    integer sizes and offsets ``common.resize_images`` uses, so drawn poses line up with the fitted image."""
+    if fit == "stretch":
+        return W, H, 0, 0
+    scale = (max if fit == "crop" else min)(W / rw, H / rh)
+    nw, nh = max(1, round(rw * scale)), max(1, round(rh * scale))
+    if fit == "crop":
+        return nw, nh, -((nw - W) // 2), -((nh - H) // 2)
+    return nw, nh, (W - nw) // 2, (H - nh) // 2
+
+
+def refit_poses(frames, W: int, H: int, fit: str):
+    """Normalized poses of a reference-sized canvas -> the same poses on a W x H canvas after ``fit``."""
+    from ..dwpose import keypoints
+    out = []
+    for f in frames:
+        if f is None:
+            out.append(None)
+            continue
+        nw, nh, ox, oy = _fit_geometry(f.width, f.height, W, H, fit)
+        people = []
+        for p in f.people:
+            q = p.copy()
+            for arr in (q.body, q.left_hand, q.right_hand, q.face):
+                arr[:, 0] = (arr[:, 0] * nw + ox) / W
+                arr[:, 1] = (arr[:, 1] * nh + oy) / H
+            people.append(q)
+        out.append(keypoints.FramePose(W, H, people))
+    return out
+
+
 class SteadyDancerPoseRetarget:
-    DESCRIPTION = ("Retargets driving-video poses onto the reference person's body (SteadyDancer's official "
-                   "alignment: bone-length ratios from the first driving frame, neck anchored to the reference), "
-                   "and makes the randomly rescaled negative poses used by pose guidance.")
+    DESCRIPTION = ("Prepares the reference image and the pose video at the generation size: retargets the driving "
+                   "poses onto the reference person's body (SteadyDancer's official alignment: bone-length ratios "
+                   "from the first driving frame, neck anchored to the reference), fits image and poses to width x "
+                   "height the same way, and draws the randomly rescaled negative poses used by pose guidance.")
     CATEGORY = f"{CATEGORY}/pose"
-    RETURN_TYPES = ("IMAGE", "IMAGE", POSE_TYPE)
-    RETURN_NAMES = ("pose_frames", "negative_pose_frames", "aligned_poses")
-    OUTPUT_TOOLTIPS = ("Aligned pose frames drawn at the reference image's size (feed the conditioning node).",
+    RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE", POSE_TYPE)
+    RETURN_NAMES = ("reference_image", "pose_frames", "negative_pose_frames", "aligned_poses")
+    OUTPUT_TOOLTIPS = ("The reference image fitted to width x height (feed CLIP Vision Encode and the conditioning).",
+                       "Aligned pose frames at width x height (feed the conditioning; first frame to CLIP Vision).",
                        "Negative pose frames for pose guidance.",
-                       "Aligned keypoints, normalized to the reference image.")
+                       "Aligned keypoints in width x height pixels.")
     FUNCTION = "retarget"
 
     @classmethod
@@ -126,20 +160,26 @@ class SteadyDancerPoseRetarget:
             "required": {
                 "driving_poses": (POSE_TYPE, tooltip("Poses of the driving video (Pose Extract on the video frames).")),
                 "reference_pose": (POSE_TYPE, tooltip("Pose of the reference image (Pose Extract on the image; first frame used).")),
+                "reference_image": ("IMAGE", tooltip("The reference image the pose was extracted from.")),
+                "width": ("INT", tooltip("Generation width; a multiple of 16 (others are rounded).", default=480, min=16, max=4096, step=16)),
+                "height": ("INT", tooltip("Generation height; a multiple of 16 (others are rounded).", default=832, min=16, max=4096, step=16)),
+                "fit": (FIT_MODES, tooltip("How the reference (and with it the poses) is fitted to width x height: crop (keep "
+                                           "aspect, center-crop), pad (keep aspect, black bars), stretch.", default="crop")),
                 "align": ("BOOLEAN", tooltip("Retarget to the reference body. Off = use the driving poses as they are "
-                                             "(only rescaled to the reference canvas).", default=True)),
+                                             "(only placed on the reference canvas).", default=True)),
                 "hands": ("BOOLEAN", tooltip("Draw hands (official: yes).", default=True)),
                 "face": ("BOOLEAN", tooltip("Draw faces (official: no; the model was not trained with them).", default=False)),
                 "colors": (["steadydancer", "openpose"], tooltip(
                     "steadydancer: red and blue swapped, as the official preprocessing writes its pose frames; "
                     "openpose: standard ControlNet colors (as kijai's workflows draw).", default="steadydancer")),
                 "negative_seed": ("INT", tooltip("Seed of the random per-frame rescaling of the negative poses.",
-                                        default=0, min=0, max=0xFFFFFFFF, control_after_generate=False)),
+                                                 default=0, min=0, max=0xFFFFFFFF, control_after_generate=False)),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def retarget(self, driving_poses, reference_pose, align, hands, face, colors, negative_seed, unique_id=None):
+    def retarget(self, driving_poses, reference_pose, reference_image, width, height, fit, align, hands, face, colors,
+                 negative_seed, unique_id=None):
         from ..dwpose import draw, keypoints, retarget
 
         if not driving_poses:
@@ -150,6 +190,13 @@ class SteadyDancerPoseRetarget:
         ref = keypoints.from_pose_keypoint(ref_list[0])
         if not ref.people:
             raise ValueError("no person was detected in the reference image; use a clearer full-body photo")
+        W, H, msg = adjust_size(width, height)
+        if msg:
+            cb.node_message(unique_id, msg)
+        rh, rw = int(reference_image.shape[1]), int(reference_image.shape[2])
+        if abs(rw / rh - ref.width / ref.height) > 0.02:
+            cb.node_message(unique_id, f"reference_image is {rw}x{rh} but reference_pose came from a "
+                                       f"{ref.width}x{ref.height} image; use the same image for both.")
         drv = [keypoints.from_pose_keypoint(d) for d in driving_poses]
         cb.check_interrupt()
         if align:
@@ -157,13 +204,16 @@ class SteadyDancerPoseRetarget:
         else:
             aligned = [keypoints.FramePose(ref.width, ref.height, [p.copy() for p in f.people[:1]]) for f in drv]
         neg = retarget.negative_poses(aligned, seed=int(negative_seed))
-        W, H = ref.width, ref.height
+        aligned, neg = refit_poses(aligned, W, H, fit), refit_poses(neg, W, H, fit)
         swap = colors == "steadydancer"
         pbar = cb.Progress(2)
-        pos_img = draw.render_poses(aligned, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap, as_float=True)
+        pos_img = draw.render_poses(aligned, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
+                                    as_float=True)
         pbar.update(1)
         cb.check_interrupt()
-        neg_img = draw.render_poses(neg, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap, as_float=True)
+        neg_img = draw.render_poses(neg, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
+                                    as_float=True)
         pbar.update(1)
         out = [keypoints.to_pose_keypoint(p, True, hands, face, normalized=False, binary_confidence=True) for p in aligned]
-        return (_to_image(pos_img), _to_image(neg_img), out)
+        ref_img = resize_images(reference_image[:1], W, H, fit)
+        return (ref_img, _to_image(pos_img), _to_image(neg_img), out)

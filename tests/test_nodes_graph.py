@@ -164,7 +164,7 @@ def prepare(name, models, steps=None):
             i["detector"] = str(models / i["detector"])
             i["estimator"] = str(models / i["estimator"])
             i["providers"] = "cpu"
-        elif c == "SteadyDancerConditioning":
+        elif c == "SteadyDancerPoseRetarget":
             i.update(width=W, height=H)
         elif c == "SteadyDancerResampleFrames":
             i["max_frames"] = FRAMES
@@ -200,8 +200,9 @@ def test_shipped_graph_runs_on_tiny_models(name, sampler, models, monkeypatch):
         poses, img = out[nid]
         assert all(len(p["people"]) == 1 for p in poses)
         assert img.ndim == 4 and img.shape[-1] == 3 and img.max() > 0
-    pos, neg, aligned = out[_ids(api, "SteadyDancerPoseRetarget")[0]]
-    assert pos.shape == (FRAMES, SRC_H, SRC_W, 3) and neg.shape == pos.shape
+    ref, pos, neg, aligned = out[_ids(api, "SteadyDancerPoseRetarget")[0]]
+    assert ref.shape == (1, H, W, 3)
+    assert pos.shape == (FRAMES, H, W, 3) and neg.shape == pos.shape
     assert pos.max() > 0 and not torch.equal(pos, neg)
 
     bundle, w, h, n = out[_ids(api, "SteadyDancerConditioning")[0]]
