@@ -27,8 +27,9 @@ def _model_choices(kind: str) -> list[str]:
     found = []
     for name in cb.get_filename_list(cb.DWPOSE_FOLDER):
         base = name.replace("\\", "/").split("/")[-1]
-        is_det = "yolo" in base.lower()
-        if (kind == "detector") == is_det and base not in known and base not in found:
+        low = base.lower()
+        ok = "yolo" in low if kind == "detector" else any(t in low for t in ("dw", "pose", "rtm", "ucoco"))
+        if ok and base not in known and base not in found:
             found.append(base)
     return known + found
 

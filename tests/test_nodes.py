@@ -140,3 +140,15 @@ def test_resize_images_crop_pad_stretch_geometry():
     assert st.shape == (1, 32, 16, 3)
     same = common.resize_images(img, 32, 16, "crop")
     assert torch.equal(same, img)
+
+
+def test_dwpose_model_choices_list_standard_names_and_found_files(monkeypatch):
+    from steadydancer_turbo.nodes import pose_nodes
+
+    found = ["yzd-v/DWPose/yolox_l.onnx", "hr16/yolox-onnx/yolox_s.onnx", "my/rtmw-l_384.onnx", "depth_anything.onnx"]
+    monkeypatch.setattr(cb, "get_filename_list", lambda kind: found if kind == cb.DWPOSE_FOLDER else [])
+    det = pose_nodes._model_choices("detector")
+    est = pose_nodes._model_choices("pose")
+    assert det[0] == "yolox_l.onnx" and det.count("yolox_l.onnx") == 1 and "yolox_s.onnx" in det
+    assert est[:2] == ["dw-ll_ucoco_384.onnx", "dw-ll_ucoco.onnx"] and "rtmw-l_384.onnx" in est
+    assert "depth_anything.onnx" not in det + est
