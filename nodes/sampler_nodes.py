@@ -61,7 +61,7 @@ class SteadyDancerSampler:
                 "seed": ("INT", tooltip("Noise seed (noise is drawn on the CPU, so a seed gives the same video on any GPU).",
                                         default=106060, min=0, max=MAX_SEED, control_after_generate=True)),
                 "steps": ("INT", tooltip("Sampling steps (official 40).", default=40, min=1, max=200)),
-                "shift": ("FLOAT", tooltip("Flow-matching sigma shift (official 5.0; 3.0 for 832x480).",
+                "shift": ("FLOAT", tooltip("Flow-matching sigma shift (official: 3.0 at 480x832 / 832x480, 5.0 at larger sizes).",
                                            default=5.0, min=0.1, max=100.0, step=0.1)),
                 "text_guidance": ("FLOAT", tooltip("Text CFG scale (official 5.0; 1.0 = off, one pass fewer per step).",
                                                    default=5.0, min=0.0, max=30.0, step=0.1)),
