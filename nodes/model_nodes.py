@@ -57,19 +57,36 @@ class _ModelCache:
     """One loaded DiT at a time (a 14B model does not leave room for two)."""
 
     def __init__(self):
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.key = None
         self.loras = ()
         self.module = None
+        self.busy = 0  # > 0 while loading or sampling: ComfyUI must not move the model then
 
     def clear(self):
         self.key, self.loras, self.module = None, (), None
         cb.soft_empty_cache()
 
+    # ComfyUI memory-management hooks (see comfy_bridge.install_memory_hooks)
+    def on_comfy_free(self, memory_required, device) -> None:
+        """ComfyUI needs room on ``device``: move our idle model off it."""
+        m = self.module
+        if m is None or self.busy or torch.device(device).type == "cpu":
+            return
+        if any(p.device == torch.device(device) for p in m.parameters()):
+            log.info("SteadyDancer: moving the model to %s so ComfyUI can load another model", cb.offload_device())
+            offload(m)
+
+    def on_comfy_unload_all(self) -> None:
+        """'Unload models' / POST /free: forget the cached model (frees its RAM/VRAM)."""
+        if self.module is not None and not self.busy:
+            log.info("SteadyDancer: unloading the cached model")
+            self.clear()
+
     def get(self, handle: SteadyDancerModelHandle, device=None):
         from ..steadydancer import loader  # core; imported lazily so the pack imports without it
         key = (handle.path, handle.options)
-        with self.lock:
+        with self.lock, self.using():
             if self.module is not None and self.key == key:
                 n = len(self.loras)
                 if self.loras == handle.loras:
@@ -98,7 +115,21 @@ class _ModelCache:
             return module
 
 
+    def using(self):
+        cache = self
+
+        class _Use:
+            def __enter__(self):
+                cache.busy += 1
+
+            def __exit__(self, *exc):
+                cache.busy -= 1
+
+        return _Use()
+
+
 _CACHE = _ModelCache()
+cb.install_memory_hooks(_CACHE.on_comfy_free, _CACHE.on_comfy_unload_all)
 
 
 def _expected_bytes(path: str, o: LoadOptions) -> float:

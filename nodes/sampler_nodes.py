@@ -9,7 +9,7 @@ import torch
 
 from . import comfy_bridge as cb
 from .common import CATEGORY, COND_TYPE, MODEL_TYPE, tooltip
-from .model_nodes import offload, on_device
+from .model_nodes import _CACHE, offload, on_device
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -24,8 +24,6 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
         raise ValueError("conditioning: connect the SteadyDancer Conditioning output")
     cb.check_interrupt()
     device = cb.torch_device()
-    module = handle.materialize(device)
-    on_device(module, device)
     pbar = cb.Progress(steps_total)
     previewer = cb.wan21_previewer(device)
 
@@ -33,11 +31,14 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
         cb.check_interrupt()  # raised here, the sampler stops after this step
         pbar.update_absolute(step + 1, preview=cb.preview_image(previewer, x0))
 
-    try:
-        x = sample_fn(module, bundle.cond, device, callback)
-    finally:
-        if handle.options.offload_after:
-            offload(module)
+    with _CACHE.using():  # ComfyUI's memory hooks leave the model alone while it samples
+        module = handle.materialize(device)
+        on_device(module, device)
+        try:
+            x = sample_fn(module, bundle.cond, device, callback)
+        finally:
+            if handle.options.offload_after:
+                offload(module)
     samples = latents.denormalize(x.float()).to(cb.intermediate_device())
     return ({"samples": samples},)
 

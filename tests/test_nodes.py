@@ -152,3 +152,37 @@ def test_dwpose_model_choices_list_standard_names_and_found_files(monkeypatch):
     assert det[0] == "yolox_l.onnx" and det.count("yolox_l.onnx") == 1 and "yolox_s.onnx" in det
     assert est[:2] == ["dw-ll_ucoco_384.onnx", "dw-ll_ucoco.onnx"] and "rtmw-l_384.onnx" in est
     assert "depth_anything.onnx" not in det + est
+
+
+def test_memory_hooks_wrap_comfy_free_and_unload_once():
+    import types
+
+    calls = []
+    mm = types.SimpleNamespace(free_memory=lambda req, dev, keep_loaded=[]: calls.append(("orig_free", req, dev)),
+                               unload_all_models=lambda: calls.append(("orig_unload",)))
+
+    def bad_free(req, dev):
+        raise RuntimeError("boom")  # a failing hook must not stop ComfyUI's own eviction
+
+    assert cb.install_memory_hooks(bad_free, lambda: calls.append(("ours_unload",)), mm=mm)
+    mm.free_memory(5, "cuda:0", keep_loaded=[])
+    assert calls == [("orig_free", 5, "cuda:0")]
+    assert cb.install_memory_hooks(lambda r, d: calls.append(("ours_free", r, d)), lambda: calls.append(("ours_unload",)), mm=mm)
+    calls.clear()
+    mm.free_memory(7, "cuda:1")
+    mm.unload_all_models()
+    assert calls == [("ours_free", 7, "cuda:1"), ("orig_free", 7, "cuda:1"), ("ours_unload",), ("orig_unload",)]
+    assert not cb.install_memory_hooks(lambda r, d: None, lambda: None)  # outside ComfyUI: nothing to hook
+
+
+def test_model_cache_releases_only_when_idle():
+    from steadydancer_turbo.nodes.model_nodes import _ModelCache
+
+    c = _ModelCache()
+    c.module, c.key = torch.nn.Linear(2, 2), ("x", None)
+    c.on_comfy_free(1e9, "cpu")  # CPU RAM is not what ComfyUI frees here
+    with c.using():
+        c.on_comfy_unload_all()
+        assert c.module is not None  # busy (sampling): left alone
+    c.on_comfy_unload_all()
+    assert c.module is None and c.key is None
