@@ -271,6 +271,15 @@ def test_turbo_graph_uses_the_turbo_sampler_and_lora():
     assert "SteadyDancerSampler" in dance
 
 
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_dwpose_download_urls_match_the_core_model_table(name):
+    models = pytest.importorskip("steadydancer_turbo.dwpose.models")
+    for n in load_ui(name)["nodes"]:
+        for m in n["properties"].get("models", []):
+            if m["directory"] == "dwpose":
+                assert m["url"] == models.MODEL_FILES[m["name"]].url
+
+
 if __name__ == "__main__":
     if "--write" in sys.argv:
         sys.path.insert(0, str(ROOT / "tests"))
