@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from .keymap import DIFFUSERS_MARKER_KEY, diffusers_to_official, strip_prefix

@@ -22,12 +22,24 @@ all bf16. We reproduce each cast explicitly with the model's compute dtype ``cd`
 - CLIP tokens: img_emb ends in a LayerNorm that autocast runs in fp32, so ref + first-pose CLIP embeddings are
   summed in fp32 and then cast to cd for k_img/v_img.
 With cd = float32 (or float64) the whole model is plain float32 (float64) math, which is what the parity tests
-use.
+use. tests/test_dit_official_parity.py shows the bf16 path equals the official code under (emulated) CUDA
+autocast bit for bit.
+
+For loaders / offloading:
+- build on the meta device (``build_meta``), then ``load_state_dict(sd, assign=True)``; there are no buffers.
+- every Linear/Conv is a plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv3d`` reached as a module attribute
+  (or a ``nn.Sequential`` index), so it can be replaced in place by any module whose ``forward(x)`` takes x in
+  the compute dtype and returns the compute dtype (fp8 / GGUF layers). Plain layers whose weights are in another
+  float dtype than cd are cast on the fly (fine for the small pose modules, slow for the big block layers).
+- set ``model.compute_dtype`` explicitly when patch_embedding_fuse.weight's dtype is not the intended one
+  (e.g. quantised files that keep that conv in fp32).
+- ``model.blocks`` is an ``nn.ModuleList`` of ``WanAttentionBlock``; each is called once per forward as
+  ``block(x, e0, ctx_img, ctx_txt, freqs, backend, rope_dtype)`` (forward pre/post hooks work for block swap).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -72,13 +84,28 @@ def rope_freqs(grid: Tuple[int, int, int], head_dim: int, theta: float = 10000.0
     return torch.cat(parts, dim=-1).reshape(f * h * w, 1, -1)
 
 
+ROPE_CHUNK_TOKENS = 4096  # bounds the float64 temporaries (official: whole sequence at once, ~4 GB at 53k tokens)
+
+
 def rope_apply(x: torch.Tensor, freqs: torch.Tensor, out_dtype: torch.dtype,
-               rope_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Rotate adjacent (even, odd) channel pairs of x [B, L, H, D] by freqs [L, 1, D/2]; result in out_dtype."""
+               rope_dtype: torch.dtype = torch.float64, chunk: int = ROPE_CHUNK_TOKENS) -> torch.Tensor:
+    """Rotate adjacent (even, odd) channel pairs of x [B, L, H, D] by freqs [L, 1, D/2]; result in out_dtype.
+
+    Done in ``chunk``-token slices: elementwise, so bit-identical to one pass, with bounded float64 memory.
+    """
     b, l, n, d = x.shape
-    z = torch.view_as_complex(x.to(rope_dtype).reshape(b, l, n, d // 2, 2))
     f = freqs if rope_dtype == torch.float64 else freqs.to(torch.complex64)
-    return torch.view_as_real(z * f).reshape(b, l, n, d).to(out_dtype)
+
+    def rot(xs, fs):
+        z = torch.view_as_complex(xs.to(rope_dtype).reshape(xs.shape[0], xs.shape[1], n, d // 2, 2))
+        return torch.view_as_real(z * fs).reshape(xs.shape).to(out_dtype)
+
+    if l <= chunk:
+        return rot(x, f)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    for s in range(0, l, chunk):
+        out[:, s:s + chunk] = rot(x[:, s:s + chunk], f[s:s + chunk])
+    return out
 
 
 # ---------------------------------------------------------------------- Wan blocks

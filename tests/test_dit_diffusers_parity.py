@@ -18,7 +18,17 @@ from steadydancer_turbo.steadydancer import keymap
 from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
 from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 
-CFG = SteadyDancerConfig.tiny(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=64, freq_dim=64)
+CFG = SteadyDancerConfig.tiny(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=64, freq_dim=64, clip_dim=96)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
+    seconds per forward; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _rel(a, b):
@@ -98,8 +108,8 @@ def test_embeddings_match_diffusers_piecewise(pair):
         tok = torch.randn(2, 3 * 2 * 3, CFG.dim)
         ctx_all = torch.cat([img, ctx], dim=1)
         want = ref.blocks[0](tok, ctx_all, tproj.unflatten(1, (6, -1)), ref.rope(torch.zeros(1, 1, 3, 4, 6)))
-        got = ours.blocks[0](tok, e0, ours.embed_clip(clip, None, torch.float32), ours.embed_text(txt, 2, torch.float32),
-                             ours.rope((3, 2, 3), tok.device))
+        got = ours.blocks[0](tok, e0, ours.embed_clip(clip, None, torch.float32),
+                             ours.embed_text(txt, 2, torch.float32), ours.rope((3, 2, 3), tok.device))
         assert _rel(got, want) < 1e-5
 
 

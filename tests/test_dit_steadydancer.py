@@ -9,7 +9,17 @@ from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
 from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 from steadydancer_turbo.steadydancer.pose_modules import PoseAlignment
 
-CFG = SteadyDancerConfig.tiny()
+CFG = SteadyDancerConfig.tiny(clip_dim=64)   # small CLIP width keeps these CPU tests fast
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
+    seconds per forward; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _randomize(model, seed=0):
@@ -28,7 +38,8 @@ def model():
 def _inputs(b=1, f=3, h=4, w=6, seed=1):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return dict(x=r(b, 16, f, h, w), timestep=torch.tensor([700] * b), context=[r(6 + i, CFG.text_dim) for i in range(b)],
+    return dict(x=r(b, 16, f, h, w), timestep=torch.tensor([700] * b),
+                context=[r(6 + i, CFG.text_dim) for i in range(b)],
                 clip_fea=r(b, 257, CFG.clip_dim), clip_fea_c=r(b, 257, CFG.clip_dim), y=r(b, 20, f, h, w),
                 cond=r(b, 16, f, h, w), ref_x=r(b, 36, 1, h, w), ref_c=r(b, 36, 1, h, w))
 
@@ -219,10 +230,11 @@ def test_attention_backend_registry():
 
     attn_mod.register_backend("test_naive", naive, overwrite=True)
     try:
-        a = _randomize(SteadyDancerDiT(CFG))
-        b = _randomize(SteadyDancerDiT(CFG, attention="test_naive"))
+        m = _randomize(SteadyDancerDiT(CFG, attention="test_naive"))
         kw = _inputs()
-        torch.testing.assert_close(_run(b, **kw), _run(a, **kw), rtol=1e-5, atol=1e-5)
+        got = _run(m, **kw)
+        m.attention_backend = "sdpa"
+        torch.testing.assert_close(got, _run(m, **kw), rtol=1e-5, atol=1e-5)
     finally:
         attn_mod._REGISTRY.pop("test_naive", None)
 
@@ -234,3 +246,28 @@ def test_shape_errors_are_clear(model):
     with pytest.raises(ValueError, match="multiples of the patch size"):
         k2 = _inputs(h=5)
         _run(model, **k2)
+
+
+def test_rope_in_float32_is_a_close_option(model):
+    """model.rope_dtype (official: float64) may be lowered for speed; in a float32 model the change is tiny."""
+    kw = _inputs()
+    ref = _run(model, **kw)
+    try:
+        model.rope_dtype = torch.float32
+        out = _run(model, **kw)
+    finally:
+        model.rope_dtype = torch.float64
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-5
+
+
+def test_chunked_rope_is_bit_identical():
+    from steadydancer_turbo.steadydancer.model import rope_apply, rope_freqs
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5 * 3 * 4, 3, 128, generator=g).bfloat16()
+    fr = rope_freqs((5, 3, 4), 128)
+    whole = rope_apply(x, fr, torch.bfloat16, chunk=10 ** 9)
+    assert torch.equal(rope_apply(x, fr, torch.bfloat16, chunk=7), whole)
+    # and it is a rotation of each (even, odd) pair: norms are kept (in float64)
+    r64 = rope_apply(x.double(), fr, torch.float64)
+    torch.testing.assert_close(r64.view(2, 60, 3, 64, 2).norm(dim=-1), x.double().view(2, 60, 3, 64, 2).norm(dim=-1))
