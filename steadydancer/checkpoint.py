@@ -164,7 +164,9 @@ class _SafetensorsFile:
     def _map(self):
         if self._mm is None:
             self._f = open(self.path, "rb")
-            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
+            # read-only shared mapping: no commit charge for a 33 GB file (a private writable map would
+            # need it under strict overcommit); tensors over it are only ever read and copied
+            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mm
 
     def shape(self, key):
@@ -183,7 +185,10 @@ class _SafetensorsFile:
         count = (b - a) // dt.itemsize
         if count == 0:
             return torch.empty(tuple(e["shape"]), dtype=dt)
-        return torch.frombuffer(self._map(), dtype=dt, count=count, offset=self.base + a).view(tuple(e["shape"]))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(self._map(), dtype=dt, count=count, offset=self.base + a)
+        return t.view(tuple(e["shape"]))
 
     def release(self, key):
         """Drop the pages of ``key`` from this process's resident set (the page cache keeps them)."""
