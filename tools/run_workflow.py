@@ -362,11 +362,32 @@ def models_from_ui_workflow(ui_path):
     return out
 
 
+def reachable(prompt, object_info):
+    """Ids of the nodes ComfyUI will validate and run: output nodes and everything they depend on."""
+    todo = [nid for nid, n in prompt.items()
+            if object_info.get(n["class_type"], {}).get("output_node") or n["class_type"] not in object_info]
+    seen = set()
+    while todo:
+        nid = todo.pop()
+        if nid in seen or nid not in prompt:
+            continue
+        seen.add(nid)
+        for v in prompt[nid].get("inputs", {}).values():
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) and isinstance(v[1], int):
+                todo.append(str(v[0]))
+    return seen
+
+
 def check_inputs(prompt, object_info, model_hints=None):
-    """Problems found before queueing: unknown node types and file names that are not on the server."""
+    """Problems found before queueing: unknown node types and file names that are not on the server.
+
+    Only nodes that will run are checked (like the server, which ignores nodes no output depends on)."""
     model_hints = model_hints or {}
     problems, missing_models = [], []
+    live = reachable(prompt, object_info)
     for nid, node in prompt.items():
+        if nid not in live:
+            continue
         info = object_info.get(node["class_type"])
         if info is None:
             problems.append(f"node {nid}: node type {node['class_type']!r} is not installed on the server "

@@ -29,7 +29,7 @@ def comfy(tmp_path_factory):
     # a file that exists but is not a SteadyDancer DiT (the execution-error test)
     if "vae" in shelf.built:
         (base / "models" / "diffusion_models").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shelf.built["vae"], base / "models" / "diffusion_models" / "not_a_steadydancer.safetensors")
+        shutil.copyfile(shelf.built["vae"], base / "models" / "diffusion_models" / "some_other_model.safetensors")
 
     image, video = models.build_media(base / "input" / "reference.png", base / "input" / "dance.mp4")
     server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=True,

@@ -207,4 +207,8 @@ def small(prompt, width=64, height=96, length=9, steps=None):
             ins["steps"] = steps
         if ct == "SaveVideo":
             ins["filename_prefix"] = f"video/test_{nid}"
+    used = {str(v[0]) for n in p.values() for v in n["inputs"].values() if isinstance(v, list) and len(v) == 2}
+    for nid in [nid for nid, n in p.items() if n["class_type"] in ("CLIPLoader", "CLIPVisionLoader")]:
+        if nid not in used:
+            del p[nid]                 # the encoders they fed were replaced by fixture nodes
     return p
