@@ -318,7 +318,8 @@ def output_files(history_entry):
     return files
 
 
-def progress_printer(prompt, stream=sys.stderr):
+def progress_printer(prompt, stream=None):
+    stream = stream or sys.stderr
     titles = {nid: (n.get("_meta", {}).get("title") or n["class_type"]) for nid, n in prompt.items()}
 
     def on_event(t, data):
@@ -556,7 +557,8 @@ def randomize_seeds(prompt, seed):
                 n["inputs"][k] = seed
 
 
-def run(args, out=sys.stderr):
+def run(args, out=None):
+    out = out or sys.stderr
     prompt_path, ui_path = resolve_workflow(args.workflow)
     prompt = load_prompt(prompt_path)
     for label, f in (("--image", args.image), ("--video", args.video)):

@@ -133,6 +133,15 @@ def convert_workflows(url, workflows, chromium=None, timeout=90):
     return asyncio.run(_convert(url, workflows, chromium, timeout))
 
 
+UI_ONLY_INPUT_SUFFIX = "-preview"
+
+
 def comparable(prompt):
-    """An API prompt reduced to what the server executes: {id: (class_type, inputs)} (``_meta`` dropped)."""
-    return {str(k): {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+    """An API prompt reduced to what the server executes: {id: {class_type, inputs}}.
+
+    ``_meta`` (titles) is dropped, and so are the frontend's preview widgets (``LoadVideo``'s
+    ``"video-preview": ""`` appears in "Export (API)" only when the chosen file exists on that server, so no
+    shipped file could match both cases; the server ignores it)."""
+    return {str(k): {"class_type": v["class_type"],
+                     "inputs": {n: x for n, x in v["inputs"].items() if not n.endswith(UI_ONLY_INPUT_SUFFIX)}}
+            for k, v in prompt.items()}
