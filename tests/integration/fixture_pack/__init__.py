@@ -11,9 +11,11 @@ driven end to end on a CPU. The semantics follow what ComfyUI 0.33's own code pr
 * ``SDTestClipVisionEncode`` -> a ``comfy.clip_vision.Output`` with ``penultimate_hidden_states`` and
   ``last_hidden_state`` ``[B, 257, 1280]``, ``image_embeds`` ``[B, 1024]``, ``image_sizes`` and
   ``mm_projected`` None, derived deterministically from the pixels (so different images differ).
-* ``SDTestSlowModel`` passes any model through and makes every forward of its torch module sleep, logging
-  the start time of each call to a file (the ``/interrupt`` test measures how many calls start after it).
+* ``SDTestSlowModel`` passes any model through (a torch module, a patcher, or a lazy handle with
+  ``materialize()``) and makes every forward of its torch module sleep, logging the start time of each call
+  to a file (the ``/interrupt`` test measures how many calls start after it).
 """
+import copy
 import hashlib
 import json
 import time
@@ -107,20 +109,35 @@ class SDTestSlowModel:
         return time.time()
 
     def wrap(self, model, seconds_per_call, log_file):
-        module = _torch_module(model)
-        if module is None:
-            raise RuntimeError(f"SDTestSlowModel: no torch module found in {type(model).__name__}")
-        for h in getattr(module, "_sdtest_hooks", []):
-            h.remove()
-
-        def pre_hook(mod, args):
+        def pre_hook(mod, args, kwargs=None):
             if log_file:
                 with open(log_file, "a") as f:
                     f.write(f"{time.time():.6f}\n")
             time.sleep(seconds_per_call)
 
-        module._sdtest_hooks = [module.register_forward_pre_hook(pre_hook)]
-        return (model,)
+        def hook_module(module):
+            for h in getattr(module, "_sdtest_hooks", []):
+                h.remove()
+            module._sdtest_hooks = [module.register_forward_pre_hook(pre_hook)]
+            return module
+
+        module = _torch_module(model)
+        if module is not None:
+            hook_module(module)
+            return (model,)
+        if callable(getattr(model, "materialize", None)):
+            # a lazy model handle (the module is loaded by the sampler): hook what materialize() returns
+            base = type(model)
+
+            class SlowHandle(base):
+                def materialize(self, *a, **kw):
+                    return hook_module(base.materialize(self, *a, **kw))
+
+            SlowHandle.__name__ = SlowHandle.__qualname__ = base.__name__
+            slow = copy.copy(model)
+            object.__setattr__(slow, "__class__", SlowHandle)      # works for frozen dataclasses too
+            return (slow,)
+        raise RuntimeError(f"SDTestSlowModel: no torch module found in {type(model).__name__}")
 
 
 NODE_CLASS_MAPPINGS = {
