@@ -1,0 +1,273 @@
+"""SteadyDancer-specific behaviour of the DiT, checked against independent expectations."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from steadydancer_turbo.steadydancer import attention as attn_mod
+from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+from steadydancer_turbo.steadydancer.pose_modules import PoseAlignment
+
+CFG = SteadyDancerConfig.tiny(clip_dim=64)   # small CLIP width keeps these CPU tests fast
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
+    seconds per forward; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 1.0 / max(p[0].numel(), 1) ** 0.5))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _randomize(SteadyDancerDiT(CFG))
+
+
+def _inputs(b=1, f=3, h=4, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(x=r(b, 16, f, h, w), timestep=torch.tensor([700] * b),
+                context=[r(6 + i, CFG.text_dim) for i in range(b)],
+                clip_fea=r(b, 257, CFG.clip_dim), clip_fea_c=r(b, 257, CFG.clip_dim), y=r(b, 20, f, h, w),
+                cond=r(b, 16, f, h, w), ref_x=r(b, 36, 1, h, w), ref_c=r(b, 36, 1, h, w))
+
+
+def _run(model, **kw):
+    with torch.no_grad():
+        return model(**kw)
+
+
+# ---------------------------------------------------------------------- alignment unit
+@pytest.fixture(scope="module")
+def align():
+    torch.manual_seed(3)
+    return _randomize(PoseAlignment(16, 16, 128, 8, dropout=0.1), seed=3).eval()
+
+
+def test_alignment_mixes_frames_at_one_pixel_never_across_pixels(align):
+    g = torch.Generator().manual_seed(4)
+    pose, ref = torch.randn(1, 16, 5, 3, 4, generator=g), torch.randn(1, 16, 5, 3, 4, generator=g)
+    with torch.no_grad():
+        base = align(pose, ref, torch.float32)
+        p2 = pose.clone()
+        p2[0, :, 2, 1, 3] += 3.0                      # one pixel of one frame
+        out = align(p2, ref, torch.float32)
+    diff = (out - base).abs().amax(dim=1)[0]          # [T, H, W]
+    other = torch.ones_like(diff, dtype=torch.bool)
+    other[:, 1, 3] = False
+    assert diff[other].max() == 0                     # no other pixel changes, in any frame
+    assert (diff[:, 1, 3] > 1e-4).all()               # that pixel changes in *every* frame (temporal attention)
+
+
+def test_alignment_attention_is_torch_mha_with_batch_first_false_quirk(align):
+    """The official code feeds (frames, pixels, E) to nn.MultiheadAttention(batch_first=False)."""
+    mha = nn.MultiheadAttention(128, 8).eval()
+    mha.load_state_dict(align.cross_attn.state_dict())  # same parameter names
+    g = torch.Generator().manual_seed(5)
+    q, kv = torch.randn(7, 12, 128, generator=g), torch.randn(7, 12, 128, generator=g)  # (T, H*W, E)
+    with torch.no_grad():
+        want = mha(q, kv, kv)[0]                                              # attends along dim 0 = T
+        got = align.cross_attn(q.transpose(0, 1), kv.transpose(0, 1), torch.float32).transpose(0, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- whole model
+@pytest.mark.parametrize("f", [1, 2, 5])
+def test_reference_frames_do_not_leak_into_output_frames(model, f):
+    kw = _inputs(f=f)
+    out = _run(model, **kw)
+    assert out.shape == (1, 16, f, 4, 6)
+    # ...but they are attended to: the reference latents change the output
+    kw2 = dict(kw, ref_x=kw["ref_x"] + 1.0)
+    kw3 = dict(kw, ref_c=kw["ref_c"] + torch.cat([torch.ones(1, 16, 1, 4, 6), torch.zeros(1, 20, 1, 4, 6)], 1))
+    assert not torch.allclose(_run(model, **kw2), out, atol=1e-4)
+    assert not torch.allclose(_run(model, **kw3), out, atol=1e-4)
+
+
+def test_only_first_16_channels_of_ref_c_are_used(model):
+    kw = _inputs()
+    out = _run(model, **kw)
+    junk = kw["ref_c"].clone()
+    junk[:, 16:] = torch.randn_like(junk[:, 16:]) * 10
+    torch.testing.assert_close(_run(model, **dict(kw, ref_c=junk)), out, rtol=0, atol=0)
+    torch.testing.assert_close(_run(model, **dict(kw, ref_c=kw["ref_c"][:, :16])), out, rtol=0, atol=0)
+
+
+def test_first_pose_clip_changes_output_and_is_summed_with_reference_clip(model):
+    kw = _inputs()
+    out = _run(model, **kw)
+    # (a random change: a constant shift would be removed by img_emb's first LayerNorm)
+    other = dict(kw, clip_fea_c=kw["clip_fea_c"] + 0.5 * torch.randn(kw["clip_fea_c"].shape))
+    assert (_run(model, **other) - out).abs().max() > 1e-3
+    # img_emb(ref) + img_emb(pose): swapping the two CLIP inputs gives the same output (sum is symmetric)
+    swapped = dict(kw, clip_fea=kw["clip_fea_c"], clip_fea_c=kw["clip_fea"])
+    torch.testing.assert_close(_run(model, **swapped), out, rtol=1e-6, atol=1e-6)
+    # and without the pose CLIP the output differs (the term is really added)
+    assert (_run(model, **dict(kw, clip_fea_c=None)) - out).abs().max() > 1e-3
+
+
+def test_eval_mode_determinism_and_dropout_only_in_training():
+    m = _randomize(SteadyDancerDiT(CFG))
+    assert not m.training and not any(mod.training for mod in m.modules())
+    kw = _inputs(f=4)
+    a, b = _run(m, **kw), _run(m, **kw)
+    assert torch.equal(a, b)
+    m.train()                                          # alignment attention dropout (p=0.1) now active
+    torch.manual_seed(0)
+    c = _run(m, **kw)
+    torch.manual_seed(1)
+    d = _run(m, **kw)
+    assert not torch.equal(c, d)
+    m.eval()
+    assert torch.equal(_run(m, **kw), a)
+
+
+def test_batch_samples_are_independent_and_inputs_broadcast(model):
+    kw = _inputs(b=3)
+    kw["timestep"] = torch.tensor([999, 500, 3])
+    out = _run(model, **kw)
+    for i in range(3):
+        one = {k: (v[i:i + 1] if torch.is_tensor(v) and v is not None else v[i:i + 1]) for k, v in kw.items()}
+        torch.testing.assert_close(_run(model, **one), out[i:i + 1], rtol=1e-5, atol=1e-5)
+    # batch-1 conditions broadcast over a batch of latents
+    shared = {k: (v[:1] if k not in ("x",) else v) for k, v in kw.items()}
+    shared["timestep"] = torch.tensor([500])
+    out_b = _run(model, **shared)
+    one = {k: (v[1:2] if k == "x" else v) for k, v in shared.items()}
+    torch.testing.assert_close(out_b[1:2], _run(model, **one), rtol=1e-5, atol=1e-5)
+
+
+def test_text_is_zero_padded_to_512(model):
+    kw = _inputs(b=2)
+    padded = torch.stack([torch.cat([u, u.new_zeros(512 - len(u), CFG.text_dim)]) for u in kw["context"]])
+    torch.testing.assert_close(_run(model, **dict(kw, context=padded)), _run(model, **kw), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        _run(model, **dict(kw, context=[torch.zeros(513, CFG.text_dim)] * 2))
+
+
+def test_int_and_float_timesteps_agree_and_timestep_matters(model):
+    kw = _inputs()
+    a = _run(model, **dict(kw, timestep=torch.tensor([437], dtype=torch.int64)))
+    b = _run(model, **dict(kw, timestep=torch.tensor([437.0])))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (_run(model, **dict(kw, timestep=torch.tensor([438.0]))) - a).abs().max() > 1e-5
+
+
+def test_pose_latent_drives_output(model):
+    kw = _inputs()
+    out = _run(model, **kw)
+    assert (_run(model, **dict(kw, cond=kw["cond"] * 1.3)) - out).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------- dtype handling, module swapping, backends
+def test_bf16_weights_with_fp32_latents(model):
+    kw = _inputs()
+    ref = _run(model, **kw)
+    m16 = SteadyDancerDiT(CFG).to(torch.bfloat16)
+    m16.load_state_dict(model.state_dict())
+    assert m16.compute_dtype == torch.bfloat16
+    out = _run(m16, **kw)                             # fp32 inputs, bf16 weights
+    assert out.dtype == torch.float32
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 1e-5 < rel < 3e-2                          # bf16 rounding, nothing worse
+
+
+class _HalfStoredLinear(nn.Module):
+    """Stand-in for a loader's quantised layer: stores fp16 weights, computes in the input dtype."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(lin.weight.detach().half(), requires_grad=False)
+        self.bias = nn.Parameter(lin.bias.detach().half(), requires_grad=False)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+def test_linear_layers_can_be_swapped_in_place(model):
+    kw = _inputs()
+    ref = _run(model, **kw)
+    m = SteadyDancerDiT(CFG)
+    m.load_state_dict(model.state_dict())
+    swapped = []
+    for block in m.blocks:
+        for name, mod in list(block.named_modules()):
+            if type(mod) is nn.Linear:
+                parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+                new = _HalfStoredLinear(mod)
+                setattr(parent, name.rpartition(".")[2], new) if not name.rpartition(".")[2].isdigit() \
+                    else parent.__setitem__(int(name.rpartition(".")[2]), new)
+                swapped.append(new)
+    assert len(swapped) == CFG.num_layers * 12
+    out = _run(m, **kw)
+    assert all(s.calls == 1 for s in swapped)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-2                             # fp16-rounded weights, same computation
+
+
+def test_attention_backend_registry():
+    assert "sdpa" in attn_mod.available_backends()
+    with pytest.raises(ValueError):
+        SteadyDancerDiT(CFG, attention="no_such_kernel")
+
+    def naive(q, k, v):                               # float64 textbook attention, [B, L, H, D]
+        s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double()).to(q.dtype)
+
+    attn_mod.register_backend("test_naive", naive, overwrite=True)
+    try:
+        m = _randomize(SteadyDancerDiT(CFG, attention="test_naive"))
+        kw = _inputs()
+        got = _run(m, **kw)
+        m.attention_backend = "sdpa"
+        torch.testing.assert_close(got, _run(m, **kw), rtol=1e-5, atol=1e-5)
+    finally:
+        attn_mod._REGISTRY.pop("test_naive", None)
+
+
+def test_shape_errors_are_clear(model):
+    kw = _inputs()
+    with pytest.raises(ValueError, match="y must have shape"):
+        _run(model, **dict(kw, y=kw["y"][:, :16]))
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        k2 = _inputs(h=5)
+        _run(model, **k2)
+
+
+def test_rope_in_float32_is_a_close_option(model):
+    """model.rope_dtype (official: float64) may be lowered for speed; in a float32 model the change is tiny."""
+    kw = _inputs()
+    ref = _run(model, **kw)
+    try:
+        model.rope_dtype = torch.float32
+        out = _run(model, **kw)
+    finally:
+        model.rope_dtype = torch.float64
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-5
+
+
+def test_chunked_rope_is_bit_identical():
+    from steadydancer_turbo.steadydancer.model import rope_apply, rope_freqs
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5 * 3 * 4, 3, 128, generator=g).bfloat16()
+    fr = rope_freqs((5, 3, 4), 128)
+    whole = rope_apply(x, fr, torch.bfloat16, chunk=10 ** 9)
+    assert torch.equal(rope_apply(x, fr, torch.bfloat16, chunk=7), whole)
+    # and it is a rotation of each (even, odd) pair: norms are kept (in float64)
+    r64 = rope_apply(x.double(), fr, torch.float64)
+    torch.testing.assert_close(r64.view(2, 60, 3, 64, 2).norm(dim=-1), x.double().view(2, 60, 3, 64, 2).norm(dim=-1))
