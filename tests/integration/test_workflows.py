@@ -48,6 +48,19 @@ def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
     assert steps and steps[-1]["value"] == steps[-1]["max"], steps
 
 
+def test_out_of_range_input_on_our_node_is_a_validation_error(comfy):
+    prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
+    sampler = _sampler(prompt)
+    prompt[sampler]["inputs"]["steps"] = 50                       # the turbo sampler takes 1-8
+    with pytest.raises(run_workflow.PromptRejected) as e:
+        comfy.client.queue(prompt)
+    body = e.value.body
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    (err,) = body["node_errors"][sampler]["errors"]
+    assert err["type"] == "value_bigger_than_max" and "steps" in err["details"], err
+    assert "node" in str(e.value) and "steps" in str(e.value)     # the run command's message names it
+
+
 def test_missing_model_file_is_named_before_and_at_queue_time(comfy, tmp_path, capsys):
     prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
     loader = _loader(prompt)
