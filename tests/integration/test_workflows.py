@@ -125,9 +125,11 @@ def test_interrupt_during_sampling_stops_within_one_step(comfy):
     after = [c for c in calls if c >= state["t"]]
     print(f"interrupt at step {state['step']}: {len(calls) - len(after)} DiT calls before ({per_step:.1f}/step), "
           f"{len(after)} after, stopped {state['t_end'] - state['t']:.2f} s later")
-    # the step in flight may finish; no further step may start
-    assert len(after) <= max(1, round(per_step)), (len(after), per_step)
-    assert state["t_end"] - state["t"] < (per_step + 1) * delay + 3.0
+    # The step in flight may finish; no further step may start. The official sampler evaluates the DiT at
+    # most 3 times per step (positive, text-negative, pose-negative), 2 outside the pose-guidance window.
+    assert len(after) <= 3, (len(after), per_step)
+    assert len(calls) < 2 * 8, "the sampler ran (nearly) all 8 steps"
+    assert state["t_end"] - state["t"] < 4 * delay + 3.0
 
 
 def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys):
