@@ -1,7 +1,4 @@
 """The pack inside a real ComfyUI server: import, /object_info, validation, the fixture stack itself."""
-import json
-import re
-import urllib.error
 
 import pytest
 
