@@ -1,9 +1,9 @@
-"""Session fixture ``comfy``: a real ComfyUI server with this pack (see harness.py)."""
+"""Session fixture ``comfy``: a real ComfyUI server with this pack (see comfyui_harness.py)."""
 import shutil
 
 import pytest
 
-from harness import (FIXTURE_FOLDER, PACK_FOLDER, PACK_ROOT, HERE, Comfy, ModelShelf, comfyui_path, models,
+from comfyui_harness import (FIXTURE_FOLDER, PACK_FOLDER, PACK_ROOT, HERE, Comfy, ModelShelf, comfyui_path, models,
                      required_models, run_workflow)
 
 

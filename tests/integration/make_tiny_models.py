@@ -30,7 +30,7 @@ def main(argv=None):
     spec = importlib.util.spec_from_file_location("_sd_tests_conftest", ROOT / "tests" / "conftest.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))       # registers steadydancer_turbo
     sys.path.insert(0, str(HERE))
-    import harness
+    import comfyui_harness as harness
 
     python = a.python or harness.run_workflow.comfy_python(a.comfyui)
     shelf = harness.ModelShelf(pathlib.Path(a.models_dir), a.comfyui, python)

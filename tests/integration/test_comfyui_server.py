@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness import FIXTURE_FOLDER, PACK_FOLDER, models, run_workflow
+from comfyui_harness import FIXTURE_FOLDER, PACK_FOLDER, models, run_workflow
 
 
 def test_server_starts_with_the_pack_and_no_import_error(comfy):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from harness import API_DIR, UI_DIR, WORKFLOWS
+from comfyui_harness import API_DIR, UI_DIR, WORKFLOWS
 
-frontend = pytest.importorskip("frontend")
+frontend = pytest.importorskip("comfyui_frontend")
 
 
 @pytest.fixture(scope="module")

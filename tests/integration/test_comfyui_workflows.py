@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import WORKFLOWS, api_workflow, models, nodes_of, run_workflow, small
+from comfyui_harness import WORKFLOWS, api_workflow, models, nodes_of, run_workflow, small
 
 W, H, LENGTH = 64, 96, 9
 STEPS = {"steadydancer-dance": 3, "steadydancer-turbo": 4}
