@@ -18,6 +18,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -80,10 +81,10 @@ def required_models():
 class ModelShelf:
     """Builds each kind of tiny model once and copies it under every name the workflows use."""
 
-    def __init__(self, root, comfy, python):
+    def __init__(self, root, comfy, python, cache=None):
         self.root, self.comfy, self.python = pathlib.Path(root), comfy, python
-        self.cache = self.root.parent / "model_cache"
-        self.cache.mkdir(exist_ok=True)
+        self.cache = pathlib.Path(cache) if cache else pathlib.Path(tempfile.mkdtemp(prefix="sd_tiny_models_"))
+        self.cache.mkdir(parents=True, exist_ok=True)
         self.built, self.errors = {}, {}
 
     def _get(self, kind):

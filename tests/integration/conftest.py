@@ -21,7 +21,7 @@ def comfy(tmp_path_factory):
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
     (base / "custom_nodes" / FIXTURE_FOLDER).symlink_to(HERE / "fixture_pack", target_is_directory=True)
 
-    shelf = ModelShelf(base / "models", path, python)
+    shelf = ModelShelf(base / "models", path, python, cache=base / "model_cache")
     for directory, name in sorted(required_models()):
         if shelf.place(directory, name) is None:
             # umt5 / CLIP vision: never loaded (the fixture encoders replace them), but present as files so the

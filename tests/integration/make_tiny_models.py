@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import pathlib
+import shutil
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -37,6 +38,7 @@ def main(argv=None):
     for directory, name in sorted(harness.required_models()):
         dst = shelf.place(directory, name)
         print(f"{'placed ' if dst else 'skipped'} models/{directory}/{name}")
+    shutil.rmtree(shelf.cache, ignore_errors=True)
     for kind, err in shelf.errors.items():
         print(f"could not build {kind}: {err}", file=sys.stderr)
     if a.custom_nodes:
