@@ -129,7 +129,7 @@ def test_interrupt_during_sampling_stops_within_one_step(comfy):
     # most 3 times per step (positive, text-negative, pose-negative), 2 outside the pose-guidance window.
     assert len(after) <= 3, (len(after), per_step)
     assert len(calls) < 2 * 8, "the sampler ran (nearly) all 8 steps"
-    assert state["t_end"] - state["t"] < 4 * delay + 3.0
+    assert state["t_end"] - state["t"] < 4 * delay + 6.0          # generous: a busy 2-core box
 
 
 def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys):
