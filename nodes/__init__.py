@@ -1,3 +1,31 @@
-"""ComfyUI V1 node classes (thin adapters over the core packages)."""
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+"""ComfyUI V1 node classes (thin adapters over the core packages). Ids are prefixed ``SteadyDancer``."""
+from . import comfy_bridge
+from .conditioning_nodes import SteadyDancerConditioning
+from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
+from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
+from .sampler_nodes import SteadyDancerSampler, SteadyDancerTurboSampler
+from .video_nodes import SteadyDancerResampleFrames
+
+comfy_bridge.register_model_folders()
+
+NODE_CLASS_MAPPINGS = {
+    "SteadyDancerPoseExtract": SteadyDancerPoseExtract,
+    "SteadyDancerPoseRetarget": SteadyDancerPoseRetarget,
+    "SteadyDancerResampleFrames": SteadyDancerResampleFrames,
+    "SteadyDancerModelLoader": SteadyDancerModelLoader,
+    "SteadyDancerLoraLoader": SteadyDancerLoraLoader,
+    "SteadyDancerConditioning": SteadyDancerConditioning,
+    "SteadyDancerSampler": SteadyDancerSampler,
+    "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SteadyDancerPoseExtract": "SteadyDancer Pose Extract (DWPose)",
+    "SteadyDancerPoseRetarget": "SteadyDancer Retarget Poses",
+    "SteadyDancerResampleFrames": "SteadyDancer Resample Frames (fps)",
+    "SteadyDancerModelLoader": "SteadyDancer Model Loader",
+    "SteadyDancerLoraLoader": "SteadyDancer LoRA",
+    "SteadyDancerConditioning": "SteadyDancer Conditioning",
+    "SteadyDancerSampler": "SteadyDancer Sampler (official)",
+    "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",
+}

@@ -118,3 +118,129 @@ def official_to_diffusers(sd: Mapping[str, V]) -> Dict[str, V]:
 
 def diffusers_to_official(sd: Mapping[str, V]) -> Dict[str, V]:
     return {diffusers_to_official_key(k): v for k, v in sd.items()}
+
+
+
+# =============================================================================================
+# Loader / LoRA key spellings (owner: loader)
+# =============================================================================================
+# Spellings beyond the prefixes above:
+# - TurboDiffusion training checkpoints: ``net.<key>``; FSDP activation checkpointing inserts
+#   ``_checkpoint_wrapped_module.`` after each wrapped module (``blocks.0._checkpoint_wrapped_module.self_attn.q.weight``)
+#   and the Conv3d patch embeddings are stored flattened to 2-D ``[dim, C*1*2*2]`` (a Linear over patches).
+# - kohya-style LoRAs spell the module path with underscores: ``lora_unet_blocks_0_self_attn_q``.
+
+#: Prefixes stripped by the checkpoint readers (longest first: ``model.`` is a prefix of
+#: ``model.diffusion_model.``): KNOWN_PREFIXES plus TurboDiffusion's ``net.``.
+CHECKPOINT_PREFIXES = KNOWN_PREFIXES + ("net.",)
+#: Prefixes stripped from LoRA keys (before the kohya underscore form is resolved).
+LORA_PREFIXES = KNOWN_PREFIXES + ("base_model.model.",)
+KOHYA_PREFIX = "lora_unet_"
+CHECKPOINT_WRAPPER_INFIX = "_checkpoint_wrapped_module."
+#: Non-weight bookkeeping entries some writers add; never parameters.
+IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+IGNORED_KEYS = ("scaled_fp8",)
+
+#: Conv3d weights that TurboDiffusion stores flattened to 2-D.
+PATCH_EMBED_KEYS = ("patch_embedding.weight", "patch_embedding_fuse.weight", "patch_embedding_ref_c.weight")
+
+
+def strip_key_prefix(key: str, prefixes=CHECKPOINT_PREFIXES) -> str:
+    for p in prefixes:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def common_prefix(keys, prefixes=CHECKPOINT_PREFIXES) -> str:
+    """The prefix (from ``prefixes``) carried by the checkpoint's transformer keys, or ''.
+
+    Chosen by majority so a few stray top-level entries (``scaled_fp8``) don't decide it.
+    """
+    counts = {p: 0 for p in prefixes}
+    n = 0
+    for k in keys:
+        n += 1
+        for p in prefixes:
+            if k.startswith(p):
+                counts[p] += 1
+                break
+    best = max(prefixes, key=lambda p: counts[p])
+    return best if counts[best] * 2 > n else ""
+
+
+def normalize_key(key: str, prefix: str = "") -> str:
+    """Checkpoint key -> official key (prefix stripped, checkpoint-wrapper infixes removed)."""
+    if prefix and key.startswith(prefix):
+        key = key[len(prefix):]
+    if CHECKPOINT_WRAPPER_INFIX in key:
+        key = key.replace(CHECKPOINT_WRAPPER_INFIX, "")
+    return key
+
+
+def is_ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.endswith(IGNORED_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA key layouts
+# ---------------------------------------------------------------------------------------------
+#: suffix -> (role, target parameter name relative to the module path)
+LORA_SUFFIXES = (
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".alpha", "alpha"),
+    (".diff_b", "diff_b"),
+    (".diff_m", "diff_m"),
+    (".diff", "diff"),
+)
+
+
+def split_lora_key(key: str):
+    """``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` -> (``blocks.0.self_attn.q``, 'down').
+
+    Returns (module_path, role) with the module path still in the file's spelling except for the
+    stripped prefixes (the kohya underscore form is resolved by :func:`resolve_module_path`), or
+    None when the key has no known LoRA suffix.
+    """
+    for suffix, role in LORA_SUFFIXES:
+        if key.endswith(suffix):
+            path = key[: -len(suffix)]
+            if path.startswith(KOHYA_PREFIX):
+                return path, role
+            return normalize_key(strip_key_prefix(path, LORA_PREFIXES)), role
+    return None
+
+
+def target_param(module_path: str, role: str) -> str:
+    """Parameter a LoRA entry modifies: low-rank and ``diff`` -> weight, ``diff_b`` -> bias,
+    ``diff_m`` -> the modulation parameter of that module (``blocks.N.diff_m`` -> ``blocks.N.modulation``)."""
+    if role == "diff_b":
+        return module_path + ".bias"
+    if role == "diff_m":
+        return (module_path + "." if module_path else "") + "modulation"
+    return module_path + ".weight"
+
+
+def kohya_lookup(module_names) -> dict:
+    """``lora_unet_blocks_0_self_attn_q`` -> ``blocks.0.self_attn.q`` for the given module paths."""
+    return {KOHYA_PREFIX + re.sub(r"\.", "_", n): n for n in module_names}
+
+
+def resolve_module_path(path: str, kohya: dict) -> str:
+    if path.startswith(KOHYA_PREFIX):
+        return kohya.get(path, path)
+    return path
+
+
+def diffusers_module_to_official(path: str) -> str:
+    """Module path in diffusers' Wan layout (``blocks.0.attn1.to_q``) -> official (``blocks.0.self_attn.q``)."""
+    if path in ("scale_shift_table",) or path.endswith(".scale_shift_table"):
+        return diffusers_to_official_key(path).rpartition(".")[0] or ""
+    return diffusers_to_official_key(path + ".weight")[: -len(".weight")]

@@ -1,0 +1,279 @@
+"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``, ``latent_preview``).
+
+Everything here also works when ComfyUI is absent (CI, scripts): file lists come back empty, progress bars and
+interrupt checks become no-ops, devices fall back to plain torch, and a function that truly needs ComfyUI (such as
+resolving a model file name) raises ``ComfyUnavailable`` with a message that says what is missing.
+
+Model folders registered here (inside ComfyUI):
+- ``dwpose``: ``models/dwpose`` (the default), plus comfyui_controlnet_aux's download folders when that pack is
+  installed (``custom_nodes/comfyui_controlnet_aux/ckpts``), so files it already fetched are reused.
+  Extensions: ``.onnx``.
+- ``steadydancer_diffusion_models``: the very same folder list as ``diffusion_models`` (shared list object, so
+  ``extra_model_paths.yaml`` entries show up too) with ``.gguf`` added to the usual extensions.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("steadydancer_turbo")
+
+try:  # ComfyUI is importable only inside a running server (or a checkout on sys.path).
+    import folder_paths  # type: ignore
+    import comfy.model_management as _mm  # type: ignore
+    import comfy.utils as _cu  # type: ignore
+    HAVE_COMFY = True
+except Exception:  # noqa: BLE001 - any failure means "not inside ComfyUI"
+    folder_paths = None
+    _mm = None
+    _cu = None
+    HAVE_COMFY = False
+
+DWPOSE_FOLDER = "dwpose"
+DIFFUSION_FOLDER = "steadydancer_diffusion_models"
+LORA_FOLDER = "loras"
+DWPOSE_EXTENSIONS = {".onnx"}
+
+
+class ComfyUnavailable(RuntimeError):
+    """Raised when a function that needs a running ComfyUI is called outside of it."""
+
+
+def _need(what: str):
+    if not HAVE_COMFY:
+        raise ComfyUnavailable(
+            f"{what} needs ComfyUI (the 'folder_paths' and 'comfy' modules), which is not importable here. "
+            "Run this node inside ComfyUI, or call the core functions in steadydancer_turbo.steadydancer / "
+            "dwpose / turbo directly with file paths."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def _controlnet_aux_ckpt_dirs() -> list[str]:
+    """comfyui_controlnet_aux keeps its downloads in <pack>/ckpts/<hf-user>/<repo>/...; reuse them if present."""
+    out = []
+    try:
+        roots = folder_paths.get_folder_paths("custom_nodes")
+    except Exception:  # noqa: BLE001
+        roots = [os.path.join(os.path.dirname(folder_paths.__file__), "custom_nodes")]
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for name in os.listdir(root):
+            if name.lower().replace("-", "_") in ("comfyui_controlnet_aux",):
+                ckpts = os.path.join(root, name, "ckpts")
+                if os.path.isdir(ckpts):
+                    out.append(ckpts)
+    return out
+
+
+def register_model_folders() -> None:
+    """Register our model kinds with ComfyUI (no-op outside ComfyUI). Safe to call more than once."""
+    if not HAVE_COMFY:
+        return
+    fnp = folder_paths.folder_names_and_paths
+    if DWPOSE_FOLDER not in fnp:
+        fnp[DWPOSE_FOLDER] = ([os.path.join(folder_paths.models_dir, DWPOSE_FOLDER)], set(DWPOSE_EXTENSIONS))
+    else:
+        fnp[DWPOSE_FOLDER][1].update(DWPOSE_EXTENSIONS)
+    for d in _controlnet_aux_ckpt_dirs():
+        if d not in fnp[DWPOSE_FOLDER][0]:
+            fnp[DWPOSE_FOLDER][0].append(d)
+    if DIFFUSION_FOLDER not in fnp:
+        dirs = fnp["diffusion_models"][0]  # same list object: later additions (extra_model_paths) show up too
+        fnp[DIFFUSION_FOLDER] = (dirs, set(folder_paths.supported_pt_extensions) | {".gguf"})
+
+
+def get_filename_list(kind: str) -> list[str]:
+    """File names for a combo. Empty outside ComfyUI (INPUT_TYPES must still work there)."""
+    if not HAVE_COMFY:
+        return []
+    try:
+        return list(folder_paths.get_filename_list(kind))
+    except Exception as e:  # noqa: BLE001 - an unknown kind must not break /object_info
+        log.warning("SteadyDancer: cannot list model folder %r: %s", kind, e)
+        return []
+
+
+def get_full_path(kind: str, name: str) -> str:
+    """Absolute path of a model file, or a clear error naming the folders that were searched."""
+    if name and os.path.isabs(name) and os.path.isfile(name):
+        return name
+    _need(f"Finding the model file {name!r}")
+    path = folder_paths.get_full_path(kind, name)
+    if path is None or not os.path.isfile(path):
+        dirs = folder_paths.get_folder_paths(kind) if kind in folder_paths.folder_names_and_paths else []
+        raise FileNotFoundError(
+            f"Model file {name!r} not found in ComfyUI's '{kind}' folders: {dirs}. "
+            "Download it (see the pack README's model table) and refresh the page."
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def torch_device() -> torch.device:
+    if HAVE_COMFY:
+        return _mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    if HAVE_COMFY:
+        return _mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+def intermediate_device() -> torch.device:
+    if HAVE_COMFY:
+        return _mm.intermediate_device()
+    return torch.device("cpu")
+
+
+def free_memory(bytes_needed: float, device: torch.device) -> None:
+    """Ask ComfyUI to unload other models (text encoder, CLIP vision, VAE) until ``bytes_needed`` is free."""
+    if HAVE_COMFY and device.type != "cpu":
+        _mm.free_memory(bytes_needed, device)
+
+
+def soft_empty_cache() -> None:
+    if HAVE_COMFY:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def make_model_patcher(module: torch.nn.Module, load_device, offload_dev):
+    """Wrap a plain torch module in ComfyUI's ModelPatcher so the memory manager can count and evict it.
+
+    Returns None outside ComfyUI.
+    """
+    if not HAVE_COMFY:
+        return None
+    import comfy.model_patcher  # type: ignore
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_dev)
+
+
+def load_patcher_to_device(patcher) -> None:
+    """Load a wrapped module fully onto its load device through ComfyUI (evicting other models as needed)."""
+    if HAVE_COMFY and patcher is not None:
+        _mm.load_models_gpu([patcher], force_full_load=True)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def check_interrupt() -> None:
+    """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel / POST /interrupt."""
+    if HAVE_COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """comfy.utils.ProgressBar when inside ComfyUI, else a silent counter."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self.current = 0
+        self._bar = _cu.ProgressBar(self.total) if HAVE_COMFY else None
+
+    def update(self, n: int = 1, preview=None):
+        self.update_absolute(self.current + n, preview=preview)
+
+    def update_absolute(self, value: int, preview=None):
+        self.current = min(int(value), self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(self.current, self.total, preview)
+
+
+def wan21_previewer(device=None):
+    """A latent previewer for Wan2.1 latents (latent2rgb or TAEW per the server's --preview-method), or None."""
+    if not HAVE_COMFY:
+        return None
+    try:
+        import latent_preview  # type: ignore
+        import comfy.latent_formats  # type: ignore
+        return latent_preview.get_previewer(device or torch_device(), comfy.latent_formats.Wan21())
+    except Exception as e:  # noqa: BLE001 - previews are optional
+        log.debug("SteadyDancer: no latent previewer: %s", e)
+        return None
+
+
+def preview_image(previewer, x0: torch.Tensor):
+    """x0: normalized Wan latent [B,16,T,H,W] (model space, as ComfyUI's own samplers pass it)."""
+    if previewer is None:
+        return None
+    try:
+        return previewer.decode_latent_to_preview_image("JPEG", x0)
+    except Exception as e:  # noqa: BLE001
+        log.debug("SteadyDancer: preview failed: %s", e)
+        return None
+
+
+def is_interrupt_exception(e: BaseException) -> bool:
+    if not HAVE_COMFY:
+        return False
+    return isinstance(e, _mm.InterruptProcessingException)
+
+
+def node_message(node_id, text: str) -> None:
+    """Show a short text on the node in the UI (frontend 'progress text') and in the server log."""
+    log.warning("SteadyDancer: %s", text)
+    if not HAVE_COMFY or node_id is None:
+        return
+    try:
+        from server import PromptServer  # type: ignore
+        PromptServer.instance.send_progress_text(text, str(node_id))
+    except Exception as e:  # noqa: BLE001 - the message is already in the log
+        log.debug("SteadyDancer: could not send node text: %s", e)
+
+
+def get_folder_paths(kind: str) -> list[str]:
+    """Folders registered for a model kind (empty outside ComfyUI)."""
+    if not HAVE_COMFY:
+        return []
+    try:
+        return list(folder_paths.get_folder_paths(kind))
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def install_memory_hooks(on_free, on_unload_all, mm=None) -> bool:
+    """Let ComfyUI's memory management release our model too.
+
+    ComfyUI only evicts models it loaded itself. Our DiT is a plain module kept in our own cache, so we hook the
+    two entry points (once; idempotent):
+    - ``model_management.free_memory(memory_required, device, ...)``, called whenever ComfyUI needs room for a
+      model (VAE decode, text encoder ...): ``on_free(memory_required, device)`` runs first (ours moves to CPU
+      RAM when it is idle on that device);
+    - ``model_management.unload_all_models()`` ("Unload models" button, POST /free): ``on_unload_all()`` drops
+      our cached model entirely.
+    ``mm`` is the module to hook (default: comfy.model_management). Returns False outside ComfyUI.
+    """
+    mm = mm if mm is not None else _mm
+    if mm is None:
+        return False
+    if getattr(mm, "_steadydancer_hooked", False):
+        mm._steadydancer_hooks[:] = [(on_free, on_unload_all)]
+        return True
+    hooks = [(on_free, on_unload_all)]
+    orig_free, orig_unload = mm.free_memory, mm.unload_all_models
+
+    def free_memory(memory_required, device, *args, **kwargs):
+        for f, _ in hooks:
+            try:
+                f(memory_required, device)
+            except Exception as e:  # noqa: BLE001 - never break ComfyUI's own memory management
+                log.warning("SteadyDancer: releasing the model failed: %s", e)
+        return orig_free(memory_required, device, *args, **kwargs)
+
+    def unload_all_models(*args, **kwargs):
+        for _, u in hooks:
+            try:
+                u()
+            except Exception as e:  # noqa: BLE001
+                log.warning("SteadyDancer: unloading the model failed: %s", e)
+        return orig_unload(*args, **kwargs)
+
+    mm.free_memory, mm.unload_all_models = free_memory, unload_all_models
+    mm._steadydancer_hooked, mm._steadydancer_hooks = True, hooks
+    return True

@@ -1,0 +1,239 @@
+"""Model loader and LoRA nodes.
+
+STEADYDANCER_MODEL is a ``SteadyDancerModelHandle``: a recipe (file, load options, LoRA list) plus the loaded
+module, kept in a one-slot process cache so a second run, or a LoRA change, does not always re-read 16-33 GB.
+The loader node loads eagerly (a missing/broken file fails on the loader node); LoRA nodes only add to the recipe
+(chainable, never mutate the loaded module in place); the sampler materializes the recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+import torch
+
+from . import comfy_bridge as cb
+from .common import CATEGORY, MODEL_TYPE, tooltip
+
+log = logging.getLogger("steadydancer_turbo")
+
+WEIGHT_STORAGE = ["auto", "dequantize", "fp8_e4m3fn", "fp8_e5m2"]
+COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]
+ATTENTION = ["sdpa", "sage", "flash_attn"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    weight_storage: str = "auto"
+    compute_dtype: str = "bf16"
+    attention: str = "sdpa"
+    block_swap: int = 0
+    vram_budget_gb: float = 0.0
+    offload_after: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SteadyDancerModelHandle:
+    path: str
+    options: LoadOptions
+    loras: tuple = ()  # ((path, strength), ...)
+
+    def with_lora(self, path: str, strength: float) -> "SteadyDancerModelHandle":
+        return dataclasses.replace(self, loras=self.loras + ((path, float(strength)),))
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def materialize(self, device=None):
+        """The loaded module with exactly this handle's LoRAs applied (re-reading the base file if needed)."""
+        return _CACHE.get(self, device)
+
+
+class _ModelCache:
+    """One loaded DiT at a time (a 14B model does not leave room for two)."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.key = None
+        self.loras = ()
+        self.module = None
+        self.busy = 0  # > 0 while loading or sampling: ComfyUI must not move the model then
+
+    def clear(self):
+        self.key, self.loras, self.module = None, (), None
+        cb.soft_empty_cache()
+
+    # ComfyUI memory-management hooks (see comfy_bridge.install_memory_hooks)
+    def on_comfy_free(self, memory_required, device) -> None:
+        """ComfyUI needs room on ``device``: move our idle model off it."""
+        m = self.module
+        if m is None or self.busy or torch.device(device).type == "cpu":
+            return
+        if any(p.device == torch.device(device) for p in m.parameters()):
+            log.info("SteadyDancer: moving the model to %s so ComfyUI can load another model", cb.offload_device())
+            offload(m)
+
+    def on_comfy_unload_all(self) -> None:
+        """'Unload models' / POST /free: forget the cached model (frees its RAM/VRAM)."""
+        if self.module is not None and not self.busy:
+            log.info("SteadyDancer: unloading the cached model")
+            self.clear()
+
+    def get(self, handle: SteadyDancerModelHandle, device=None):
+        from ..steadydancer import loader  # core; imported lazily so the pack imports without it
+        key = (handle.path, handle.options)
+        with self.lock, self.using():
+            if self.module is not None and self.key == key:
+                n = len(self.loras)
+                if self.loras == handle.loras:
+                    return self.module
+                if handle.loras[:n] == self.loras:  # only LoRAs added at the end: apply just those
+                    loader.apply_loras(self.module, list(handle.loras[n:]))
+                    self.loras = handle.loras
+                    return self.module
+            self.clear()  # different file/options, or LoRAs removed/changed: merged weights need a fresh load
+            o = handle.options
+            device = device or cb.torch_device()
+            cb.free_memory(_expected_bytes(handle.path, o), device)
+            module = loader.load_steadydancer(
+                handle.path,
+                compute_dtype=_DTYPES[o.compute_dtype],
+                storage=o.weight_storage,
+                device=device,
+                offload_device=cb.offload_device(),
+                block_swap=int(o.block_swap),
+                vram_budget_gb=float(o.vram_budget_gb) or None,
+                attention=o.attention,
+            )
+            if handle.loras:
+                loader.apply_loras(module, list(handle.loras))
+            self.key, self.loras, self.module = key, handle.loras, module
+            return module
+
+
+    def using(self):
+        cache = self
+
+        class _Use:
+            def __enter__(self):
+                cache.busy += 1
+
+            def __exit__(self, *exc):
+                cache.busy -= 1
+
+        return _Use()
+
+
+_CACHE = _ModelCache()
+cb.install_memory_hooks(_CACHE.on_comfy_free, _CACHE.on_comfy_unload_all)
+
+
+def _expected_bytes(path: str, o: LoadOptions) -> float:
+    """Rough GPU bytes the DiT will take, for asking ComfyUI to free room first."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return 0.0
+    if o.vram_budget_gb:
+        return o.vram_budget_gb * (1 << 30)
+    if o.block_swap:
+        return size * max(0.1, 1.0 - o.block_swap / 40.0)
+    return float(size)
+
+
+def on_device(module, device=None) -> None:
+    """Put the (possibly block-swapped) model back on its compute device after an offload."""
+    from ..steadydancer import loader
+    loader.ensure_on_device(module)
+
+
+def offload(module) -> None:
+    """Everything to the offload device (CPU RAM), device cache released."""
+    from ..steadydancer import loader
+    loader.offload_model(module, cb.offload_device())
+    cb.soft_empty_cache()
+
+
+class SteadyDancerModelLoader:
+    DESCRIPTION = ("Loads a SteadyDancer-14B diffusion model (.safetensors bf16/fp16/fp8-scaled or .gguf) from "
+                   "models/diffusion_models. Options trade speed for VRAM.")
+    CATEGORY = f"{CATEGORY}/model"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The SteadyDancer model, for the LoRA and sampler nodes.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (cb.get_filename_list(cb.DIFFUSION_FOLDER), tooltip(
+                    "SteadyDancer weights in models/diffusion_models (e.g. "
+                    "Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ.safetensors, or a .gguf).")),
+                "weight_storage": (WEIGHT_STORAGE, tooltip(
+                    "How weights are kept in memory. auto = as stored (fp8 stays fp8, GGUF stays quantized and is "
+                    "dequantized layer by layer); dequantize = all to compute dtype at load (fastest, most memory); "
+                    "fp8_e4m3fn / fp8_e5m2 = quantize a bf16/fp16 file's block weights at load (half the VRAM).",
+                    default="auto")),
+                "compute_dtype": (COMPUTE_DTYPES, tooltip(
+                    "Precision of the matmuls. bf16 is what the official code uses; fp16 for GPUs without "
+                    "bf16.", default="bf16")),
+                "attention": (ATTENTION, tooltip(
+                    "Attention kernel. sdpa works everywhere; sage (SageAttention, lossy) / flash_attn need those packages.",
+                    default="sdpa")),
+                "block_swap": ("INT", tooltip(
+                    "Number of the 40 transformer blocks kept in CPU RAM and streamed to the GPU each step. "
+                    "More = less VRAM, slower.", default=0, min=0, max=40, step=1)),
+                "vram_budget_gb": ("FLOAT", tooltip(
+                    "If > 0, choose the block swap automatically to keep the model under this many GB of VRAM "
+                    "(overrides block_swap).", default=0.0, min=0.0, max=256.0, step=0.5)),
+                "offload_after": ("BOOLEAN", tooltip(
+                    "Move the model to CPU RAM after sampling so the VAE decode and other models have room.",
+                    default=True)),
+            }
+        }
+
+    def load(self, model_name, weight_storage, compute_dtype, attention, block_swap, vram_budget_gb, offload_after):
+        path = cb.get_full_path(cb.DIFFUSION_FOLDER, model_name)
+        opts = LoadOptions(weight_storage, compute_dtype, attention, int(block_swap), float(vram_budget_gb),
+                           bool(offload_after))
+        handle = SteadyDancerModelHandle(path, opts)
+        try:
+            module = handle.materialize()
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise RuntimeError(f"SteadyDancer: could not load {model_name!r}: {e}") from e
+        if offload_after:
+            offload(module)
+        return (handle,)
+
+
+class SteadyDancerLoraLoader:
+    DESCRIPTION = ("Adds a Wan2.1-I2V-14B LoRA (e.g. the lightx2v step-distill LoRA) to a SteadyDancer model. "
+                   "Chain several; they are applied in order when the sampler runs.")
+    CATEGORY = f"{CATEGORY}/model"
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this LoRA added.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (MODEL_TYPE, tooltip("A SteadyDancer model from the loader (or another LoRA node).")),
+                "lora_name": (cb.get_filename_list(cb.LORA_FOLDER), tooltip(
+                    "LoRA file in models/loras, e.g. lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors.")),
+                "strength": ("FLOAT", tooltip(
+                    "LoRA strength (1.0 = as trained; 0 = off).", default=1.0, min=-10.0, max=10.0, step=0.01)),
+            }
+        }
+
+    def apply(self, model, lora_name, strength):
+        if strength == 0:
+            return (model,)
+        path = cb.get_full_path(cb.LORA_FOLDER, lora_name)
+        return (model.with_lora(path, strength),)

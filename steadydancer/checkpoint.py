@@ -1,0 +1,592 @@
+"""Checkpoint readers: safetensors files, diffusers-style sharded folders, GGUF and ``.pth``.
+
+Every reader answers, before any weight is read, with the *logical* shape, storage kind and dtype
+of every tensor under its official key name (see :mod:`.keymap`), so the model type can be checked
+and the model built without touching the weights. Weights are then read one tensor at a time from a
+memory map (:meth:`CheckpointReader.read`) and the pages of that tensor are dropped from this
+process's resident set afterwards (:meth:`CheckpointReader.release`), so a load holds the file's
+bytes at most once plus one tensor in transit.
+
+Formats are recognized from the file's first bytes, never from its name:
+
+- GGUF: the magic ``GGUF``.
+- safetensors: 8-byte little-endian header length followed by a JSON object.
+- ``.pth`` (torch zip archive ``PK\\x03\\x04``): only through ``torch.load(weights_only=True, mmap=True)``.
+- a folder: ``*.safetensors.index.json`` (diffusers/transformers sharding) or a single
+  ``*.safetensors`` in it; ``config.json`` is informative only.
+
+Storage kinds:
+
+- ``float``: fp32/fp16/bf16 (also GGUF F32/F16/BF16).
+- ``fp8``: ``float8_e4m3fn`` / ``float8_e5m2`` weights, plain (scale 1) or scaled: Kijai's per-tensor
+  ``<layer>.scale_weight``, or ComfyUI's ``<layer>.weight_scale`` (declared per layer by a
+  ``<layer>.comfy_quant`` JSON blob or by the ``_quantization_metadata`` safetensors metadata entry;
+  dequantized = ``weight.to(dtype) * scale``).
+- ``gguf``: packed GGML blocks (``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q2_K`` .. ``Q6_K``);
+  logical shapes are GGUF's reversed ``ne`` dims, or ``comfy.gguf.orig_shape.<name>`` when present.
+  city96's ``fix_5d_tensors.py`` appends the 5-D Conv3d weights (which its converter leaves out) as
+  plain F32 tensors with their 5 dims stored directly; both layouts read the same here.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import keymap
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or LoRA) file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+COMFY_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+@dataclass
+class TensorInfo:
+    """Where one official-key tensor lives and how it is stored."""
+    key: str                      # official key
+    file_key: str                 # name in the file
+    shape: tuple                  # logical shape (what the model parameter has)
+    kind: str                     # "float" | "fp8" | "gguf" | "other"
+    dtype: Optional[torch.dtype]  # stored torch dtype (float/fp8); None for gguf-packed
+    qtype: Optional[int] = None   # GGML quantization type (gguf kind, and GGUF floats)
+    scale_key: Optional[str] = None  # file key of the fp8 scale
+    scale_source: object = None   # reader part that holds the scale
+    source: object = None         # reader part that holds the bytes
+    stored_shape: tuple = ()      # shape as stored (2-D patch embeds, GGUF byte shape)
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "gguf":
+            import gguf
+            bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(self.qtype)]
+            n = 1
+            for d in self.shape:
+                n *= d
+            return n // bs * ts
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# low-level parts: each gives tensors (zero-copy views of a memory map) by file key
+# ---------------------------------------------------------------------------------------------
+class _SafetensorsFile:
+    def __init__(self, path):
+        self.path = str(path)
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(path, "file is too short to be a safetensors file (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(path, f"safetensors header says {n} header bytes but the file has "
+                                            f"{size} bytes: the file is truncated")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(path, f"safetensors header is not valid JSON ({e})") from None
+        self.metadata = header.get("__metadata__") or {}
+        self._validate(header, size - 8 - n)
+        # Also let the safetensors library check the header the way everybody else does, where installed.
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            safe_open = None
+        if safe_open is not None:
+            try:
+                with safe_open(self.path, framework="pt") as sf:
+                    self.metadata = sf.metadata() or {}
+            except Exception as e:  # SafetensorError is not importable by a stable name
+                msg = str(e)
+                hint = " (the file is truncated or was not completely downloaded)" if (
+                    "incomplete" in msg or "covered" in msg or "too small" in msg) else ""
+                raise CheckpointError(path, f"not a valid safetensors file: {msg}{hint}") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = header
+        self._f = None
+        self._mm = None
+
+    def _validate(self, header, data_len):
+        spans = []
+        for k, e in header.items():
+            if k == "__metadata__":
+                continue
+            try:
+                dt, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(self.path, f"malformed safetensors header entry {k!r}") from None
+            item = SAFETENSORS_DTYPES[dt].itemsize if dt in SAFETENSORS_DTYPES else None
+            n = 1
+            for d in shape:
+                n *= d
+            if item is not None and b - a != n * item:
+                raise CheckpointError(self.path, f"tensor {k!r}: {b - a} bytes for shape {shape} of {dt}")
+            spans.append((a, b))
+        spans.sort()
+        end = 0
+        for a, b in spans:
+            if a != end:
+                raise CheckpointError(self.path, "safetensors data offsets overlap or leave gaps")
+            end = b
+        if end > data_len:
+            raise CheckpointError(self.path, f"the header describes {end} data bytes but only {data_len} follow: "
+                                             "the file is truncated or was not completely downloaded")
+        if end != data_len:
+            raise CheckpointError(self.path, f"{data_len - end} bytes after the last tensor: "
+                                             "not a valid safetensors file")
+
+    def _map(self):
+        if self._mm is None:
+            self._f = open(self.path, "rb")
+            # read-only shared mapping: no commit charge for a 33 GB file (a private writable map would
+            # need it under strict overcommit); tensors over it are only ever read and copied
+            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def shape(self, key):
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key):
+        dt = self.entries[key]["dtype"]
+        if dt not in SAFETENSORS_DTYPES:
+            raise CheckpointError(self.path, f"tensor {key!r} has unsupported dtype {dt}")
+        return SAFETENSORS_DTYPES[dt]
+
+    def tensor(self, key) -> torch.Tensor:
+        e = self.entries[key]
+        dt = self.dtype(key)
+        a, b = e["data_offsets"]
+        count = (b - a) // dt.itemsize
+        if count == 0:
+            return torch.empty(tuple(e["shape"]), dtype=dt)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(self._map(), dtype=dt, count=count, offset=self.base + a)
+        return t.view(tuple(e["shape"]))
+
+    def release(self, key):
+        """Drop the pages of ``key`` from this process's resident set (the page cache keeps them)."""
+        if self._mm is None:
+            return
+        a, b = self.entries[key]["data_offsets"]
+        start = (self.base + a) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = self.base + b
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def close(self):
+        # tensors handed out are copied before close; views into the map must not outlive it
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # a view is still alive somewhere; the map closes when it is collected
+            self._f.close()
+        self._mm = self._f = None
+
+
+class _GGUFFile:
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            import gguf
+        except ImportError:
+            raise CheckpointError(path, "reading GGUF files needs the 'gguf' package (pip install gguf)") from None
+        self.gguf = gguf
+        size = os.path.getsize(self.path)
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:
+            raise CheckpointError(path, f"not a readable GGUF file ({type(e).__name__}: {e}); "
+                                        "it may be truncated or not completely downloaded") from None
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise CheckpointError(path, f"GGUF tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
+                                            f"but the file has {size} bytes: the file is truncated")
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.metadata = {}
+        arch = self.reader.get_field("general.architecture")
+        if arch is not None:
+            try:
+                self.metadata["general.architecture"] = str(arch.contents())
+            except Exception:
+                pass
+
+    def orig_shape(self, name):
+        f = self.reader.get_field(f"comfy.gguf.orig_shape.{name}")
+        if f is None:
+            return None
+        try:
+            return tuple(int(f.parts[i][0]) for i in f.data)
+        except Exception:
+            raise CheckpointError(self.path, f"bad comfy.gguf.orig_shape metadata for {name!r}") from None
+
+    def shape(self, name):
+        s = self.orig_shape(name)
+        return s if s is not None else tuple(int(v) for v in reversed(self.tensors[name].shape.tolist()))
+
+    def raw(self, name) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self.tensors[name].data)
+
+    def release(self, name):
+        t = self.tensors[name]
+        mm = getattr(self.reader.data, "_mmap", None)
+        if mm is None:
+            return
+        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (AttributeError, OSError, ValueError):
+            pass
+
+    def close(self):
+        self.reader = None
+        self.tensors = {}
+
+
+class _PthFile:
+    SUBKEYS = ("state_dict", "model", "module", "net", "ema")
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) "
+                                        f"({type(e).__name__}: {e}); only plain tensor state dicts are accepted, "
+                                        "pickled code is never executed") from None
+        for _ in range(2):
+            if isinstance(sd, dict):
+                for k in self.SUBKEYS:
+                    if k in sd and isinstance(sd[k], dict) and len(sd[k]) > len(sd) // 2:
+                        sd = sd[k]
+                        break
+        if not isinstance(sd, dict):
+            raise CheckpointError(path, "the .pth file holds no state dict")
+        self.sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        self.metadata = {}
+
+    def shape(self, key):
+        return tuple(self.sd[key].shape)
+
+    def dtype(self, key):
+        return self.sd[key].dtype
+
+    def tensor(self, key):
+        return self.sd[key]
+
+    def release(self, key):
+        pass
+
+    def close(self):
+        self.sd = {}
+
+
+# ---------------------------------------------------------------------------------------------
+def sniff_format(path) -> str:
+    """'gguf' | 'safetensors' | 'pth' | 'folder' from the file's content."""
+    p = str(path)
+    if os.path.isdir(p):
+        return "folder"
+    if not os.path.isfile(p):
+        raise CheckpointError(p, "no such file or folder")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04":
+        return "pth"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n < (1 << 32) and head[8:9] in (b"{", b" "):
+            return "safetensors"
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise CheckpointError(p, "legacy pickled checkpoint: refusing to unpickle it; convert it to safetensors")
+    if len(head) < 9:
+        raise CheckpointError(p, "file is too short to be a checkpoint (empty or truncated)")
+    raise CheckpointError(p, "unknown file format (not safetensors, GGUF or a torch zip .pth)")
+
+
+class CheckpointReader:
+    """Tensor directory of one checkpoint (file or sharded folder), keyed by official names.
+
+    ``infos``: official key -> :class:`TensorInfo`; ``format``; ``metadata`` (safetensors metadata /
+    selected GGUF fields); ``parts``: the files it reads.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.format = sniff_format(self.path)
+        self.parts = []
+        self.metadata = {}
+        self.config = None
+        self.infos: dict[str, TensorInfo] = {}
+        self.extra_keys: list[str] = []  # file entries that are not tensors of the model (scales, markers)
+        try:
+            if self.format == "gguf":
+                self._open_gguf()
+            elif self.format == "safetensors":
+                self._open_safetensors_files([self.path])
+            elif self.format == "pth":
+                self._open_pth()
+            else:
+                self._open_folder()
+            if keymap.DIFFUSERS_MARKER_KEY in self.infos:
+                # diffusers' WanTransformer3DModel names for the base blocks -> official names
+                infos = {}
+                for i in self.infos.values():
+                    i.key = keymap.diffusers_to_official_key(i.key)
+                    infos[i.key] = i
+                self.infos = infos
+        except BaseException:
+            self.close()
+            raise
+
+    # -- openers ---------------------------------------------------------------------------
+    def _open_folder(self):
+        names = sorted(os.listdir(self.path))
+        cfg = os.path.join(self.path, "config.json")
+        if os.path.isfile(cfg):
+            try:
+                with open(cfg) as f:
+                    self.config = json.load(f)
+            except ValueError as e:
+                raise CheckpointError(cfg, f"config.json is not valid JSON ({e})") from None
+        index = [n for n in names if n.endswith(".safetensors.index.json")]
+        if len(index) > 1:
+            raise CheckpointError(self.path, f"several shard indexes in one folder: {index}")
+        if index:
+            ipath = os.path.join(self.path, index[0])
+            try:
+                with open(ipath) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(ipath, f"not a valid shard index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not os.path.isfile(os.path.join(self.path, s))]
+            if missing:
+                raise CheckpointError(self.path, f"shards listed in {index[0]} are missing: {missing}")
+            self._open_safetensors_files([os.path.join(self.path, s) for s in shards], weight_map=weight_map)
+            self.format = "sharded"
+            return
+        st = [n for n in names if n.endswith(".safetensors")]
+        if len(st) == 1:
+            self._open_safetensors_files([os.path.join(self.path, st[0])])
+            self.format = "folder"
+            return
+        raise CheckpointError(self.path, "folder has no *.safetensors.index.json and not exactly one "
+                                         "*.safetensors file")
+
+    def _open_safetensors_files(self, paths, weight_map=None):
+        files = []
+        for p in paths:
+            if sniff_format(p) != "safetensors":
+                raise CheckpointError(p, "expected a safetensors shard")
+            files.append(_SafetensorsFile(p))
+            self.parts.append(files[-1])
+        raw = {}
+        for f in files:
+            for k in f.entries:
+                if k in raw:
+                    raise CheckpointError(f.path, f"tensor {k!r} appears in two shards")
+                raw[k] = f
+        if weight_map is not None:
+            lost = [k for k, s in weight_map.items() if k not in raw]
+            if lost:
+                raise CheckpointError(self.path, f"{len(lost)} tensors named in the index are in no shard, "
+                                                 f"e.g. {lost[:3]}")
+        md = {}
+        for f in files:
+            md.update(f.metadata)
+        self.metadata = md
+        self._index_tensors({k: (f, f.shape(k), f.dtype(k)) for k, f in raw.items()})
+
+    def _open_pth(self):
+        f = _PthFile(self.path)
+        self.parts.append(f)
+        self._index_tensors({k: (f, f.shape(k), f.dtype(k)) for k in f.sd})
+
+    def _open_gguf(self):
+        f = _GGUFFile(self.path)
+        self.parts.append(f)
+        self.metadata = f.metadata
+        gguf = f.gguf
+        Q = gguf.GGMLQuantizationType
+        float_q = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+        from .quant import GGUF_QUANT_TYPES
+        prefix = keymap.common_prefix(f.tensors)
+        for name, t in f.tensors.items():
+            key = keymap.normalize_key(name, prefix)
+            qt = Q(int(t.tensor_type))
+            shape = f.shape(name)
+            if qt in float_q:
+                info = TensorInfo(key, name, shape, "float", float_q[qt], qtype=int(qt), source=f,
+                                  stored_shape=tuple(t.data.shape))
+            elif qt in GGUF_QUANT_TYPES:
+                info = TensorInfo(key, name, shape, "gguf", None, qtype=int(qt), source=f,
+                                  stored_shape=tuple(t.data.shape))
+            else:
+                raise CheckpointError(self.path, f"tensor {name!r} uses GGUF quantization type {qt.name}, which "
+                                                 f"this loader does not support (supported: F32, F16, BF16, "
+                                                 f"{', '.join(q.name for q in GGUF_QUANT_TYPES)})")
+            info.shape = shape = self._patch_embed_shape(key, name, shape)
+            n = 1
+            for d in shape:
+                n *= d
+            if n != int(t.n_elements):
+                raise CheckpointError(self.path, f"shape metadata {shape} of {name!r} does not match its "
+                                                 f"{int(t.n_elements)} elements")
+            self._add(info)
+
+    def _index_tensors(self, raw):
+        """raw: file key -> (part, shape, dtype) for safetensors/pth; sorts weights from scales."""
+        prefix = keymap.common_prefix(raw)
+        quant_layers = self._comfy_quant_layers(raw, prefix)
+        for fk, (part, shape, dt) in raw.items():
+            key = keymap.normalize_key(fk, prefix)
+            if keymap.is_ignored(key) or key.endswith((".scale_weight", ".weight_scale", ".weight_scale_2")):
+                self.extra_keys.append(fk)
+                continue
+            if dt in FP8_DTYPES:
+                layer = key[: -len(".weight")] if key.endswith(".weight") else key
+                scale_key = scale_source = None
+                for cand in (fk[: -len(".weight")] + ".scale_weight", fk[: -len(".weight")] + ".weight_scale"):
+                    if fk.endswith(".weight") and cand in raw:
+                        scale_key, scale_source = cand, raw[cand][0]
+                q = quant_layers.get(layer)
+                if q is not None and q not in COMFY_FP8_FORMATS:
+                    raise CheckpointError(self.path, f"layer {layer!r} uses ComfyUI quantization format {q!r}; "
+                                                     "only float8_e4m3fn / float8_e5m2 are supported")
+                info = TensorInfo(key, fk, shape, "fp8", dt, scale_key=scale_key, scale_source=scale_source,
+                                  source=part, stored_shape=shape)
+            elif dt in FLOAT_DTYPES:
+                info = TensorInfo(key, fk, shape, "float", dt, source=part, stored_shape=shape)
+            else:
+                layer = key[: -len(".weight")]
+                if layer in quant_layers:
+                    raise CheckpointError(self.path, f"layer {layer!r} uses ComfyUI quantization format "
+                                                     f"{quant_layers[layer]!r}; only float8_e4m3fn / float8_e5m2 "
+                                                     "are supported")
+                info = TensorInfo(key, fk, shape, "other", dt, source=part, stored_shape=shape)
+            info.shape = self._patch_embed_shape(key, fk, info.shape)
+            self._add(info)
+
+    def _patch_embed_shape(self, key, fk, shape):
+        """Conv3d patch-embedding weights stored with fewer dims -> (dim, C, 1, 2, 2).
+
+        TurboDiffusion stores them as a Linear over flattened (c, kt, kh, kw) patches (2-D); some GGUF
+        converters drop the size-1 temporal kernel dim (4-D). The patch is (1, 2, 2) for every Wan2.1 model.
+        """
+        if key not in keymap.PATCH_EMBED_KEYS or len(shape) not in (2, 4):
+            return shape
+        if len(shape) == 4:
+            return (shape[0], shape[1], 1, shape[2], shape[3])
+        if shape[1] % 4:
+            raise CheckpointError(self.path, f"2-D {fk!r} of shape {shape} is not a (1,2,2) patch embedding")
+        return (shape[0], shape[1] // 4, 1, 2, 2)
+
+    def _comfy_quant_layers(self, raw, prefix):
+        layers = {}
+        md = self.metadata.get("_quantization_metadata")
+        if md:
+            try:
+                for name, conf in json.loads(md).get("layers", {}).items():
+                    layers[keymap.normalize_key(name, prefix)] = conf.get("format")
+            except (ValueError, AttributeError) as e:
+                raise CheckpointError(self.path, f"_quantization_metadata is not valid JSON ({e})") from None
+        for fk, (part, shape, dt) in raw.items():
+            if fk.endswith(".comfy_quant"):
+                try:
+                    conf = json.loads(bytes(part.tensor(fk).to(torch.uint8).tolist()))
+                except ValueError as e:
+                    raise CheckpointError(self.path, f"{fk!r} is not a JSON quantization config ({e})") from None
+                layers[keymap.normalize_key(fk[: -len(".comfy_quant")], prefix)] = conf.get("format")
+        return layers
+
+    def _add(self, info):
+        if info.key in self.infos:
+            raise CheckpointError(self.path, f"two tensors map to the same key {info.key!r} "
+                                             f"({self.infos[info.key].file_key!r}, {info.file_key!r})")
+        self.infos[info.key] = info
+
+    # -- access ----------------------------------------------------------------------------
+    def shapes(self) -> dict:
+        return {k: i.shape for k, i in self.infos.items()}
+
+    def kinds(self) -> dict:
+        out = {}
+        for i in self.infos.values():
+            if i.kind == "gguf":
+                import gguf
+                name = gguf.GGMLQuantizationType(i.qtype).name
+            elif i.dtype is not None:
+                name = str(i.dtype).replace("torch.", "")
+            else:
+                name = i.kind
+            out[name] = out.get(name, 0) + 1
+        return out
+
+    def read(self, key):
+        """The stored tensor of ``key``: a zero-copy view of the memory map (copy it before
+        :meth:`release`/:meth:`close`). float: tensor in the file dtype with the logical shape;
+        fp8: ``(fp8 tensor, float32 scale tensor or None)``; gguf: packed ``uint8`` tensor."""
+        i = self.infos[key]
+        if i.kind == "gguf":
+            return i.source.raw(i.file_key)
+        if isinstance(i.source, _GGUFFile):
+            t = i.source.raw(i.file_key)
+            if i.dtype == torch.bfloat16:
+                t = t.view(torch.bfloat16)
+            return t.reshape(i.shape)
+        t = i.source.tensor(i.file_key)
+        if tuple(t.shape) != i.shape:
+            t = t.reshape(i.shape)
+        if i.kind == "fp8":
+            scale = None
+            if i.scale_key is not None:
+                scale = i.scale_source.tensor(i.scale_key).to(torch.float32).clone()
+            return t, scale
+        return t
+
+    def release(self, key):
+        i = self.infos[key]
+        i.source.release(i.file_key)
+
+    def close(self):
+        for p in self.parts:
+            p.close()
+        self.parts = []
+
+
+def open_checkpoint(path) -> CheckpointReader:
+    return CheckpointReader(path)

@@ -1,0 +1,329 @@
+"""Load SteadyDancer from bf16/fp16/fp32, fp8 (plain / scaled) and GGUF files; LoRAs; block swap.
+
+Public API::
+
+    from steadydancer_turbo.steadydancer.loader import load_steadydancer, apply_loras, offload_model
+
+    model = load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device=None,
+                              offload_device="cpu", block_swap=0, vram_budget_gb=None, fp8_matmul=False)
+    apply_loras(model, [("lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors", 1.0)])
+    v = model(x, timestep, context, clip_fea, clip_fea_c, y, cond, ref_x, ref_c)
+    offload_model(model)          # everything to the offload device, CUDA cache freed
+    ensure_on_device(model)       # back (non-swapped weights) before the next run
+
+``path``: a ``.safetensors`` file, a diffusers-style folder (``config.json`` + shard index + shards),
+a ``.gguf`` file or a torch-zip ``.pth`` (read with ``weights_only=True``). Format, dtypes and model
+type come from the file contents; see :mod:`.checkpoint`. Anything that is not SteadyDancer-14B (or a
+smaller model of the same structure) is refused with :class:`~.checkpoint.CheckpointError` naming the
+file and saying what it looks like (Wan T2V, Wan2.2, SDXL ...).
+
+``storage``:
+
+- ``"auto"``: fp8 and GGUF-quantized Linear weights (and patch embeddings) stay in their stored form
+  and are dequantized per layer at forward time; every float tensor is stored in ``compute_dtype``.
+  Quantized tensors of other kinds of module (tiny pose-module weights) are dequantized at load.
+- ``"dequantize"``: everything is dequantized to ``compute_dtype`` at load (fastest forward, most memory).
+- ``"fp8_e4m3fn"`` / ``"fp8_e5m2"``: like auto, and float Linear weights of the transformer blocks are
+  quantized at load to per-tensor-scaled fp8 (halves the memory of a bf16 file).
+
+``block_swap``: number of transformer blocks kept on ``offload_device`` and streamed to ``device``
+just before they run (see :mod:`.blockswap`); ``vram_budget_gb`` picks the smallest such number whose
+resident weights fit the budget (activations not included). ``fp8_matmul``: run fp8 e4m3 layers with
+``torch._scaled_mm`` on GPUs with fp8 tensor cores (compute capability >= 8.9); elsewhere ignored.
+
+Memory: the model is built on the meta device and every tensor is copied straight from the memory
+map to its final place (device, pinned host memory or host), one tensor at a time; the pages of the
+file are dropped from the process after each tensor. No full-size intermediate copy (and no fp32
+copy) is ever made: peak host RAM is about the host-resident part of the model plus one tensor.
+A failure at any point leaves no model behind (everything allocated is released before the error
+propagates).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+
+import torch
+import torch.nn as nn
+
+from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_on_device, module_bytes,
+                        offload_model)
+from .checkpoint import CheckpointError, CheckpointReader
+from .lora import LoraKeyWarning, apply_loras
+from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf, fp8_matmul_supported, quantize_fp8
+
+log = logging.getLogger(__name__)
+
+STORAGE_MODES = ("auto", "dequantize", "fp8_e4m3fn", "fp8_e5m2")
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PATCH_EMBEDS = ("patch_embedding", "patch_embedding_fuse", "patch_embedding_ref_c")
+
+__all__ = ["load_steadydancer", "apply_loras", "offload_model", "ensure_on_device", "BlockSwap",
+           "blocks_to_swap_for_budget", "CheckpointError", "LoraKeyWarning", "STORAGE_MODES"]
+
+
+def _dtype(x):
+    if isinstance(x, str):
+        x = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}.get(x.lower(), x)
+    if x not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of bf16 / fp16 / fp32, got {x!r}")
+    return x
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _plan_quant_modules(model, reader, storage, cd):
+    """Swap Linear / patch-embedding Conv modules whose weight stays quantized (on the meta device)."""
+    replaced = {}
+    fp8_target = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}.get(storage)
+    for name, mod in list(model.named_modules()):
+        is_linear = type(mod) is nn.Linear
+        is_patch = isinstance(mod, nn.Conv3d) and name in PATCH_EMBEDS
+        if not (is_linear or is_patch):
+            continue
+        info = reader.infos.get(name + ".weight")
+        if info is None:
+            continue
+        kind = info.kind
+        if storage == "dequantize" or kind not in ("fp8", "gguf"):
+            if fp8_target is not None and is_linear and kind == "float" and name.startswith("blocks."):
+                kind, qtype = "fp8_new", fp8_target
+            else:
+                continue
+        else:
+            qtype = info.dtype if kind == "fp8" else info.qtype
+        qkind = "gguf" if kind == "gguf" else "fp8"
+        if is_linear:
+            new = QuantLinear(mod.in_features, mod.out_features, mod.bias is not None, qkind, qtype, cd)
+        else:
+            new = QuantConv(mod, qkind, qtype, cd)
+        # meta placeholders with the stored dtype/shape, so sizes are known before loading
+        if qkind == "gguf":
+            new.weight = torch.empty(info.stored_shape, dtype=torch.uint8, device="meta")
+        else:
+            new.weight = torch.empty(tuple(new.weight_shape) if kind == "fp8_new" else info.shape,
+                                     dtype=qtype, device="meta")
+            n_scale = 1
+            if kind == "fp8" and info.scale_key is not None:
+                for d in info.scale_source.shape(info.scale_key):
+                    n_scale *= d
+            new.weight_scale = torch.empty(max(1, n_scale), dtype=torch.float32, device="meta")
+        new._source_kind = kind
+        _set_module(model, name, new)
+        replaced[name] = new
+    return replaced
+
+
+class _Alloc:
+    """Where the tensors of one module go: ``device`` memory, or a swapped block's host arena."""
+
+    def __init__(self, device, arena=None):
+        self.device, self.arena = device, arena
+
+    def __call__(self, shape, dtype):
+        if self.arena is not None:
+            return self.arena.empty(shape, dtype)
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+
+
+def _float_value(reader, key, cd, work):
+    """Any stored tensor -> float tensor in cd (used for tensors that are not kept quantized).
+
+    Dequantization runs on ``work`` (the GPU when loading to one: decoding 14 B weights on the CPU takes
+    minutes); float tensors are returned as the zero-copy view of the file.
+    """
+    info = reader.infos[key]
+    raw = reader.read(key)
+    if info.kind == "gguf":
+        return dequantize_gguf(raw.to(work), info.qtype, info.shape, cd)
+    if info.kind == "fp8":
+        w, s = raw
+        return dequantize_fp8(w.to(work), s, cd)
+    return raw
+
+
+def _resolve_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device=None, offload_device="cpu",
+                      block_swap=0, vram_budget_gb=None, fp8_matmul=False, attention="sdpa"):
+    """Load a SteadyDancer DiT from ``path`` (see the module docstring). Returns ``SteadyDancerDiT``
+    in eval mode with ``model.compute_dtype = compute_dtype``, ``model.block_swap`` (the
+    :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``."""
+    from .config import SteadyDancerConfig
+    from .model import build_meta
+
+    cd = _dtype(compute_dtype)
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+    device = _resolve_device(device)
+    offload_device = torch.device(offload_device)
+
+    reader = CheckpointReader(path)
+    model = None
+    try:
+        try:
+            cfg = SteadyDancerConfig.from_state_dict_shapes(reader.shapes())
+        except ValueError as e:  # NotSteadyDancerError and shape inconsistencies
+            raise CheckpointError(path, str(e)) from None
+        model = build_meta(cfg, attention)
+        meta_sd = model.state_dict()
+        expected = set(meta_sd.keys())
+        present = set(reader.infos)
+        missing = sorted(expected - present)
+        if missing:
+            raise CheckpointError(path, f"{len(missing)} tensors of the SteadyDancer model are missing from the "
+                                        f"file, e.g. {missing[:5]}")
+        for k in expected:
+            want, got = tuple(meta_sd[k].shape), reader.infos[k].shape
+            if want != got and tuple(d for d in want if d != 1) == tuple(d for d in got if d != 1):
+                reader.infos[k].shape = want  # same data with size-1 dims dropped/added (e.g. a 4-D patch embed)
+            if tuple(meta_sd[k].shape) != reader.infos[k].shape:
+                raise CheckpointError(path, f"tensor {k!r} has shape {reader.infos[k].shape}, the model built "
+                                            f"from this file's config expects {tuple(meta_sd[k].shape)}")
+        del meta_sd
+        unexpected = sorted(present - expected)
+        if unexpected:
+            warnings.warn(f"{path}: {len(unexpected)} tensors are not part of the SteadyDancer model and were "
+                          f"ignored: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}", stacklevel=2)
+
+        quant = _plan_quant_modules(model, reader, storage, cd)
+        model.compute_dtype = cd
+
+        # placement
+        n_blocks = len(model.blocks)
+        if vram_budget_gb is not None:
+            # sizes of the weights as they will be stored: float tensors in cd
+            sized = _sized_meta_copy(model, cd)
+            n_swap = blocks_to_swap_for_budget(sized, float(vram_budget_gb))
+            if block_swap:
+                n_swap = max(n_swap, int(block_swap))
+        else:
+            n_swap = int(block_swap or 0)
+        if not 0 <= n_swap <= n_blocks:
+            raise ValueError(f"block_swap must be in 0..{n_blocks}, got {n_swap}")
+        pin = device.type == "cuda" and offload_device.type == "cpu" and n_swap > 0
+        allocs, arenas = {}, []
+        for i in range(n_swap):
+            if offload_device.type == "cpu":
+                sized = _sized_meta_copy(model.blocks[i], cd)
+                arena = HostArena(HostArena.size_for(list(sized.buffers())), pin)
+                arenas.append(arena)
+                a = _Alloc(offload_device, arena)
+            else:
+                a = _Alloc(offload_device)
+            for m in model.blocks[i].modules():
+                allocs[id(m)] = a
+        on_device = _Alloc(device)
+        work = device if device.type == "cuda" else torch.device("cpu")
+
+        # stream the weights in, one tensor at a time
+        for mname, mod in model.named_modules():
+            pre = mname + "." if mname else ""
+            alloc = allocs.get(id(mod), on_device)
+            if isinstance(mod, (QuantLinear, QuantConv)):
+                _load_quant(mod, pre, reader, alloc, work)
+                names = ["bias"] if mod.bias is not None else []
+            else:
+                names = [n for n, p in mod._parameters.items() if p is not None]
+            for pname in names:
+                key = pre + pname
+                src = _float_value(reader, key, cd, work)
+                dst = alloc(tuple(src.shape), cd)
+                dst.copy_(src)
+                del src
+                reader.release(key)
+                mod._parameters[pname] = nn.Parameter(dst, requires_grad=False)
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise CheckpointError(path, f"internal error: {len(left)} tensors were not loaded, e.g. {left[:3]}")
+
+        for m in quant.values():
+            m.fp8_matmul = bool(fp8_matmul) and m.qkind == "fp8" and m.qtype == torch.float8_e4m3fn
+        model.requires_grad_(False)
+        model.eval()
+        model.block_swap = BlockSwap(model, n_swap, device, offload_device, arenas=arenas)
+        model.load_info = {
+            "path": str(path), "format": reader.format, "stored": reader.kinds(), "storage": storage,
+            "compute_dtype": cd, "quantized_layers": len(quant), "blocks_to_swap": n_swap,
+            "device": str(device), "pinned_blocks": sum(a.pinned for a in arenas),
+            "fp8_matmul": bool(fp8_matmul) and fp8_matmul_supported(device),
+            "weight_bytes": module_bytes(model),
+        }
+        log.info("SteadyDancer loaded: %s", model.load_info)
+        return model
+    except BaseException:
+        model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise
+    finally:
+        reader.close()
+
+
+def _load_quant(mod, pre, reader, alloc, work):
+    key = pre + "weight"
+    info = reader.infos[key]
+    kind = mod._source_kind
+    raw = None
+    if kind == "gguf":
+        raw = reader.read(key)
+        w = alloc(tuple(raw.shape), torch.uint8)
+        w.copy_(raw)
+        scale = None
+    elif kind == "fp8":
+        raw, s = reader.read(key)
+        w = alloc(tuple(raw.shape), raw.dtype)
+        w.copy_(raw)
+        scale = s if s is not None else torch.ones(1)
+    else:  # "fp8_new": quantize a float weight at load
+        src = reader.read(key)
+        q, scale = quantize_fp8(src.to(work), mod.qtype)
+        w = alloc(tuple(q.shape), q.dtype)
+        w.copy_(q)
+        del q, src
+    del raw
+    reader.release(key)
+    mod.weight = w
+    sc = alloc((max(1, scale.numel()),), torch.float32) if scale is not None else None
+    if sc is not None:
+        sc.copy_(scale.reshape(-1).to(torch.float32))
+    mod.weight_scale = sc
+    del mod._source_kind
+    if info.kind == "fp8" and kind == "fp8" and tuple(w.shape) != tuple(mod.weight_shape):
+        mod.weight = w.reshape(mod.weight_shape)
+
+
+def _sized_meta_copy(model, cd):
+    """A stand-in exposing ``blocks`` whose byte counts use cd for float parameters (meta, no memory)."""
+
+    class _Sized(nn.Module):
+        pass
+
+    def sized(mod):
+        m = nn.ModuleList() if isinstance(mod, nn.ModuleList) else _Sized()
+        for n, p in mod._parameters.items():
+            if p is not None:
+                m.register_buffer(n, torch.empty(p.shape, dtype=cd, device="meta"))
+        for n, b in mod._buffers.items():
+            if b is not None:
+                m.register_buffer(n, b)
+        for n, c in mod._modules.items():
+            if c is not None:
+                if isinstance(m, nn.ModuleList):
+                    m.append(sized(c))
+                else:
+                    m.add_module(n, sized(c))
+        return m
+
+    return sized(model)

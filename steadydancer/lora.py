@@ -1,0 +1,174 @@
+"""LoRA / full-delta patches for a loaded ``SteadyDancerDiT``.
+
+Accepted key layouts (any mix, in one file):
+
+- ``<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (ComfyUI, Kijai, kohya),
+- ``<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT / diffusers; no alpha -> scale 1),
+- ``<module>.diff`` (full weight delta), ``.diff_b`` (bias delta), ``<block>.diff_m`` (delta of the
+  block's ``modulation``), as in lightx2v's distillation LoRAs (``blocks.N.diff_m``,
+  ``blocks.N.cross_attn.norm_k_img.diff``),
+
+with the prefixes ``diffusion_model.`` / ``model.diffusion_model.`` / ``transformer.`` or kohya's
+``lora_unet_<module_path_with_underscores>``; module paths in diffusers' Wan layout are mapped to
+the official names. Low-rank delta = ``strength * alpha / rank * up @ down``.
+
+Float (fp32/fp16/bf16) weights get the delta merged in place (computed in fp32 per tensor, one
+rounding back to the stored dtype). fp8 / GGUF layers keep their stored bytes and get a runtime patch
+(added to the dequantized weight at every forward), so nothing is re-quantized.
+
+Keys that match no weight are reported in ONE warning; a file that matches nothing, or whose shapes
+do not fit the model, raises :class:`~.checkpoint.CheckpointError` naming the file - before anything
+is changed.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from . import keymap
+from .checkpoint import CheckpointError, sniff_format
+from .quant import _Patched
+
+
+class LoraKeyWarning(UserWarning):
+    """Some LoRA keys matched no weight of the model."""
+
+
+def _read_lora_file(path) -> dict:
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(path, f"not a valid safetensors LoRA ({e})") from None
+    if fmt == "pth":
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) ({e})") from None
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    raise CheckpointError(path, f"a LoRA must be a safetensors (or .pth) file, this is {fmt}")
+
+
+def _group(sd: dict, module_names) -> tuple[dict, list]:
+    """file keys -> {module_path: {role: tensor}}, plus keys with no LoRA meaning."""
+    kohya = keymap.kohya_lookup(module_names)
+    groups, unknown = {}, []
+    diffusers_layout = any(".attn1." in k or ".attn2." in k for k in sd)
+    for k, v in sd.items():
+        parsed = keymap.split_lora_key(k)
+        if parsed is None:
+            unknown.append(k)
+            continue
+        path, role = parsed
+        path = keymap.resolve_module_path(path, kohya)
+        if diffusers_layout:
+            path = keymap.diffusers_module_to_official(path)
+        groups.setdefault(path, {})[role] = (k, v)
+    return groups, unknown
+
+
+class _Target:
+    __slots__ = ("module", "name", "quant", "shape", "dtype")
+
+    def __init__(self, module, name, quant, shape, dtype):
+        self.module, self.name, self.quant, self.shape, self.dtype = module, name, quant, shape, dtype
+
+
+def _targets(model: nn.Module) -> dict:
+    """official parameter key -> where it lives (float parameter or quantized layer weight)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        pre = mname + "." if mname else ""
+        if isinstance(mod, _Patched):
+            out[pre + "weight"] = _Target(mod, "weight", True, mod.weight_shape, mod.compute_dtype)
+        for pname, p in mod.named_parameters(recurse=False):
+            out[pre + pname] = _Target(mod, pname, False, tuple(p.shape), p.dtype)
+    return out
+
+
+def _plan(path, strength, model, targets, module_names):
+    """Validate one LoRA file against the model; returns (ops, unmatched keys). Changes nothing."""
+    sd = _read_lora_file(path)
+    groups, unknown = _group(sd, module_names)
+    ops, unmatched, bad_shape = [], list(unknown), []
+    for mpath, roles in groups.items():
+        if "down" in roles or "up" in roles:
+            if "down" not in roles or "up" not in roles:
+                unmatched.extend(k for k, _ in roles.values())
+                continue
+            tkey = keymap.target_param(mpath, "down")
+            t = targets.get(tkey)
+            (dk, down), (uk, up) = roles["down"], roles["up"]
+            if t is None:
+                unmatched.extend([dk, uk] + ([roles["alpha"][0]] if "alpha" in roles else []))
+            else:
+                rank = down.shape[0]
+                out_f, in_f = t.shape[0], int(torch.Size(t.shape[1:]).numel())
+                if up.shape[0] != out_f or up.flatten(1).shape[1] != rank or down.flatten(1).shape[1] != in_f:
+                    bad_shape.append(f"{dk}: up {tuple(up.shape)} / down {tuple(down.shape)} vs weight {t.shape}")
+                else:
+                    alpha = float(roles["alpha"][1]) if "alpha" in roles else float(rank)
+                    ops.append(("lowrank", tkey, t, (up, down), strength * alpha / rank))
+        elif "alpha" in roles:
+            unmatched.append(roles["alpha"][0])
+        for role in ("diff", "diff_b", "diff_m"):
+            if role not in roles:
+                continue
+            fk, delta = roles[role]
+            tkey = keymap.target_param(mpath, role)
+            t = targets.get(tkey)
+            if t is None:
+                unmatched.append(fk)
+            elif delta.numel() != torch.Size(t.shape).numel():
+                bad_shape.append(f"{fk}: {tuple(delta.shape)} vs {tkey} {t.shape}")
+            else:
+                ops.append(("diff", tkey, t, (delta,), strength))
+    if bad_shape:
+        raise CheckpointError(path, f"LoRA does not fit this model ({len(bad_shape)} shape mismatches, e.g. "
+                                    f"{bad_shape[:3]}): it was made for another model or model size")
+    if not ops:
+        raise CheckpointError(path, f"LoRA matches no weight of this SteadyDancer model ({len(sd)} keys, e.g. "
+                                    f"{sorted(sd)[:3]}): it is for another model or an unknown key layout")
+    return ops, unmatched
+
+
+@torch.no_grad()
+def apply_loras(model: nn.Module, loras) -> nn.Module:
+    """Apply ``[(path, strength), ...]`` to ``model`` in order (stackable); returns the model.
+
+    All files are validated before the first one is applied, so a bad file leaves the model untouched.
+    """
+    loras = [(p, float(s)) for p, s in loras]
+    targets = _targets(model)
+    module_names = [n for n, _ in model.named_modules() if n]
+    plans = []
+    for path, strength in loras:
+        if not os.path.exists(str(path)):
+            raise CheckpointError(path, "no such LoRA file")
+        ops, unmatched = _plan(path, strength, model, targets, module_names)
+        if unmatched:
+            warnings.warn(f"{path}: {len(unmatched)} LoRA keys match no weight of the model and were ignored: "
+                          f"{sorted(unmatched)}", LoraKeyWarning, stacklevel=2)
+        plans.append(ops)
+    for ops in plans:
+        for kind, tkey, t, tensors, scale in ops:
+            if scale == 0.0:
+                continue
+            if t.quant:
+                t.module.add_patch("lowrank" if kind == "lowrank" else "diff", tensors, scale)
+                continue
+            p = getattr(t.module, t.name)
+            dev = p.device
+            if kind == "lowrank":
+                up, down = (x.to(dev, torch.float32) for x in tensors)
+                delta = (up.flatten(1) @ down.flatten(1)).reshape(p.shape)
+            else:
+                delta = tensors[0].to(dev, torch.float32).reshape(p.shape)
+            p.data.copy_((p.data.to(torch.float32) + delta * scale).to(p.dtype))
+    return model

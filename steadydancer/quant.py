@@ -1,0 +1,239 @@
+"""Quantized weights kept in their stored form and dequantized per layer at forward time.
+
+- :class:`QuantLinear` / :class:`QuantConv` replace ``nn.Linear`` / ``nn.Conv{2,3}d`` in place. Their
+  ``weight`` buffer holds the stored bytes (fp8 tensor, or packed GGML blocks as ``uint8``), plus
+  ``weight_scale`` (fp8). At every forward the weight is dequantized to the layer's compute dtype, LoRA
+  runtime patches are added, and the ordinary float op runs.
+- GGUF dequantization uses diffusers' pure-torch GGML block decoders
+  (``diffusers.quantizers.gguf.utils.dequantize_functions``), evaluated in float32 so the result is
+  bit-identical to gguf-py's reference ``gguf.quants.dequantize`` (checked in the tests), then cast.
+- fp8: ``weight.float() * scale`` then cast (one rounding). Optional fp8 matmul through
+  ``torch._scaled_mm`` (:func:`fp8_linear`) for ``float8_e4m3fn`` weights with a per-tensor scale:
+  the activation is quantized per tensor to e4m3 on the fly; used only where the device has fp8
+  tensor cores (CUDA capability >= 8.9) unless forced, and never while a LoRA patch is active.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _gguf():
+    import gguf
+    return gguf
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_types():
+    try:
+        gguf = _gguf()
+    except ImportError:
+        return ()
+    Q = gguf.GGMLQuantizationType
+    return (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+class _LazyTypes:
+    """``GGUF_QUANT_TYPES`` without importing gguf at module import time."""
+
+    def __iter__(self):
+        return iter(_gguf_types())
+
+    def __contains__(self, item):
+        return item in _gguf_types()
+
+
+GGUF_QUANT_TYPES = _LazyTypes()
+
+
+@functools.lru_cache(maxsize=None)
+def _diffusers_dequant():
+    try:
+        from diffusers.quantizers.gguf.utils import GGML_QUANT_SIZES, dequantize_functions
+    except ImportError as e:  # pragma: no cover - environment problem, reported clearly
+        raise ImportError("dequantizing GGUF weights needs 'diffusers' (its GGUF utilities) and 'gguf'") from e
+    return dequantize_functions, GGML_QUANT_SIZES
+
+
+def dequantize_gguf(raw: torch.Tensor, qtype: int, shape, dtype=torch.float32) -> torch.Tensor:
+    """Packed GGML blocks (``uint8``, any shape) -> float tensor of ``shape`` in ``dtype``.
+
+    Decoded in float32 by diffusers' block decoders, then cast once.
+    """
+    fns, sizes = _diffusers_dequant()
+    gguf = _gguf()
+    qt = gguf.GGMLQuantizationType(int(qtype))
+    block_size, type_size = sizes[qt]
+    blocks = raw.reshape(-1, type_size)
+    out = fns[qt](blocks, block_size, type_size, dtype=torch.float32)
+    out = out.reshape(tuple(shape))
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def dequantize_fp8(w: torch.Tensor, scale, dtype) -> torch.Tensor:
+    out = w.to(torch.float32)
+    if scale is not None:
+        s = scale.to(device=w.device, dtype=torch.float32)
+        if s.numel() > 1 and s.dim() == 1 and w.dim() >= 2 and s.shape[0] == w.shape[0]:
+            s = s.view(-1, *([1] * (w.dim() - 1)))  # per-output-channel scales
+        out = out * s
+    return out.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 matmul
+# ---------------------------------------------------------------------------------------------
+FP8_E4M3_MAX = 448.0
+
+
+def fp8_matmul_supported(device) -> bool:
+    """fp8 tensor cores (Ada / Hopper / Blackwell: CUDA capability >= 8.9) and ``torch._scaled_mm``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return _cuda_fp8_capable(device.index if device.index is not None else -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fp8_capable(index: int) -> bool:
+    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
+        return False
+    dev = torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
+    return torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """``x @ (w_fp8 * w_scale).T + bias`` on fp8 tensor cores: x is quantized per tensor to e4m3.
+
+    The activation is scaled in its own dtype (no float32 copy of a [tokens, 13824] activation); the scale
+    handed to ``_scaled_mm`` is the same rounded value that was divided by, so only the e4m3 rounding of x
+    (3 mantissa bits) and of w remains.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    amax = x2.abs().amax()
+    x_scale = torch.clamp(amax.to(torch.float32) / FP8_E4M3_MAX, min=1e-12).to(x2.dtype)
+    xq = (x2 / x_scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale.to(torch.float32),
+                           scale_b=w_scale.to(torch.float32).reshape(()), out_dtype=out_dtype)
+    if isinstance(out, tuple):  # older torch returned (out, amax)
+        out = out[0]
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*shape[:-1], w_fp8.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA runtime patches (shared by the quantized layers)
+# ---------------------------------------------------------------------------------------------
+class _Patched(nn.Module):
+    """Mixin: weight dequantization + LoRA runtime patches as buffers (they follow .to() / block swap)."""
+
+    def _init_quant(self, qkind, qtype, weight_shape, compute_dtype):
+        self.qkind = qkind              # "fp8" | "gguf"
+        self.qtype = qtype              # torch fp8 dtype or GGML type int
+        self.weight_shape = tuple(weight_shape)
+        self.compute_dtype = compute_dtype
+        self.fp8_matmul = False
+        self._patches = []              # (kind, buffer names, scale)
+        self.register_buffer("weight", None)
+        self.register_buffer("weight_scale", None)
+
+    def add_patch(self, kind, tensors, scale):
+        """kind 'lowrank': tensors (up, down); kind 'diff': (delta,). Stored in the compute dtype."""
+        names = []
+        for t in tensors:
+            name = f"lora_{len(self._patches)}_{len(names)}"
+            self.register_buffer(name, t.detach().to(device=self.weight.device, dtype=self.compute_dtype))
+            names.append(name)
+        self._patches.append((kind, tuple(names), float(scale)))
+
+    def clear_patches(self):
+        for _, names, _ in self._patches:
+            for n in names:
+                delattr(self, n)
+        self._patches = []
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        has_patch = bool(self._patches)
+        base_dtype = torch.float32 if has_patch else dtype
+        if self.qkind == "fp8":
+            w = dequantize_fp8(self.weight, self.weight_scale, base_dtype).reshape(self.weight_shape)
+        else:
+            w = dequantize_gguf(self.weight, self.qtype, self.weight_shape, base_dtype)
+        if has_patch:
+            w = w + self.patch_delta(torch.float32)
+            w = w.to(dtype)
+        return w
+
+    def patch_delta(self, dtype=torch.float32) -> torch.Tensor:
+        delta = None
+        for kind, names, scale in self._patches:
+            ts = [getattr(self, n).to(dtype) for n in names]
+            if kind == "lowrank":
+                up, down = ts
+                d = (up.flatten(1) @ down.flatten(1)).reshape(self.weight_shape)
+            else:
+                d = ts[0].reshape(self.weight_shape)
+            d = d * scale
+            delta = d if delta is None else delta + d
+        return delta
+
+    def extra_repr(self):
+        q = self.qtype if self.qkind == "fp8" else _gguf().GGMLQuantizationType(self.qtype).name
+        return f"{self.weight_shape}, stored={q}, compute={self.compute_dtype}, patches={len(self._patches)}"
+
+
+class QuantLinear(_Patched):
+    def __init__(self, in_features, out_features, bias: bool, qkind, qtype, compute_dtype, device="meta"):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._init_quant(qkind, qtype, (out_features, in_features), compute_dtype)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x):
+        cd = self.compute_dtype
+        if (self.fp8_matmul and self.qkind == "fp8" and self.qtype == torch.float8_e4m3fn and not self._patches
+                and self.weight_scale is not None and self.weight_scale.numel() == 1
+                and self.in_features % 16 == 0 and self.out_features % 16 == 0
+                and fp8_matmul_supported(x.device)):
+            return fp8_linear(x.to(cd), self.weight, self.weight_scale, self.bias, cd)
+        w = self.dequantized_weight(cd)
+        b = self.bias.to(cd) if self.bias is not None else None
+        return F.linear(x.to(cd), w, b)
+
+
+class QuantConv(_Patched):
+    """Quantized ``nn.Conv3d`` / ``nn.Conv2d`` (the patch embeddings)."""
+
+    def __init__(self, conv: nn.Module, qkind, qtype, compute_dtype, device="meta"):
+        super().__init__()
+        self.dims = 3 if isinstance(conv, nn.Conv3d) else 2
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self._init_quant(qkind, qtype, tuple(conv.weight.shape), compute_dtype)
+        self.bias = nn.Parameter(torch.empty(conv.out_channels, device=device, dtype=compute_dtype),
+                                 requires_grad=False) if conv.bias is not None else None
+
+    def forward(self, x):
+        cd = self.compute_dtype
+        w = self.dequantized_weight(cd)
+        b = self.bias.to(cd) if self.bias is not None else None
+        op = F.conv3d if self.dims == 3 else F.conv2d
+        return op(x.to(cd), w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def quantize_fp8(w: torch.Tensor, dtype=torch.float8_e4m3fn):
+    """Per-tensor absmax-scaled fp8 (ComfyUI/Kijai convention: stored = w / scale, scale = amax / fmax)."""
+    fmax = torch.finfo(dtype).max
+    w32 = w.to(torch.float32)
+    scale = torch.clamp(w32.abs().amax() / fmax, min=1e-12)
+    q = (w32 / scale).clamp(-fmax, fmax).to(dtype)
+    return q, scale.reshape(1)

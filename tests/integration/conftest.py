@@ -1,0 +1,48 @@
+"""Session fixture ``comfy``: a real ComfyUI server with this pack (see comfyui_harness.py)."""
+import shutil
+
+import pytest
+
+from comfyui_harness import (FIXTURE_FOLDER, PACK_FOLDER, PACK_ROOT, HERE, Comfy, ModelShelf, comfyui_path, models,
+                     required_models, run_workflow)
+
+
+def _server_python(comfy):
+    return run_workflow.comfy_python(comfy)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    path = comfyui_path()
+    python = _server_python(path)
+    base = tmp_path_factory.mktemp("comfy_base")
+    for d in ("custom_nodes", "models", "input", "output", "user", "temp"):
+        (base / d).mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(PACK_ROOT, target_is_directory=True)
+    (base / "custom_nodes" / FIXTURE_FOLDER).symlink_to(HERE / "fixture_pack", target_is_directory=True)
+
+    shelf = ModelShelf(base / "models", path, python, cache=base / "model_cache")
+    for directory, name in sorted(required_models()):
+        if shelf.place(directory, name) is None:
+            # umt5 / CLIP vision: never loaded (the fixture encoders replace them), but present as files so the
+            # frontend and the run command's pre-check see a complete install
+            (base / "models" / directory).mkdir(parents=True, exist_ok=True)
+            (base / "models" / directory / name).write_bytes(b"")
+    shelf.place("vae", "tiny_wan21_vae.safetensors", kind="vae")         # for the native-only test
+    shelf.place("diffusion_models", "tiny_steadydancer_slow.safetensors", kind="dit")   # /interrupt test
+    # a file that exists but is not a SteadyDancer DiT (the execution-error test)
+    if "vae" in shelf.built:
+        (base / "models" / "diffusion_models").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shelf.built["vae"], base / "models" / "diffusion_models" / "some_other_model.safetensors")
+
+    image, video = models.build_media(base / "input" / "reference.png", base / "input" / "dance.mp4")
+    server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=True,
+                                      extra_args=["--database-url", "sqlite:///:memory:"],
+                                      log_path=base / "server.log")
+    server.start(timeout=240)
+    try:
+        yield Comfy(server, base, shelf)
+    finally:
+        server.stop()
+
+

@@ -1,0 +1,178 @@
+"""Both shipped API workflows on tiny models in a real ComfyUI: success and a video of the right size, clear
+errors for a missing / wrong model file, /interrupt within one step, and the run command end to end.
+
+The umt5 text encoder and CLIP vision are replaced by the fixture nodes (same output types and shapes); every
+other node, including VAELoader/VAEDecode/CreateVideo/SaveVideo and the pack's own nodes, is the real one.
+"""
+import json
+import time
+
+import pytest
+
+from comfyui_harness import WORKFLOWS, api_workflow, models, nodes_of, run_workflow, small
+
+W, H, LENGTH = 64, 96, 9
+STEPS = {"steadydancer-dance": 3, "steadydancer-turbo": 4}
+
+
+def _ready(comfy):
+    comfy.need("dit", "vae", "det", "pose")
+
+
+def _loader(prompt):
+    (nid,) = nodes_of(prompt, "SteadyDancerModelLoader")
+    return nid
+
+
+def _sampler(prompt):
+    ids = nodes_of(prompt, "SteadyDancerSampler") + nodes_of(prompt, "SteadyDancerTurboSampler")
+    (nid,) = ids
+    return nid
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
+    _ready(comfy)
+    if name.endswith("turbo"):
+        comfy.need("lora")
+    prompt = small(api_workflow(name), W, H, LENGTH, steps=STEPS[name])
+    t0 = time.monotonic()
+    hist, events = comfy.run(prompt, timeout=900)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    videos = [f for f in run_workflow.output_files(hist) if f["filename"].endswith((".mp4", ".webm", ".mkv"))]
+    assert len(videos) == 1, run_workflow.output_files(hist)
+    n, w, h, fps = models.video_info(comfy.output_path(videos[0]))
+    assert (n, w, h) == (LENGTH, W, H), f"{name}: {n} frames {w}x{h} in {time.monotonic() - t0:.1f} s"
+    sampler = _sampler(prompt)
+    steps = [d for t, d in events if t == "progress" and str(d.get("node")) == sampler]
+    assert steps and steps[-1]["value"] == steps[-1]["max"], steps
+
+
+def test_out_of_range_input_on_our_node_is_a_validation_error(comfy):
+    prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
+    sampler = _sampler(prompt)
+    prompt[sampler]["inputs"]["steps"] = 50                       # the turbo sampler takes 1-8
+    with pytest.raises(run_workflow.PromptRejected) as e:
+        comfy.client.queue(prompt)
+    body = e.value.body
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    (err,) = body["node_errors"][sampler]["errors"]
+    assert err["type"] == "value_bigger_than_max" and "steps" in err["details"], err
+    assert "node" in str(e.value) and "steps" in str(e.value)     # the run command's message names it
+
+
+def test_missing_model_file_is_named_before_and_at_queue_time(comfy, tmp_path, capsys):
+    prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
+    loader = _loader(prompt)
+    prompt[loader]["inputs"]["model_name"] = "SteadyDancer_missing_fp8.safetensors"
+    # the server: a validation error naming the input and the file
+    with pytest.raises(run_workflow.PromptRejected) as e:
+        comfy.client.queue(prompt)
+    errs = e.value.body["node_errors"][loader]["errors"]
+    assert errs[0]["type"] == "value_not_in_list"
+    assert "SteadyDancer_missing_fp8.safetensors" in errs[0]["details"]
+    # the run command: refuses before queueing, says which folder (and the download URL when it knows one)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(prompt))
+    rc = run_workflow.main([str(wf), "--server", comfy.url, "--output", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert "SteadyDancer_missing_fp8.safetensors" in err and "missing model file" in err
+    assert "models/" in err
+
+
+def test_wrong_model_file_is_a_clear_execution_error(comfy):
+    _ready(comfy)
+    prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=2)
+    loader = _loader(prompt)
+    prompt[loader]["inputs"]["model_name"] = "some_other_model.safetensors"     # a Wan VAE, not a DiT
+    with pytest.raises(run_workflow.RunError) as e:
+        comfy.run(prompt)
+    msg = str(e.value)
+    assert f"node {loader} (SteadyDancerModelLoader) failed" in msg, msg
+    detail = msg.split("failed:", 1)[1].strip()
+    # a message for the user, not a Python slip from deep inside the loader
+    assert not detail.startswith(("AttributeError", "KeyError", "TypeError", "IndexError", "RuntimeError: Error(s) in loading")), msg
+    assert "some_other_model.safetensors" in detail or "not a SteadyDancer" in detail, msg
+
+
+def test_interrupt_during_sampling_stops_within_one_step(comfy):
+    _ready(comfy)
+    prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=8)
+    loader, sampler = _loader(prompt), _sampler(prompt)
+    prompt[loader]["inputs"]["model_name"] = "tiny_steadydancer_slow.safetensors"   # own cache entry
+    log = comfy.base / "temp" / "forward_calls.txt"
+    log.write_text("")
+    delay = 0.4
+    prompt["900"] = {"class_type": "SDTestSlowModel",
+                     "inputs": {"model": [loader, 0], "seconds_per_call": delay, "log_file": str(log)}}
+    prompt[sampler]["inputs"]["model"] = ["900", 0]
+    state = {}
+
+    def on_event(t, d):
+        if t == "progress" and str(d.get("node")) == sampler and d["value"] >= 2 and "t" not in state:
+            state["t"] = time.time()
+            state["step"] = d["value"]
+            comfy.client.interrupt()
+        if t == "execution_interrupted":
+            state["t_end"] = time.time()
+
+    with pytest.raises(run_workflow.RunError, match="interrupted"):
+        comfy.run(prompt, on_event=on_event, timeout=300)
+    assert "t" in state, "no sampler progress was seen"
+    calls = [float(x) for x in log.read_text().split()]
+    per_step = len([c for c in calls if c < state["t"]]) / state["step"]
+    after = [c for c in calls if c >= state["t"]]
+    print(f"interrupt at step {state['step']}: {len(calls) - len(after)} DiT calls before ({per_step:.1f}/step), "
+          f"{len(after)} after, stopped {state['t_end'] - state['t']:.2f} s later")
+    # The step in flight may finish; no further step may start. The official sampler evaluates the DiT at
+    # most 3 times per step (positive, text-negative, pose-negative), 2 outside the pose-guidance window.
+    assert len(after) <= 3, (len(after), per_step)
+    assert len(calls) < 2 * 8, "the sampler ran (nearly) all 8 steps"
+    assert state["t_end"] - state["t"] < 4 * delay + 6.0          # generous: a busy 2-core box
+
+
+def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys):
+    """The README's run command against the running server, with a user's image and video."""
+    _ready(comfy)
+    comfy.need("lora")
+    prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
+    wf = tmp_path / "turbo_small.json"
+    wf.write_text(json.dumps(prompt))
+    img, vid = models.build_media(tmp_path / "me.png", tmp_path / "moves.mp4", width=80, height=128, frames=14)
+    out = tmp_path / "result.mp4"
+    rc = run_workflow.main([str(wf), "--server", comfy.url, "--image", str(img), "--video", str(vid),
+                            "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "queued" in err and "done in" in err
+    n, w, h, _ = models.video_info(out)
+    assert (n, w, h) == (LENGTH, W, H)
+    assert (comfy.base / "input" / "moves.mp4").exists() and (comfy.base / "input" / "me.png").exists()
+
+
+def test_run_command_starts_its_own_server_from_a_checkout(comfy, tmp_path, capsys):
+    """--comfyui PATH: start ComfyUI, run, save, stop (here with a native-only graph and the tiny VAE)."""
+    comfy.need("vae")
+    prompt = {
+        "1": {"class_type": "LoadVideo", "inputs": {"file": "dance.mp4"}},
+        "2": {"class_type": "GetVideoComponents", "inputs": {"video": ["1", 0]}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "tiny_wan21_vae.safetensors"}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0]}},
+        "5": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["3", 0]}},
+        "6": {"class_type": "CreateVideo", "inputs": {"images": ["5", 0], "fps": 8}},
+        "7": {"class_type": "SaveVideo", "inputs": {"video": ["6", 0], "filename_prefix": "video/own",
+                                                    "format": "auto", "format.codec": "auto", "codec": "auto"}},
+    }
+    wf = tmp_path / "native.json"
+    wf.write_text(json.dumps(prompt))
+    _, vid = models.build_media(tmp_path / "x.png", tmp_path / "clip.mp4", frames=9)
+    out = tmp_path / "own.mp4"
+    rc = run_workflow.main([str(wf), "--comfyui", str(comfy.server.comfyui_path), "--python", comfy.server.python,
+                            "--cpu", "--base-directory", str(comfy.base), "--video", str(vid),
+                            "--output", str(out), "--server-log", str(tmp_path / "own_server.log")])
+    err = capsys.readouterr().err
+    assert rc == 0, err + (tmp_path / "own_server.log").read_text()[-3000:]
+    assert "starting ComfyUI" in err
+    n, w, h, fps = models.video_info(out)
+    assert (n, w, h, fps) == (9, 96, 160, 8)

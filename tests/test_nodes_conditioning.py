@@ -1,0 +1,79 @@
+"""The conditioning node on ComfyUI-shaped inputs: every DiT tensor checked against an independent recomputation
+(official semantics, ComfyUI's Wan21 latent normalization constants)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from test_nodes_support import FakeWanVAE, clip_vision_output, comfy_process_in, text_conditioning
+
+pytest.importorskip("steadydancer_turbo.steadydancer.conditioning")
+pack = importlib.import_module("steadydancer_turbo")
+
+
+def _cond_inputs(W=32, H=48, F=9, seed=0, neg=True, n_text=(7, 5)):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.rand(1, H, W, 3, generator=g)
+    poses = torch.rand(F, H, W, 3, generator=g)
+    negs = torch.rand(F, H, W, 3, generator=g) if neg else None
+    return dict(positive=text_conditioning(n_text[0], 1), negative=text_conditioning(n_text[1], 2), vae=FakeWanVAE(3),
+                clip_vision_reference=clip_vision_output(4), clip_vision_pose=clip_vision_output(5),
+                reference_image=ref, pose_frames=poses, width=W, height=H, length=F, fit="crop",
+                negative_pose_frames=negs)
+
+
+def test_conditioning_node_builds_official_tensors():
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
+    inp = _cond_inputs()
+    bundle, w, h, n = node.build(**inp)
+    c = bundle.cond
+    vae = FakeWanVAE(3)  # same weights, fresh: expected values computed independently of the node
+    ref, poses = inp["reference_image"], inp["pose_frames"]
+    T, lh, lw = 3, 6, 4
+    assert (w, h, n) == (32, 48, 9)
+    # text: the real tokens of the 512-row ComfyUI conditioning, nothing else
+    assert c.context.shape == (1, 7, 4096) and c.context_null.shape == (1, 5, 4096)
+    assert torch.equal(c.context, inp["positive"][0][0][:, :7])
+    assert torch.equal(c.context_null, inp["negative"][0][0][:, :5])
+    assert torch.equal(c.clip_fea, inp["clip_vision_reference"].penultimate_hidden_states)
+    assert torch.equal(c.clip_fea_c, inp["clip_vision_pose"].penultimate_hidden_states)
+    # y = cat(mask, latent(ref + gray frames)); mask 1 on latent frame 0 only
+    assert c.y.shape == (1, 20, T, lh, lw)
+    assert torch.equal(c.y[0, :4, 0], torch.ones(4, lh, lw)) and c.y[0, :4, 1:].abs().max() == 0
+    clip = torch.cat([ref, torch.full((8, h, w, 3), 0.5)])
+    torch.testing.assert_close(c.y[:, 4:].double(), comfy_process_in(vae.encode(clip)), rtol=1e-5, atol=1e-5)
+    zr = comfy_process_in(vae.encode(ref))
+    torch.testing.assert_close(c.ref_x.double(), torch.cat([zr, torch.ones(1, 4, 1, lh, lw, dtype=torch.float64), zr], 1),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.ref_c[:, :16].double(), comfy_process_in(vae.encode(poses[:1])), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.cond_pos.double(), comfy_process_in(vae.encode(poses)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.cond_neg.double(), comfy_process_in(vae.encode(inp["negative_pose_frames"])),
+                               rtol=1e-5, atol=1e-5)
+    assert bundle.latent_shape == (16, T, lh, lw)
+
+
+def test_conditioning_node_adjusts_length_and_size():
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
+    inp = _cond_inputs(F=11, neg=False)
+    inp.update(length=81, width=40, height=50)  # 11 pose frames -> 9; 40x50 -> 48x48 (multiples of 16)
+    bundle, w, h, n = node.build(**inp)
+    assert (w, h, n) == (48, 48, 9)
+    assert bundle.cond.y.shape == (1, 20, 3, 6, 6) and bundle.cond.cond_neg is None
+
+
+def test_conditioning_node_cuts_long_text_to_512_and_rejects_wrong_encoders():
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
+    inp = _cond_inputs()
+    inp["positive"] = text_conditioning(600, 9)
+    bundle, *_ = node.build(**inp)
+    assert bundle.cond.context.shape == (1, 512, 4096)
+    inp = _cond_inputs()
+    inp["positive"] = [[torch.randn(1, 77, 768), {}]]
+    with pytest.raises(ValueError, match="umt5"):
+        node.build(**inp)
+    inp = _cond_inputs()
+    inp["clip_vision_pose"] = clip_vision_output(1, dim=1024)
+    with pytest.raises(ValueError, match="clip_vision_h"):
+        node.build(**inp)

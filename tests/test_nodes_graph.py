@@ -1,0 +1,260 @@
+"""Both shipped API graphs executed through our node functions on CPU, with tiny real-format models.
+
+Our nodes run for real: DWPose on tiny ONNX models with the real I/O layout, retargeting, the conditioning
+node, the model loader reading a tiny SteadyDancer .safetensors (official key names), a real-format LoRA file
+for the turbo graph, and both samplers. The ComfyUI core nodes around them are replaced by stand-ins that
+return what ComfyUI 0.33 returns (see test_nodes_support.py). The LATENT must have the Wan2.1 shape and be in
+ComfyUI's convention: the core sampler's normalized result de-normalized with ComfyUI's own Wan21 constants.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from test_nodes_support import FakeWanVAE, clip_vision_output, comfy_process_out, text_conditioning
+
+pytest.importorskip("onnx")
+pytest.importorskip("steadydancer_turbo.steadydancer.model")
+pytest.importorskip("steadydancer_turbo.steadydancer.loader")
+pytest.importorskip("steadydancer_turbo.steadydancer.sampling")
+pytest.importorskip("steadydancer_turbo.turbo.rcm")
+pytest.importorskip("steadydancer_turbo.dwpose.pipeline")
+M = pytest.importorskip("dwpose_onnx_models")  # tiny ONNX builders shared with the DWPose tests
+
+from safetensors.torch import save_file  # noqa: E402
+
+pack = importlib.import_module("steadydancer_turbo")
+cb = importlib.import_module("steadydancer_turbo.nodes.comfy_bridge")
+from steadydancer_turbo.steadydancer import sampling  # noqa: E402
+from steadydancer_turbo.steadydancer.config import SteadyDancerConfig  # noqa: E402
+from steadydancer_turbo.steadydancer.model import SteadyDancerDiT  # noqa: E402
+from steadydancer_turbo.turbo import rcm  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+W, H, FRAMES = 32, 48, 9  # output size and frames for the test runs (latent 16 x 3 x 6 x 4)
+SRC_W, SRC_H = 48, 64  # reference / driving frames
+
+# A standing figure in the pose model's 288x384 crop (COCO-17), hands and face planted around wrists / nose.
+BODY = [(144, 60), (152, 52), (136, 52), (160, 56), (128, 56), (176, 100), (112, 100), (196, 150), (92, 150),
+        (204, 200), (84, 200), (164, 200), (124, 200), (166, 270), (122, 270), (168, 340), (120, 340)]
+
+
+def _simcc():
+    pts = list(BODY)
+    pts += [(168 + i, 350) for i in range(3)] + [(120 - i, 350) for i in range(3)]  # feet 17-22
+    pts += [(134 + (i % 10) * 2, 50 + (i // 10) * 3) for i in range(68)]  # face 23-90
+    pts += [(204 + (i % 5), 204 + i) for i in range(21)]  # left hand 91-111
+    pts += [(84 - (i % 5), 204 + i) for i in range(21)]  # right hand 112-132
+    sx = np.full((133, 576), -1.0, np.float32)
+    sy = np.full((133, 768), -1.0, np.float32)
+    for k, (x, y) in enumerate(pts):
+        sx[k, 2 * x] = 1.0
+        sy[k, 2 * y] = 0.9
+    return sx, sy
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    r = min(640 / SRC_H, 640 / SRC_W)
+    box = np.array([6, 4, 42, 62], np.float64)  # the person in the 48x64 frames
+    raw = M.yolox_raw([box * r], [0.9], [np.eye(80)[0] * 0.9])
+    (d / "yolox_l.onnx").write_bytes(M.gated_detector(raw))
+    (d / "dw-ll_ucoco_384.onnx").write_bytes(M.planted_pose(*_simcc()))
+
+    torch.manual_seed(0)
+    dit = SteadyDancerDiT(SteadyDancerConfig.tiny(text_dim=4096)).eval()
+    with torch.no_grad():  # zero-initialised heads would make every output 0; use small random values
+        for p in dit.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(d / "steadydancer_tiny.safetensors"))
+
+    g = torch.Generator().manual_seed(1)
+    q = dit.blocks[0].self_attn.q
+    lora = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, q.in_features, generator=g) * 0.1,
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(q.out_features, 4, generator=g) * 0.1,
+            "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4.0)}
+    save_file(lora, str(d / "lora_tiny.safetensors"))
+    return d
+
+
+class FakeCore:
+    """ComfyUI core nodes of the graphs, returning ComfyUI 0.33-shaped values."""
+
+    def __init__(self):
+        self.saved = []
+        g = torch.Generator().manual_seed(7)
+        self.reference = torch.rand(1, SRC_H, SRC_W, 3, generator=g)
+        self.video = torch.rand(40, SRC_H, SRC_W, 3, generator=g)  # 40 frames at 24 fps -> 26 at 16 fps -> 9 used
+        self.vae = FakeWanVAE(3)
+
+    def run(self, cls, inp):
+        if cls == "LoadImage":
+            return (self.reference, torch.zeros(1, SRC_H, SRC_W))
+        if cls == "LoadVideo":
+            return ("VIDEO",)
+        if cls == "GetVideoComponents":
+            return (self.video, None, 24.0, 8, "sRGB")
+        if cls in ("CLIPLoader", "CLIPVisionLoader"):
+            return (cls,)
+        if cls == "VAELoader":
+            return (self.vae,)
+        if cls == "CLIPTextEncode":
+            return (text_conditioning(min(512, len(inp["text"].split())), seed=len(inp["text"])),)
+        if cls == "CLIPVisionEncode":
+            assert inp["crop"] == "none"
+            return (clip_vision_output(seed=int(inp["image"].sum() * 1000) % 1000, batch=inp["image"].shape[0]),)
+        if cls == "ImageFromBatch":
+            i, n = inp["batch_index"], inp["length"]
+            return (inp["image"][i:i + n],)
+        if cls == "VAEDecode":
+            images = inp["vae"].decode(inp["samples"]["samples"])
+            return (images.reshape(-1, *images.shape[-3:]),)
+        if cls == "CreateVideo":
+            return ((inp["images"], inp["fps"]),)
+        if cls == "SaveVideo":
+            self.saved.append(inp["video"])
+            return ()
+        raise KeyError(cls)
+
+
+def run_graph(api: dict, core: FakeCore):
+    outputs = {}
+
+    def ev(nid):
+        if nid in outputs:
+            return outputs[nid]
+        node = api[nid]
+        inp = {}
+        for k, v in node["inputs"].items():
+            inp[k] = ev(v[0])[v[1]] if isinstance(v, list) else v
+        cls = node["class_type"]
+        if cls in pack.NODE_CLASS_MAPPINGS:
+            c = pack.NODE_CLASS_MAPPINGS[cls]
+            if "hidden" in c.INPUT_TYPES():
+                inp["unique_id"] = nid
+            outputs[nid] = getattr(c(), c.FUNCTION)(**inp)
+        else:
+            outputs[nid] = core.run(cls, inp)
+        return outputs[nid]
+
+    for nid in api:
+        ev(nid)
+    return outputs
+
+
+def prepare(name, models, steps=None):
+    api = json.loads((ROOT / "workflows_api" / f"{name}.json").read_text())
+    api = copy.deepcopy(api)
+    for node in api.values():
+        i, c = node["inputs"], node["class_type"]
+        if c == "SteadyDancerModelLoader":
+            i["model_name"] = str(models / "steadydancer_tiny.safetensors")
+            i["compute_dtype"] = "fp32"
+        elif c == "SteadyDancerLoraLoader":
+            i["lora_name"] = str(models / "lora_tiny.safetensors")
+        elif c == "SteadyDancerPoseExtract":
+            i["detector"] = str(models / i["detector"])
+            i["estimator"] = str(models / i["estimator"])
+            i["providers"] = "cpu"
+        elif c == "SteadyDancerPoseRetarget":
+            i.update(width=W, height=H)
+        elif c == "SteadyDancerResampleFrames":
+            i["max_frames"] = FRAMES
+        elif c in ("SteadyDancerSampler", "SteadyDancerTurboSampler") and steps:
+            i["steps"] = steps
+    return api
+
+
+def _ids(api, cls):
+    return [k for k, v in api.items() if v["class_type"] == cls]
+
+
+@pytest.mark.parametrize("name,sampler", [("steadydancer-dance", "SteadyDancerSampler"),
+                                          ("steadydancer-turbo", "SteadyDancerTurboSampler")])
+def test_shipped_graph_runs_on_tiny_models(name, sampler, models, monkeypatch):
+    api = prepare(name, models, steps=5 if sampler == "SteadyDancerSampler" else None)
+    core = FakeCore()
+    seen = {}
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            seen["kwargs"] = kwargs
+            seen["x"] = fn(*args, **kwargs)
+            return seen["x"]
+        return wrapped
+
+    monkeypatch.setattr(sampling, "sample_official", spy(sampling.sample_official))
+    monkeypatch.setattr(rcm, "sample_rcm", spy(rcm.sample_rcm))
+    out = run_graph(api, core)
+
+    # poses: one person per frame, drawn at the reference size, negatives differ from positives
+    for nid in _ids(api, "SteadyDancerPoseExtract"):
+        poses, img = out[nid]
+        assert all(len(p["people"]) == 1 for p in poses)
+        assert img.ndim == 4 and img.shape[-1] == 3 and img.max() > 0
+    ref, pos, neg, aligned = out[_ids(api, "SteadyDancerPoseRetarget")[0]]
+    assert ref.shape == (1, H, W, 3)
+    assert pos.shape == (FRAMES, H, W, 3) and neg.shape == pos.shape
+    assert pos.max() > 0 and not torch.equal(pos, neg)
+
+    bundle, w, h, n = out[_ids(api, "SteadyDancerConditioning")[0]]
+    assert (w, h, n) == (W, H, FRAMES)
+    samples = out[_ids(api, sampler)[0]][0]["samples"]
+    assert samples.shape == (1, 16, 3, H // 8, W // 8) and torch.isfinite(samples).all()
+
+    # the node passed its widgets to the core sampler and returned its result in ComfyUI's (raw VAE) convention
+    node = api[_ids(api, sampler)[0]]["inputs"]
+    kw = seen["kwargs"]
+    assert kw["seed"] == node["seed"] and kw["steps"] == node["steps"] and kw["shift"] == node["shift"]
+    if sampler == "SteadyDancerSampler":
+        g = kw["guidance"]
+        assert (g.text_scale, g.pose_scale, g.pose_start, g.pose_end) == (
+            node["text_guidance"], node["pose_guidance"], node["pose_guidance_start"], node["pose_guidance_end"])
+        assert kw["solver"] == node["solver"] and bundle.cond.cond_neg is not None
+    else:
+        assert (kw["sigma_max"], kw["mode"], kw["schedule"]) == (node["sigma_max"], node["mode"], node["schedule"])
+        assert pack.nodes.model_nodes._CACHE.loras  # the LoRA was applied
+    torch.testing.assert_close(samples.double(), comfy_process_out(seen["x"]), rtol=1e-5, atol=1e-5)
+
+    # VAEDecode -> CreateVideo -> SaveVideo got the frames
+    (frames, fps), = core.saved
+    assert frames.shape == (FRAMES, H, W, 3) and fps == 16
+
+
+def test_interrupt_stops_within_one_step(models, monkeypatch):
+    api = prepare("steadydancer-turbo", models)
+    core = FakeCore()
+    sampler_id = _ids(api, "SteadyDancerTurboSampler")[0]
+    pre = {k: v for k, v in api.items() if k != sampler_id and api[k]["class_type"] not in
+           ("VAEDecode", "CreateVideo", "SaveVideo")}
+    out = run_graph(pre, core)
+    model = out[_ids(api, "SteadyDancerLoraLoader")[0]][0]
+    bundle = out[_ids(api, "SteadyDancerConditioning")[0]][0]
+
+    class Interrupted(Exception):
+        pass
+
+    calls = {"check": 0, "forward": 0}
+
+    def check():
+        calls["check"] += 1
+        if calls["check"] == 3:  # 1 check before sampling, then one per finished step: stop after step 2
+            raise Interrupted()
+
+    monkeypatch.setattr(cb, "check_interrupt", check)
+    module = model.materialize()
+    h = module.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    try:
+        with pytest.raises(Interrupted):
+            pack.NODE_CLASS_MAPPINGS["SteadyDancerTurboSampler"]().sample(model, bundle, 1, 4, "shift", 5.0, 200.0, "sde")
+    finally:
+        h.remove()
+    assert calls["forward"] == 2

@@ -1,0 +1,293 @@
+"""The shipped workflows against our node definitions and a vendored description of the ComfyUI 0.33 core nodes.
+
+- example_workflows/*.json (UI format 0.4, what the frontend loads) must only use node types that exist, wire
+  outputs to inputs of the same type on the right slots, and carry exactly as many widget values as the frontend
+  expects (positional, incl. upload and control_after_generate extras and V3 dynamic-combo sub-widgets).
+- workflows_api/*.json (what POST /prompt takes) must equal the UI graph converted with the frontend's rules.
+  (The real frontend conversion runs in tests/integration with headless Chromium when a ComfyUI checkout exists.)
+
+Regenerate the API twins after editing a UI workflow: ``python tests/test_workflows.py --write``.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORE = ROOT / "tests" / "data" / "object_info_core_subset.json"
+UI_DIR = ROOT / "example_workflows"
+API_DIR = ROOT / "workflows_api"
+WORKFLOWS = ["steadydancer-dance", "steadydancer-turbo"]
+UI_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+FILE_COMBOS = {("VAELoader", "vae_name"), ("CLIPLoader", "clip_name"), ("CLIPVisionLoader", "clip_name")}  # server's files
+MODEL_FOLDERS = {"text_encoders", "clip_vision", "vae", "diffusion_models", "loras", "dwpose"}
+
+
+# ------------------------------------------------------------------------------------------- object_info
+def pack_object_info() -> dict:
+    """What ComfyUI's /object_info reports for our V1 nodes (server.node_info), built from the classes."""
+    import steadydancer_turbo as pack
+
+    info = {}
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        info[name] = {
+            "input": spec,
+            "input_order": {k: list(v.keys()) for k, v in spec.items()},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "name": name,
+            "display_name": pack.NODE_DISPLAY_NAME_MAPPINGS.get(name, name),
+            "category": cls.CATEGORY,
+            "output_node": getattr(cls, "OUTPUT_NODE", False),
+        }
+    return info
+
+
+def object_info() -> dict:
+    info = json.loads(CORE.read_text())
+    ours = pack_object_info()
+    assert not set(info) & set(ours)
+    info.update(ours)
+    return info
+
+
+def _inputs(node_info: dict) -> list[tuple[str, list, bool]]:
+    """(name, spec, optional) in the order the frontend creates them (input_order if present)."""
+    spec = node_info["input"]
+    order = node_info.get("input_order") or {k: list(v) for k, v in spec.items()}
+    out = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            out.append((name, spec[section][name], section == "optional"))
+    return out
+
+
+def _type(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def _opts(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def is_widget(spec) -> bool:
+    t = _type(spec)
+    return (t in WIDGET_TYPES or t == DYNAMIC_COMBO) and not _opts(spec).get("forceInput", False)
+
+
+def combo_options(spec) -> list:
+    return spec[0] if isinstance(spec[0], list) else _opts(spec).get("options", [])
+
+
+def widget_values_to_api(node_info: dict, values: list, linked: set) -> dict:
+    """Map positional widgets_values to API inputs the way the frontend's graphToPrompt does."""
+    values = list(values)
+    out = {}
+
+    def take(name, spec, prefix=""):
+        if not values:
+            raise AssertionError(f"too few widget values at {prefix}{name}")
+        v = values.pop(0)
+        key = prefix + name
+        if key not in linked:
+            out[key] = v
+        t, o = _type(spec), _opts(spec)
+        if t == "INT" and o.get("control_after_generate"):
+            values.pop(0)  # "fixed" / "randomize" ...: UI only
+        if o.get("image_upload") or o.get("video_upload"):
+            values.pop(0)  # the upload button's value: UI only
+        if t == DYNAMIC_COMBO:
+            chosen = [opt for opt in o["options"] if opt["key"] == v]
+            assert chosen, f"{key}: {v!r} is not one of {[x['key'] for x in o['options']]}"
+            inner = chosen[0]["inputs"]
+            for section in ("required", "optional"):
+                for sub, sub_spec in inner.get(section, {}).items():
+                    if is_widget(sub_spec):
+                        take(sub, sub_spec, key + ".")
+
+    for name, spec, _ in _inputs(node_info):
+        if is_widget(spec):
+            if _opts(spec).get("hidden") and not values:
+                # a hidden legacy widget (SaveVideo's top-level codec): the frontend creates it with its default
+                # and exports it (verified with frontend 1.49.6: "codec": "auto" next to "format.codec")
+                default = _opts(spec).get("default", (combo_options(spec) or [{"key": None}])[0])
+                out[name] = default["key"] if isinstance(default, dict) else default
+                continue
+            take(name, spec)
+    if values:
+        raise AssertionError(f"{len(values)} widget values left over: {values}")
+    return out
+
+
+def ui_to_api(ui: dict, info: dict) -> dict:
+    links = {l[0]: l for l in ui["links"]}
+    api = {}
+    for node in sorted(ui["nodes"], key=lambda n: n["id"]):
+        if node["type"] in UI_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        ni = info[node["type"]]
+        linked = {}
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                l = links[inp["link"]]
+                linked[inp["name"]] = [str(l[1]), l[2]]
+        inputs = widget_values_to_api(ni, node.get("widgets_values", []), set(linked))
+        inputs.update(linked)
+        ordered = {}
+        for name, _, _ in _inputs(ni):
+            for k in list(inputs):
+                if k == name or k.startswith(name + "."):
+                    ordered[k] = inputs.pop(k)
+        ordered.update(inputs)
+        api[str(node["id"])] = {"inputs": ordered, "class_type": node["type"],
+                                "_meta": {"title": node.get("title") or ni.get("display_name") or node["type"]}}
+    return api
+
+
+# ------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def info():
+    return object_info()
+
+
+def load_ui(name):
+    return json.loads((UI_DIR / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_is_a_valid_graph(name, info):
+    ui = load_ui(name)
+    assert ui["version"] == 0.4
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"])
+    assert ui["last_node_id"] >= max(nodes)
+    assert ui["last_link_id"] >= max(l[0] for l in ui["links"])
+    for n in ui["nodes"]:
+        assert n["type"] in info or n["type"] in UI_ONLY, f"unknown node type {n['type']}"
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        s, d = nodes[src], nodes[dst]
+        s_out = info[s["type"]]["output"]
+        assert src_slot < len(s_out) and s_out[src_slot] == typ, (link_id, s["type"], src_slot, typ)
+        assert link_id in (s["outputs"][src_slot]["links"] or [])
+        inp = d["inputs"][dst_slot]
+        assert inp["link"] == link_id and inp["type"] == typ
+        spec = dict((k, v) for k, v, _ in _inputs(info[d["type"]]))[inp["name"]]
+        assert _type(spec) in (typ, "*"), (d["type"], inp["name"], _type(spec), typ)
+    for n in ui["nodes"]:
+        if n["type"] in UI_ONLY:
+            continue
+        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+        for iname, spec, optional in _inputs(info[n["type"]]):
+            if not optional and not is_widget(spec):
+                assert iname in linked, f"{n['type']} #{n['id']}: required input {iname} is not connected"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_widget_values_match_definitions(name, info):
+    ui = load_ui(name)
+    for n in ui["nodes"]:
+        if n["type"] in UI_ONLY:
+            continue
+        ni = info[n["type"]]
+        api_inputs = widget_values_to_api(ni, n["widgets_values"], set())  # raises on a count mismatch
+        specs = dict((k, v) for k, v, _ in _inputs(ni))
+        for key, v in api_inputs.items():
+            if "." in key:
+                continue
+            spec = specs[key]
+            t, o = _type(spec), _opts(spec)
+            if t == "COMBO":
+                opts = combo_options(spec)
+                if opts and not (o.get("image_upload") or o.get("video_upload")) and (n["type"], key) not in FILE_COMBOS:
+                    assert v in opts, f"{n['type']}.{key}: {v!r} not in {opts}"
+            elif t in ("INT", "FLOAT"):
+                assert isinstance(v, (int, float)) and not isinstance(v, bool), (n["type"], key, v)
+                assert o.get("min", -1e300) <= v <= o.get("max", 1e300), (n["type"], key, v)
+                if t == "INT":
+                    assert float(v).is_integer()
+            elif t == "BOOLEAN":
+                assert isinstance(v, bool), (n["type"], key, v)
+            elif t == "STRING":
+                assert isinstance(v, str)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_model_loaders_carry_download_entries(name, info):
+    ui = load_ui(name)
+    loaders = {"CLIPLoader": "clip_name", "CLIPVisionLoader": "clip_name", "VAELoader": "vae_name",
+               "SteadyDancerModelLoader": "model_name", "SteadyDancerLoraLoader": "lora_name",
+               "SteadyDancerPoseExtract": None}
+    seen = []
+    for n in ui["nodes"]:
+        if n["type"] not in loaders:
+            continue
+        models = n["properties"].get("models")
+        assert models, f"{n['type']} #{n['id']} has no properties.models"
+        inputs = widget_values_to_api(info[n["type"]], n["widgets_values"], set())
+        names = {m["name"] for m in models}
+        if loaders[n["type"]]:
+            assert inputs[loaders[n["type"]]] in names
+        else:
+            assert {inputs["detector"], inputs["estimator"]} <= names
+        for m in models:
+            assert m["directory"] in MODEL_FOLDERS
+            assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
+            assert "/resolve/" in m["url"]
+        seen += models
+    top = ui.get("models", [])
+    assert sorted(map(json.dumps, top)) == sorted(set(map(json.dumps, seen)))
+    if name.endswith("turbo"):
+        assert any(m["name"].startswith("lightx2v_I2V_14B_480p_cfg_step_distill") for m in seen)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_twin_equals_converted_ui(name, info):
+    api = json.loads((API_DIR / f"{name}.json").read_text())
+    assert api == ui_to_api(load_ui(name), info)
+    for node in api.values():
+        assert set(node) == {"inputs", "class_type", "_meta"}
+
+
+def test_api_twins_are_not_listed_as_templates():
+    """ComfyUI lists <pack>/{example_workflows,example,examples,workflow,workflows}/*.json as templates; an API
+    prompt there would show up as a broken workflow."""
+    for folder in ("example_workflows", "example", "examples", "workflow", "workflows"):
+        for f in (ROOT / folder).glob("*.json"):
+            data = json.loads(f.read_text())
+            assert "nodes" in data and "links" in data, f"{f} is not a UI workflow"
+
+
+def test_turbo_graph_uses_the_turbo_sampler_and_lora():
+    ui = load_ui("steadydancer-turbo")
+    types = [n["type"] for n in ui["nodes"]]
+    assert "SteadyDancerTurboSampler" in types and "SteadyDancerLoraLoader" in types
+    dance = [n["type"] for n in load_ui("steadydancer-dance")["nodes"]]
+    assert "SteadyDancerSampler" in dance
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_dwpose_download_urls_match_the_core_model_table(name):
+    models = pytest.importorskip("steadydancer_turbo.dwpose.models")
+    for n in load_ui(name)["nodes"]:
+        for m in n["properties"].get("models", []):
+            if m["directory"] == "dwpose":
+                assert m["url"] == models.MODEL_FILES[m["name"]].url
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import conftest  # noqa: F401  (registers the pack from this checkout)
+
+        API_DIR.mkdir(exist_ok=True)
+        inf = object_info()
+        for w in WORKFLOWS:
+            out = ui_to_api(load_ui(w), inf)
+            (API_DIR / f"{w}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+            print("wrote", API_DIR / f"{w}.json")
