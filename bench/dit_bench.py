@@ -1,17 +1,24 @@
 """Full-size 14B DiT forward benchmark: SteadyDancer DiT (ours) against diffusers' WanTransformer3DModel.
 
-One command, one GPU (H100 80 GB / H200), well inside 10 minutes:
+One command, one GPU (H100 80 GB / H200), inside 10 minutes (``--budget`` seconds; sections that would overrun
+are skipped and say so):
 
-    PYTHONPATH=<dir holding steadydancer_turbo> python bench/dit_bench.py --out $OUT
+    PYTHONPATH=<dir holding steadydancer_turbo> python bench/dit_bench.py --out OUTDIR
+    python bench/dit_bench.py --device cpu --tiny --out /tmp/x        # smoke test of the script itself
 
-What it does (each section skipped cleanly when its code is missing or the time budget is spent):
-  env      card, torch, CUDA, cuDNN, date
-  micro    kernel facts: attention backends (flash / cuDNN / flex dense / flex top-k) at 480p and 720p token
-           counts, flex top-k vs a masked reference (correctness on GPU), FFN-shaped bf16 vs fp8 matmul
-  diffusers  WanTransformer3DModel with the Wan2.1-I2V-14B config, random bf16 weights built on the GPU, one
-           forward at 832x480x81 and 1280x720x81 (its default SDPA attention, plus the cuDNN backend at 480p)
-  ours     SteadyDancerDiT.full_14b(), same, +2 reference frames: dense (sdpa / cuDNN), top-k sparse, fp8,
-           fp8+sparse, optional torch.compile per block, and whole 4-step turbo sampling at 480p (DiT only)
+Sections (``--sections``, in order):
+  env        card, torch, CUDA, cuDNN, Triton, diffusers, date (every result row repeats card/torch/date)
+  micro      flex top-k vs a masked dense reference on the GPU; our registry's attention backends; FFN-shaped
+             bf16 vs fp8 matmul in four fp8 modes (``--micro full``: also flash/cuDNN/efficient/flex kernels at
+             480p and 720p token counts)
+  flextune   picks the fastest flex kernel options for top-k attention (used by the later sections)
+  diffusers  WanTransformer3DModel, Wan2.1-I2V-14B config, random bf16 weights built on the GPU: one forward at
+             832x480x81 and 1280x720x81 (default attention; cuDNN backend at 480p) -> the ratio baseline
+  ours       SteadyDancerDiT.full_14b() (+2 reference frames): dense bf16 (sdpa / sdpa_cudnn), fp8 linears,
+             top-k sparse, fp8+sparse, 4-step turbo sampling, then torch.compile'd blocks (dense, fp8,
+             fp8+sparse, turbo); fp8 "twins" of every block Linear sit next to the bf16 ones so any order works
+  turboc     compiled blocks only: fp8+sparse at 720p/480p (top-k 0.15 and 0.10), turbo, bf16 sparse 720p, and a
+             noise floor (output change for a one-bf16-rounding input perturbation)
 
 Weights: random, built directly on the GPU in bf16 (parameters are cast to bf16 as each is registered, so the
 fp32 copy of one layer is the most that ever exists). Two 14B models never coexist: build, time, free.
@@ -20,7 +27,7 @@ Numbers: median of ``--reps`` timed forwards after one warm-up forward at the sa
 TFLOP/s is an analytic count (printed) over the time. Peak memory is torch.cuda.max_memory_allocated over the
 warm-up + timed forwards (weights included). Relative L2 errors are against the dense bf16 output of the same
 model with the same inputs. Random weights make attention nearly uniform, which is the worst case for top-k
-sparse attention: its error here is an upper bound, not what trained weights give.
+sparse attention. Results and analysis: bench/perf_notes.md; raw logs: bench/logs/.
 """
 
 from __future__ import annotations
@@ -208,11 +215,11 @@ ENV: dict = {}
 
 def section_env():
     if DEV != "cuda":
-        ENV.update(card="cpu (smoke test)", torch=torch.__version__, date=datetime.datetime.utcnow().strftime("%Y-%m-%d"))
+        ENV.update(card="cpu (smoke test)", torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
         return
     p = torch.cuda.get_device_properties(0)
     ENV.update(card=p.name, torch=torch.__version__, cuda=torch.version.cuda,
-               cudnn=torch.backends.cudnn.version(), date=datetime.datetime.utcnow().strftime("%Y-%m-%d"),
+               cudnn=torch.backends.cudnn.version(), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
                mem_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count, python=platform.python_version())
     try:
         import triton

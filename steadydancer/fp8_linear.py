@@ -165,10 +165,11 @@ class FP8Linear(nn.Module):
             ws = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
         else:
             ws = self.scale_weight
-        bias = self.bias if self.bias is None or self.bias.dtype == self.compute_dtype else \
-            self.bias.to(self.compute_dtype)
+        # output in the caller's dtype (the DiT passes its compute dtype), else the layer's compute dtype
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.compute_dtype
+        bias = self.bias if self.bias is None or self.bias.dtype == out_dtype else self.bias.to(out_dtype)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=ws, bias=bias,
-                               out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
+                               out_dtype=out_dtype, use_fast_accum=self.fast_accum)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -149,21 +149,32 @@ def build_block_mask(kv_indices: torch.Tensor, q_len: int, kv_len: int, block_q:
 
 
 _compiled_flex = None
-_KERNEL_OPTIONS: dict | None = None
+_KERNEL_OPTIONS: dict | str | None = "auto"
 
 
-def set_flex_kernel_options(options: dict | None) -> None:
-    """Triton kernel options for the fused flex kernel (e.g. ``{"USE_TMA": True}`` or tile sizes); None keeps
-    PyTorch's defaults. Takes effect for shapes not compiled yet."""
+def set_flex_kernel_options(options: dict | str | None) -> None:
+    """Triton kernel options for the fused flex kernel (e.g. ``{"USE_TMA": True}`` or tile sizes). ``None``:
+    PyTorch's defaults. ``"auto"`` (default): TMA loads on Hopper (sm_90), measured 11% faster than the
+    defaults for top-k 0.15 at 35,880 tokens on an H100 (torch 2.11; flex falls back by itself where TMA cannot
+    be used), PyTorch's defaults elsewhere. Takes effect for shapes not compiled yet."""
     global _KERNEL_OPTIONS
-    _KERNEL_OPTIONS = dict(options) if options else None
+    _KERNEL_OPTIONS = options if options == "auto" else (dict(options) if options else None)
+
+
+def _kernel_options(q: torch.Tensor) -> dict | None:
+    if _KERNEL_OPTIONS == "auto":
+        if q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0):
+            return {"USE_TMA": True}
+        return None
+    return dict(_KERNEL_OPTIONS) if _KERNEL_OPTIONS else None
 
 
 def _flex(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
-    kw = {"kernel_options": dict(_KERNEL_OPTIONS)} if _KERNEL_OPTIONS else {}
+    opts = _kernel_options(q)
+    kw = {"kernel_options": opts} if opts else {}
     if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled block): traced into it
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
     if q.is_cuda:

@@ -80,3 +80,24 @@ def test_block_traces_without_graph_breaks():
             ex = torch._dynamo.explain(blk)(x, e0, ctx_img, ctx_txt, freqs, backend, torch.float32)
         assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
         assert ex.graph_count == 1
+
+
+def test_optimize_keeps_the_function():
+    """fp8 + sparse(topk=1) + the switches: same outputs as the plain model up to fp8 weight rounding."""
+    from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
+
+    torch.manual_seed(0)
+    cfg = SteadyDancerConfig.tiny()
+    m = SteadyDancerDiT(cfg).requires_grad_(False)
+    B, F_, H, W = 1, 2, 4, 4
+    inp = dict(x=torch.randn(B, 16, F_, H, W), timestep=torch.tensor([500]),
+               context=torch.randn(B, 7, cfg.text_dim), clip_fea=torch.randn(B, 257, cfg.clip_dim),
+               clip_fea_c=torch.randn(B, 257, cfg.clip_dim), y=torch.randn(B, 20, F_, H, W),
+               cond=torch.randn(B, 16, F_, H, W), ref_x=torch.randn(B, 36, 1, H, W), ref_c=torch.randn(B, 16, 1, H, W))
+    with torch.no_grad():
+        ref = m(**inp)
+        accel.optimize(m, fp8=True, sparse_topk=1.0)
+        assert isinstance(m.blocks[0].ffn[0], FP8Linear) and m.attention_backend.startswith("flex_sparse")
+        out = m(**inp)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05

@@ -100,3 +100,12 @@ def test_convert_only_blocks_and_keeps_keys():
     after = set(m.state_dict())
     assert before <= after and after - before == {k.replace("weight", "scale_weight") for k in before
                                                    if k.startswith("blocks.") and k.endswith("weight")}
+
+
+@pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="torch._scaled_mm unavailable on this CPU build")
+def test_scaled_mm_path_returns_the_input_dtype():
+    lin = nn.Linear(32, 16)
+    f8 = FP8Linear.from_linear(lin, use_scaled_mm=True)
+    for dt in (torch.bfloat16, torch.float32):
+        out = f8(torch.randn(4, 32).to(dt))
+        assert out.dtype == dt
