@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from .attention import _REGISTRY, _sdpa, register_backend
-from .sparse_attention import SparseAttentionConfig, sparse_attention
 
 __all__ = ["sparse_backend", "cudnn_attention_usable"]
 
@@ -57,11 +56,17 @@ register_backend("sdpa_cudnn", _sdpa_cudnn, doc="cuDNN fused attention (direct a
 register_backend("auto", _auto, doc="sdpa_cudnn on Hopper, sdpa elsewhere")
 
 
+def _flex_available() -> bool:
+    try:  # torch >= 2.5
+        from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
 def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, keep_tail_tokens: int = 0,
                    force_diagonal: bool = True) -> str:
     """Register (once) and return the name of a top-k block-sparse self-attention backend."""
-    cfg = SparseAttentionConfig(topk=topk, block_q=block_q, block_k=block_k, force_diagonal=force_diagonal,
-                                keep_tail_tokens=keep_tail_tokens)
     name = f"flex_sparse:{topk:g}"
     if (block_q, block_k) != (128, 128):
         name += f":b{block_q}x{block_k}"
@@ -70,14 +75,19 @@ def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, k
     if not force_diagonal:
         name += ":nodiag"
     if name not in _REGISTRY:
-        def fn(q, k, v, _cfg=cfg):
+        settings = dict(topk=topk, block_q=block_q, block_k=block_k, force_diagonal=force_diagonal,
+                        keep_tail_tokens=keep_tail_tokens)
+
+        def fn(q, k, v, _settings=settings):
             if q.shape[1] != k.shape[1]:  # cross-attention: dense
                 return _auto(q, k, v)
-            return sparse_attention(q, k, v, _cfg)
+            from .sparse_attention import SparseAttentionConfig, sparse_attention  # needs flex (torch >= 2.5)
 
-        register_backend(name, fn, doc=f"top-k block-sparse self-attention {cfg}")
+            return sparse_attention(q, k, v, SparseAttentionConfig(**_settings))
+
+        register_backend(name, fn, _flex_available, doc=f"top-k block-sparse self-attention {settings}")
     return name
 
 
-register_backend("flex_sparse", _REGISTRY[sparse_backend(0.15)].fn,
+register_backend("flex_sparse", _REGISTRY[sparse_backend(0.15)].fn, _flex_available,
                  doc="top-k (0.15) block-sparse self-attention via flex_attention; cross-attention dense")
