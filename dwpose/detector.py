@@ -15,7 +15,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .runtime import cpu_map, dim_is_dynamic, get_session, input_dtype
+from .runtime import OnnxBatchModel, cpu_map, dim_is_dynamic
 
 PAD_VALUE = 114
 STRIDES = (8, 16, 32)
@@ -84,25 +84,14 @@ def decode_people(pred: np.ndarray, ratio: float, input_hw=(640, 640), candidate
     return boxes[ok], sc[ok]
 
 
-class YoloxDetector:
+class YoloxDetector(OnnxBatchModel):
     """YOLOX person detector on an ONNX Runtime session (created once, cached by path and providers)."""
 
     def __init__(self, model, providers=None, threads=None, max_batch: int = 8):
-        self.info = get_session(model, providers, threads)
-        inp = self.info.inputs[0]
-        self.input_name = inp.name
-        shape = list(inp.shape)
-        h, w = shape[2], shape[3]
+        super().__init__(model, providers, threads, max_batch)
+        h, w = self.input_shape[2], self.input_shape[3]
         self.input_hw = (h if not dim_is_dynamic(h) else 640, w if not dim_is_dynamic(w) else 640)
-        self.dtype = input_dtype(self.info)
-        self.batch_dynamic = dim_is_dynamic(shape[0])
-        self.fixed_batch = None if self.batch_dynamic else int(shape[0])
-        self.max_batch = max_batch if self.batch_dynamic else self.fixed_batch
         self.grid = anchor_grid(self.input_hw)
-
-    @property
-    def provider(self) -> str:
-        return self.info.provider
 
     def preprocess(self, frame):
         canvas, r = letterbox(frame, self.input_hw)
@@ -111,16 +100,9 @@ class YoloxDetector:
     def __call__(self, frames):
         """``frames``: list/array of HxWx3 uint8 RGB -> list of (boxes (K,4), scores (K,)) per frame."""
         out = []
-        n = len(frames)
-        step = max(1, self.max_batch)
-        for start in range(0, n, step):
-            chunk = frames[start:start + step]
+        for chunk in self.batches(frames):
             tensors, ratios = zip(*cpu_map(self.preprocess, chunk))
-            x = np.stack(tensors).astype(self.dtype)
-            if self.fixed_batch and len(chunk) < self.fixed_batch:  # pad a static batch
-                pad = np.zeros((self.fixed_batch - len(chunk),) + x.shape[1:], x.dtype)
-                x = np.concatenate([x, pad])
-            pred = self.info.session.run(None, {self.input_name: x})[0]
+            pred = self.run_batch(np.stack(tensors).astype(self.dtype))[0]
             for i, r in enumerate(ratios):
                 out.append(decode_people(pred[i], r, self.input_hw, grid=self.grid))
         return out

@@ -18,7 +18,7 @@ import os
 import cv2
 import numpy as np
 
-from .runtime import cpu_map, dim_is_dynamic, get_session, input_dtype
+from .runtime import OnnxBatchModel, cpu_map, dim_is_dynamic
 
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
@@ -95,43 +95,29 @@ def guess_input_wh(path: str):
     return (192, 256)
 
 
-class PoseEstimator:
+class PoseEstimator(OnnxBatchModel):
     """Whole-body SimCC pose model on an ONNX Runtime session (created once, cached)."""
 
     def __init__(self, model, providers=None, threads=None, max_batch: int = 32):
-        self.info = get_session(model, providers, threads)
-        inp = self.info.inputs[0]
-        self.input_name = inp.name
-        shape = list(inp.shape)
-        h, w = shape[2], shape[3]
+        super().__init__(model, providers, threads, max_batch)
+        h, w = self.input_shape[2], self.input_shape[3]
         if dim_is_dynamic(h) or dim_is_dynamic(w):
             self.input_wh = guess_input_wh(model if isinstance(model, str) else "")
         else:
             self.input_wh = (int(w), int(h))
-        self.dtype = input_dtype(self.info)
-        self.batch_dynamic = dim_is_dynamic(shape[0])
-        self.fixed_batch = None if self.batch_dynamic else int(shape[0])
-        self.max_batch = max_batch if self.batch_dynamic else self.fixed_batch
         names = [o.name for o in self.info.outputs]
         if "simcc_x" in names and "simcc_y" in names:
             self.out_idx = (names.index("simcc_x"), names.index("simcc_y"))
         else:
             self.out_idx = (0, 1)
 
-    @property
-    def provider(self) -> str:
-        return self.info.provider
-
     def run_crops(self, crops: np.ndarray):
         """[N,h,w,3] uint8 crops -> simcc_x, simcc_y (float32), normalized and batched as the model allows."""
         xs, ys = [], []
-        step = max(1, self.max_batch)
-        for start in range(0, len(crops), step):
-            x = normalize_crops(crops[start:start + step], self.dtype)
+        for chunk in self.batches(crops):
+            x = normalize_crops(chunk, self.dtype)
             n = len(x)
-            if self.fixed_batch and n < self.fixed_batch:
-                x = np.concatenate([x, np.zeros((self.fixed_batch - n,) + x.shape[1:], x.dtype)])
-            outs = self.info.session.run(None, {self.input_name: x})
+            outs = self.run_batch(x)
             xs.append(np.asarray(outs[self.out_idx[0]][:n], dtype=np.float32))
             ys.append(np.asarray(outs[self.out_idx[1]][:n], dtype=np.float32))
         if not xs:

@@ -289,3 +289,36 @@ def input_dtype(info: SessionInfo):
 
 def dim_is_dynamic(d) -> bool:
     return not isinstance(d, int) or d <= 0
+
+
+class OnnxBatchModel:
+    """A model on a cached ORT session whose first input is an image batch [N, C, H, W].
+
+    Static or dynamic batch: ``max_batch`` inputs per run when the batch dim is dynamic, else the model's
+    fixed batch, with a short last batch zero-padded (callers keep only the first rows)."""
+
+    def __init__(self, model, providers=None, threads=None, max_batch: int = 8):
+        self.info = get_session(model, providers, threads)
+        inp = self.info.inputs[0]
+        self.input_name = inp.name
+        self.input_shape = list(inp.shape)
+        self.dtype = input_dtype(self.info)
+        self.batch_dynamic = dim_is_dynamic(self.input_shape[0])
+        self.fixed_batch = None if self.batch_dynamic else int(self.input_shape[0])
+        self.max_batch = max_batch if self.batch_dynamic else self.fixed_batch
+
+    @property
+    def provider(self) -> str:
+        return self.info.provider
+
+    def batches(self, items):
+        """``items`` in consecutive slices of at most max_batch."""
+        step = max(1, self.max_batch)
+        for start in range(0, len(items), step):
+            yield items[start:start + step]
+
+    def run_batch(self, x: np.ndarray) -> list:
+        """All outputs for one batch x (at most max_batch rows), padded to a static batch when needed."""
+        if self.fixed_batch and len(x) < self.fixed_batch:
+            x = np.concatenate([x, np.zeros((self.fixed_batch - len(x),) + x.shape[1:], x.dtype)])
+        return self.info.session.run(None, {self.input_name: x})

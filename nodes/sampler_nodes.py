@@ -43,15 +43,19 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
     return ({"samples": samples},)
 
 
-class SteadyDancerSampler:
-    DESCRIPTION = ("The official SteadyDancer sampler: UniPC flow matching (40 steps, shift 5) with text CFG and "
-                   "pose guidance (negative poses) in a window of the schedule. Best quality, ~2-3 model passes "
-                   "per step.")
+class _SamplerNode:
+    """What both sampler nodes declare alike: one Wan2.1 LATENT out (see _run), computed by ``sample``."""
     CATEGORY = f"{CATEGORY}/sampling"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("Wan2.1 video latent; decode with the native VAE Decode node.",)
     FUNCTION = "sample"
+
+
+class SteadyDancerSampler(_SamplerNode):
+    DESCRIPTION = ("The official SteadyDancer sampler: UniPC flow matching (40 steps, shift 5) with text CFG and "
+                   "pose guidance (negative poses) in a window of the schedule. Best quality, ~2-3 model passes "
+                   "per step.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -96,14 +100,9 @@ class SteadyDancerSampler:
         return _run(model, conditioning, int(steps), fn, unique_id)
 
 
-class SteadyDancerTurboSampler:
+class SteadyDancerTurboSampler(_SamplerNode):
     DESCRIPTION = ("Few-step sampler (1-8 steps, one model pass per step, no CFG) in TurboDiffusion's rCM style. "
                    "Use with a step-distill LoRA (lightx2v Wan2.1-I2V 480p cfg step distill) on the model.")
-    CATEGORY = f"{CATEGORY}/sampling"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("Wan2.1 video latent; decode with the native VAE Decode node.",)
-    FUNCTION = "sample"
 
     @classmethod
     def INPUT_TYPES(cls):

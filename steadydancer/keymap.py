@@ -56,9 +56,21 @@ _BLOCK_O2D = {
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
 }
-_TOP_D2O = {v: k for k, v in _TOP_O2D.items()}
-_BLOCK_D2O = {v: k for k, v in _BLOCK_O2D.items()}
+# official -> diffusers, whole parameter names: the modulation tables (head and per block)
+_TOP_PARAM_O2D = {"head.modulation": "scale_shift_table"}
+_BLOCK_PARAM_O2D = {"modulation": "scale_shift_table"}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _inverse(d: Dict[str, str]) -> Dict[str, str]:
+    inv = {v: k for k, v in d.items()}
+    assert len(inv) == len(d), "key maps must be one-to-one"
+    return inv
+
+
+# (top-level parameters, top-level modules, block parameters, block modules), one tuple per direction
+_O2D = (_TOP_PARAM_O2D, _TOP_O2D, _BLOCK_PARAM_O2D, _BLOCK_O2D)
+_D2O = tuple(_inverse(d) for d in _O2D)
 
 
 def strip_prefix(sd: Mapping[str, V]) -> Dict[str, V]:
@@ -74,42 +86,33 @@ def _split_param(key: str):
     return stem, param
 
 
-def official_to_diffusers_key(key: str) -> str:
-    """Official (model_dancer.py) key -> diffusers WanTransformer3DModel key (unknown keys unchanged)."""
-    if key == "head.modulation":
-        return "scale_shift_table"
+def _map_key(key: str, maps) -> str:
+    top_params, top_modules, block_params, block_modules = maps
+    if key in top_params:
+        return top_params[key]
     m = _BLOCK_RE.match(key)
     if m:
         idx, rest = m.groups()
-        if rest == "modulation":
-            return f"blocks.{idx}.scale_shift_table"
+        if rest in block_params:
+            return f"blocks.{idx}.{block_params[rest]}"
         stem, param = _split_param(rest)
-        if stem in _BLOCK_O2D:
-            return f"blocks.{idx}.{_BLOCK_O2D[stem]}.{param}"
+        if stem in block_modules:
+            return f"blocks.{idx}.{block_modules[stem]}.{param}"
         return key
     stem, param = _split_param(key)
-    if stem in _TOP_O2D:
-        return f"{_TOP_O2D[stem]}.{param}"
+    if stem in top_modules:
+        return f"{top_modules[stem]}.{param}"
     return key
+
+
+def official_to_diffusers_key(key: str) -> str:
+    """Official (model_dancer.py) key -> diffusers WanTransformer3DModel key (unknown keys unchanged)."""
+    return _map_key(key, _O2D)
 
 
 def diffusers_to_official_key(key: str) -> str:
     """diffusers WanTransformer3DModel key -> official key (unknown keys unchanged)."""
-    if key == "scale_shift_table":
-        return "head.modulation"
-    m = _BLOCK_RE.match(key)
-    if m:
-        idx, rest = m.groups()
-        if rest == "scale_shift_table":
-            return f"blocks.{idx}.modulation"
-        stem, param = _split_param(rest)
-        if stem in _BLOCK_D2O:
-            return f"blocks.{idx}.{_BLOCK_D2O[stem]}.{param}"
-        return key
-    stem, param = _split_param(key)
-    if stem in _TOP_D2O:
-        return f"{_TOP_D2O[stem]}.{param}"
-    return key
+    return _map_key(key, _D2O)
 
 
 def official_to_diffusers(sd: Mapping[str, V]) -> Dict[str, V]:

@@ -119,7 +119,9 @@ def rope_apply(x: torch.Tensor, freqs: torch.Tensor, out_dtype: torch.dtype,
 
 
 # ---------------------------------------------------------------------- Wan blocks
-class WanSelfAttention(nn.Module):
+class _WanAttention(nn.Module):
+    """The q/k/v/o projections and q/k RMS norms both Wan attentions share (official key names)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, qk_norm: bool = True):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -130,6 +132,8 @@ class WanSelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+
+class WanSelfAttention(_WanAttention):
     def forward(self, x, freqs, backend: str, rope_dtype=torch.float64):
         b, l, _ = x.shape
         cd = x.dtype
@@ -141,18 +145,11 @@ class WanSelfAttention(nn.Module):
         return apply_cd(self.o, out.reshape(b, l, -1), cd)
 
 
-class WanI2VCrossAttention(nn.Module):
+class WanI2VCrossAttention(_WanAttention):
     """Cross-attention to 512 text tokens plus a separate attention to the 257 CLIP tokens (k_img/v_img)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, qk_norm: bool = True):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, eps, qk_norm)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()

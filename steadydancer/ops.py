@@ -40,19 +40,22 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _affine_as(mod: nn.Module, dtype: torch.dtype):
+    """A norm's optional weight and bias, in ``dtype``."""
+    return tuple(None if p is None else p.to(dtype) for p in (mod.weight, mod.bias))
+
+
 def layer_norm_fp32(x: torch.Tensor, mod: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm computed in fp32 (official: ``super().forward(x.float())`` / autocast layer_norm). Returns fp32."""
     x = upcast(x)
-    w = mod.weight.to(x.dtype) if mod.weight is not None else None
-    b = mod.bias.to(x.dtype) if mod.bias is not None else None
+    w, b = _affine_as(mod, x.dtype)
     return F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
 
 
 def group_norm_fp32(x: torch.Tensor, mod: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm in fp32 (autocast runs group_norm in fp32 and returns fp32)."""
     x = upcast(x)
-    w = mod.weight.to(x.dtype) if mod.weight is not None else None
-    b = mod.bias.to(x.dtype) if mod.bias is not None else None
+    w, b = _affine_as(mod, x.dtype)
     return F.group_norm(x, mod.num_groups, w, b, mod.eps)
 
 

@@ -21,16 +21,6 @@ from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 CFG = SteadyDancerConfig.tiny(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=64, freq_dim=64, clip_dim=96)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
-    seconds per forward; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

@@ -34,16 +34,6 @@ pytestmark = [
 PKG = "_steadydancer_official_ref"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
-    seconds per forward; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _official_flash_attention(q, k, v, q_lens=None, k_lens=None, window_size=(-1, -1), **_):
     out_dtype = q.dtype
     q, k = q.to(v.dtype), k.to(v.dtype)

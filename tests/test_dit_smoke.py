@@ -1,19 +1,8 @@
 """Quick smoke test of the SteadyDancer DiT: tiny model runs, batched, right shape/dtype."""
-import pytest
 import torch
 
 from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
 from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
-    seconds per forward; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_forward_shape_dtype_and_batch_independence():

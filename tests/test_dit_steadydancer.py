@@ -12,16 +12,6 @@ from steadydancer_turbo.steadydancer.pose_modules import PoseAlignment
 CFG = SteadyDancerConfig.tiny(clip_dim=64)   # small CLIP width keeps these CPU tests fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads on a busy 2-core runner cost
-    seconds per forward; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

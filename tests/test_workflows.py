@@ -85,23 +85,32 @@ def combo_options(spec) -> list:
     return spec[0] if isinstance(spec[0], list) else _opts(spec).get("options", [])
 
 
-def widget_values_to_api(node_info: dict, values: list, linked: set) -> dict:
-    """Map positional widgets_values to API inputs the way the frontend's graphToPrompt does."""
+UPLOAD_SOCKET = "IMAGEUPLOAD"   # the socket type frontend 1.49.6 gives an upload button (LoadImage and LoadVideo)
+
+
+def walk_widgets(node_info: dict, values: list) -> list[tuple[str, object, object, str]]:
+    """The frontend's widgets of a node in widgets_values order: (key, value, spec, role).
+
+    role: "value" (an input's widget), "control" (INT control_after_generate, UI only), "upload" (the upload
+    button, UI only) or "default" (a hidden legacy widget absent from widgets_values, exported with its default).
+    Raises on too few or too many values."""
     values = list(values)
-    out = {}
+    out = []
+
+    def pop(key):
+        if not values:
+            raise AssertionError(f"too few widget values at {key}")
+        return values.pop(0)
 
     def take(name, spec, prefix=""):
-        if not values:
-            raise AssertionError(f"too few widget values at {prefix}{name}")
-        v = values.pop(0)
         key = prefix + name
-        if key not in linked:
-            out[key] = v
+        v = pop(key)
+        out.append((key, v, spec, "value"))
         t, o = _type(spec), _opts(spec)
         if t == "INT" and o.get("control_after_generate"):
-            values.pop(0)  # "fixed" / "randomize" ...: UI only
+            out.append(("control_after_generate", pop("control_after_generate"), None, "control"))  # "fixed" ...
         if o.get("image_upload") or o.get("video_upload"):
-            values.pop(0)  # the upload button's value: UI only
+            out.append(("upload", pop("upload"), None, "upload"))
         if t == DYNAMIC_COMBO:
             chosen = [opt for opt in o["options"] if opt["key"] == v]
             assert chosen, f"{key}: {v!r} is not one of {[x['key'] for x in o['options']]}"
@@ -117,12 +126,19 @@ def widget_values_to_api(node_info: dict, values: list, linked: set) -> dict:
                 # a hidden legacy widget (SaveVideo's top-level codec): the frontend creates it with its default
                 # and exports it (verified with frontend 1.49.6: "codec": "auto" next to "format.codec")
                 default = _opts(spec).get("default", (combo_options(spec) or [{"key": None}])[0])
-                out[name] = default["key"] if isinstance(default, dict) else default
+                out.append((name, default["key"] if isinstance(default, dict) else default, spec, "default"))
                 continue
             take(name, spec)
     if values:
         raise AssertionError(f"{len(values)} widget values left over: {values}")
     return out
+
+
+def widget_values_to_api(node_info: dict, values: list, linked: set) -> dict:
+    """Map positional widgets_values to API inputs the way the frontend's graphToPrompt does: a widget whose
+    input is linked keeps its (ignored) value in widgets_values and is exported as the link instead."""
+    return {key: v for key, v, _, role in walk_widgets(node_info, values)
+            if role in ("value", "default") and key not in linked}
 
 
 def ui_to_api(ui: dict, info: dict) -> dict:
@@ -137,7 +153,7 @@ def ui_to_api(ui: dict, info: dict) -> dict:
             if inp.get("link") is not None:
                 l = links[inp["link"]]
                 linked[inp["name"]] = [str(l[1]), l[2]]
-        inputs = widget_values_to_api(ni, node.get("widgets_values", []), set(linked))
+        inputs = widget_values_to_api(ni, node.get("widgets_values") or [], set(linked))
         inputs.update(linked)
         ordered = {}
         for name, _, _ in _inputs(ni):
@@ -189,13 +205,67 @@ def test_ui_workflow_is_a_valid_graph(name, info):
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
+def test_node_slots_match_definitions(name, info):
+    """Each node's input slots as frontend 1.49.6 saves them: every socket input of the definition once, plus
+    optionally one slot per widget carrying ``"widget": {"name": ...}`` (how a widget converted to an input is
+    stored; a link into it replaces the widget's value). Slot links agree with the links table, and
+    ``widgets_values_named`` (written by the frontend) agrees with the positional ``widgets_values``."""
+    ui = load_ui(name)
+    links = {l[0]: l for l in ui["links"]}
+    for n in ui["nodes"]:
+        for slot, inp in enumerate(n.get("inputs", [])):
+            if inp.get("link") is not None:
+                _, _, _, dst, dst_slot, typ = links[inp["link"]]
+                assert (dst, dst_slot, typ) == (n["id"], slot, inp["type"]), (n["type"], inp["name"], inp["link"])
+        for slot, out in enumerate(n.get("outputs", [])):
+            for link_id in out.get("links") or []:
+                assert links[link_id][1:3] == [n["id"], slot], (n["type"], out["name"], link_id)
+        if n["type"] in UI_ONLY:
+            continue
+        ni = info[n["type"]]
+        where = f"{n['type']} #{n['id']}"
+        widgets = walk_widgets(ni, n.get("widgets_values") or [])
+        widget_types = {key: (UPLOAD_SOCKET if role == "upload" else _type(spec))
+                        for key, _, spec, role in widgets if role in ("value", "upload", "default")}
+        sockets = {k: _type(spec) for k, spec, _ in _inputs(ni) if not is_widget(spec)}
+        names = [i["name"] for i in n.get("inputs", [])]
+        assert len(names) == len(set(names)), f"{where}: duplicate input slots {names}"
+        assert sorted(k for k in names if k in sockets) == sorted(sockets), f"{where}: socket inputs {names}"
+        top_level = {k for k, _, _ in _inputs(ni)}
+        for inp in n.get("inputs", []):
+            if "widget" in inp:
+                assert inp["widget"] == {"name": inp["name"]}, (where, inp)
+                assert inp["name"] in widget_types, f"{where}: {inp['name']} is not a widget of this node"
+                assert inp["type"] == widget_types[inp["name"]], (where, inp["name"], inp["type"])
+                if inp.get("link") is not None:
+                    assert inp["name"] in top_level, f"{where}: a link into sub-widget {inp['name']}"
+            else:
+                assert inp["name"] in sockets, f"{where}: {inp['name']} is not a socket input (widget slot without 'widget'?)"
+                assert inp["type"] == sockets[inp["name"]], (where, inp["name"], inp["type"])
+        if "widgets_values_named" in n:
+            named = {key: v for key, v, _, role in widgets if role != "default"}
+            assert n["widgets_values_named"] == named, f"{where}: widgets_values_named disagrees with widgets_values"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_video_is_saved_at_the_resampled_frame_rate(name):
+    """Create Video takes its fps from Resample Frames (a widget converted to an input), not a constant."""
+    api = json.loads((API_DIR / f"{name}.json").read_text())
+    (resample,) = [k for k, v in api.items() if v["class_type"] == "SteadyDancerResampleFrames"]
+    (create,) = [v for v in api.values() if v["class_type"] == "CreateVideo"]
+    import steadydancer_turbo as pack
+    fps_slot = list(pack.NODE_CLASS_MAPPINGS["SteadyDancerResampleFrames"].RETURN_NAMES).index("fps")
+    assert create["inputs"]["fps"] == [resample, fps_slot]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
 def test_widget_values_match_definitions(name, info):
     ui = load_ui(name)
     for n in ui["nodes"]:
         if n["type"] in UI_ONLY:
             continue
         ni = info[n["type"]]
-        api_inputs = widget_values_to_api(ni, n["widgets_values"], set())  # raises on a count mismatch
+        api_inputs = widget_values_to_api(ni, n.get("widgets_values") or [], set())  # raises on a count mismatch
         specs = dict((k, v) for k, v, _ in _inputs(ni))
         for key, v in api_inputs.items():
             if "." in key:

@@ -12,6 +12,7 @@ import pytest
 from comfyui_harness import WORKFLOWS, api_workflow, models, nodes_of, run_workflow, small
 
 W, H, LENGTH = 64, 96, 9
+TARGET_FPS = 12.0      # the driving fixture is 20 frames at 16 fps: 15 frames at 12 fps, trimmed to LENGTH
 STEPS = {"steadydancer-dance": 3, "steadydancer-turbo": 4}
 
 
@@ -36,6 +37,8 @@ def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
     if name.endswith("turbo"):
         comfy.need("lora")
     prompt = small(api_workflow(name), W, H, LENGTH, steps=STEPS[name])
+    (resample,) = nodes_of(prompt, "SteadyDancerResampleFrames")
+    prompt[resample]["inputs"]["target_fps"] = TARGET_FPS     # not the 16 a constant on Create Video would give
     t0 = time.monotonic()
     hist, events = comfy.run(prompt, timeout=900)
     assert hist["status"]["status_str"] == "success", hist["status"]
@@ -43,6 +46,7 @@ def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
     assert len(videos) == 1, run_workflow.output_files(hist)
     n, w, h, fps = models.video_info(comfy.output_path(videos[0]))
     assert (n, w, h) == (LENGTH, W, H), f"{name}: {n} frames {w}x{h} in {time.monotonic() - t0:.1f} s"
+    assert fps == TARGET_FPS, f"{name}: the video plays at {fps} fps, Resample Frames made {TARGET_FPS} fps"
     sampler = _sampler(prompt)
     steps = [d for t, d in events if t == "progress" and str(d.get("node")) == sampler]
     assert steps and steps[-1]["value"] == steps[-1]["max"], steps
