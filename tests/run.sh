@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
+# TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu) avoids the CUDA wheel on machines whose pip has
+# no local CPU wheel of torch 2.13.0.
+.venv/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 .venv/bin/python -m pip install -q -e ".[test]"
 set +e
 .venv/bin/python -m pytest -q "$@"
