@@ -57,17 +57,23 @@ def compile_blocks(model: nn.Module, fullgraph: bool = True, dynamic: bool | Non
                    mode: str | None = None) -> nn.Module:
     """``torch.compile`` every block in place (``nn.Module.compile``). All blocks share one compiled graph per
     input shape (their code is the same and parameters are graph inputs). ``fullgraph=True`` makes any graph
-    break an error instead of a silent slowdown."""
+    break an error instead of a silent slowdown. Blocks carrying forward hooks (block swap's weight streaming)
+    get only their ``forward`` compiled, so the hooks keep running eagerly around it."""
     if hasattr(model, "rope_dtype"):
         model.rope_dtype = torch.float32
     for blk in model.blocks:
-        blk.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+        if blk._forward_pre_hooks or blk._forward_hooks:
+            blk.forward = torch.compile(type(blk).forward.__get__(blk), fullgraph=fullgraph, dynamic=dynamic,
+                                        mode=mode)
+        else:
+            blk.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
     return model
 
 
 def uncompile_blocks(model: nn.Module, rope_dtype: torch.dtype = torch.float64) -> nn.Module:
     for blk in model.blocks:
         blk._compiled_call_impl = None
+        blk.__dict__.pop("forward", None)
     if hasattr(model, "rope_dtype"):
         model.rope_dtype = rope_dtype
     return model
