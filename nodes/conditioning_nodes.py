@@ -115,8 +115,10 @@ class SteadyDancerConditioning:
                                          "width (as prepared by Retarget Poses).", default=0, min=0, max=4096, step=16)),
                 "height": ("INT", tooltip("Output height in pixels, rounded to a multiple of 16; 0 = the reference image's "
                                           "height.", default=0, min=0, max=4096, step=16)),
-                "length": ("INT", tooltip("Output frames; must be 4n+1 (81 = 5 s at 16 fps); others are rounded down. "
-                                          "Capped by the number of pose frames.", default=81, min=1, max=1025, step=4)),
+                "length": ("INT", tooltip("Output frames. 0 = all the pose frames given (so Resample Frames alone sets "
+                                          "the length), rounded down to 4n+1. Any other value is rounded down to 4n+1 "
+                                          "(81 = 5 s at 16 fps) and capped by the number of pose frames, with a note.",
+                                          default=0, min=0, max=1025, step=1)),
                 "fit": (FIT_MODES, tooltip("Used only when the images are not already width x height: crop (keep aspect, "
                                            "center-crop), pad (keep aspect, black bars), stretch.", default="crop")),
             },
@@ -137,16 +139,27 @@ class SteadyDancerConditioning:
         if msg:
             cb.node_message(unique_id, msg)
         n_pose = int(pose_frames.shape[0])
+        if n_pose < 1:
+            raise ValueError("pose_frames is empty: no frames to generate")
         want = int(length)
-        if n_pose < want:
-            cb.node_message(unique_id, f"only {n_pose} pose frames for length {want}; using {n_pose}.")
+        if want <= 0:  # all pose frames (Resample Frames decides the length)
             want = n_pose
-        if negative_pose_frames is not None and negative_pose_frames.shape[0] < want:
-            cb.node_message(unique_id, f"only {negative_pose_frames.shape[0]} negative pose frames; length reduced to match.")
-            want = int(negative_pose_frames.shape[0])
-        n, msg = adjust_length(want)
-        if msg:
-            cb.node_message(unique_id, msg)
+            if negative_pose_frames is not None:
+                want = min(want, int(negative_pose_frames.shape[0]))
+            n, _ = adjust_length(want)
+            if n != want:
+                cb.node_message(unique_id, f"{want} pose frames is not 4n+1; using the first {n}.")
+        else:
+            if n_pose < want:
+                cb.node_message(unique_id, f"only {n_pose} pose frames for length {want}; using {n_pose}.")
+                want = n_pose
+            if negative_pose_frames is not None and negative_pose_frames.shape[0] < want:
+                cb.node_message(unique_id, f"only {negative_pose_frames.shape[0]} negative pose frames; length "
+                                           "reduced to match.")
+                want = int(negative_pose_frames.shape[0])
+            n, msg = adjust_length(want)
+            if msg:
+                cb.node_message(unique_id, msg)
 
         ref = resize_images(reference_image[:1], w, h, fit)
         poses = resize_images(pose_frames[:n], w, h, fit)

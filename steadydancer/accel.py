@@ -3,7 +3,8 @@
     from steadydancer_turbo.steadydancer import accel
     accel.use_attention(model, "auto")            # cuDNN attention on Hopper, SDPA elsewhere
     accel.use_attention(model, accel.sparse(0.15)) # top-k block-sparse self-attention (turbo path)
-    accel.use_fp8(model)                           # fp8 e4m3 weights + fp8 tensor-core matmuls (sm_89+)
+    accel.use_fp8(model)                           # fp8 e4m3 weights + fp8 tensor-core matmuls (sm_89+;
+                                                   # an fp8 file's stored weights are used as they are)
     accel.compile_blocks(model)                    # torch.compile each transformer block (fuses norms,
                                                    # modulation, RoPE, GELU, residuals; first call compiles)
 
@@ -38,25 +39,41 @@ def sparse(topk: float = 0.15, **kw) -> str:
 
 
 def use_fp8(model: nn.Module, act_scaling: str = "rowwise", fast_accum: bool = False) -> int:
-    """Swap every nn.Linear in model.blocks for an FP8Linear (in place). Returns how many were swapped."""
-    return convert_linears_to_fp8(model, act_scaling=act_scaling, fast_accum=fast_accum)
+    """fp8 tensor-core matmuls for every Linear in model.blocks (in place). Layers the loader kept in stored
+    fp8 e4m3 form (``quant.QuantLinear``, e.g. from an "fp8 scaled" file) switch to the fp8 matmul on their
+    stored weights (no re-quantization); plain ``nn.Linear`` layers become ``FP8Linear``. GGUF / e5m2 layers
+    are left as they are. Returns how many layers now use the fp8 matmul."""
+    from .quant import QuantLinear
+    n = 0
+    for m in model.get_submodule("blocks").modules():
+        if isinstance(m, QuantLinear) and m.qkind == "fp8" and m.qtype == torch.float8_e4m3fn \
+                and m.weight_scale is not None and m.weight_scale.numel() == 1:
+            m.fp8_matmul, m.fp8_act_scaling, m.fp8_fast_accum = True, act_scaling, fast_accum
+            n += 1
+    return n + convert_linears_to_fp8(model, act_scaling=act_scaling, fast_accum=fast_accum)
 
 
 def compile_blocks(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False,
                    mode: str | None = None) -> nn.Module:
     """``torch.compile`` every block in place (``nn.Module.compile``). All blocks share one compiled graph per
     input shape (their code is the same and parameters are graph inputs). ``fullgraph=True`` makes any graph
-    break an error instead of a silent slowdown."""
+    break an error instead of a silent slowdown. Blocks carrying forward hooks (block swap's weight streaming)
+    get only their ``forward`` compiled, so the hooks keep running eagerly around it."""
     if hasattr(model, "rope_dtype"):
         model.rope_dtype = torch.float32
     for blk in model.blocks:
-        blk.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+        if blk._forward_pre_hooks or blk._forward_hooks:
+            blk.forward = torch.compile(type(blk).forward.__get__(blk), fullgraph=fullgraph, dynamic=dynamic,
+                                        mode=mode)
+        else:
+            blk.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
     return model
 
 
 def uncompile_blocks(model: nn.Module, rope_dtype: torch.dtype = torch.float64) -> nn.Module:
     for blk in model.blocks:
         blk._compiled_call_impl = None
+        blk.__dict__.pop("forward", None)
     if hasattr(model, "rope_dtype"):
         model.rope_dtype = rope_dtype
     return model

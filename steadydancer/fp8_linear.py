@@ -11,6 +11,9 @@ result in the compute dtype (bf16). ``fast_accum=True`` uses the fp8 fast-accumu
 sm_89), or when ``use_scaled_mm`` is False, the weight is dequantized to the input dtype and a plain
 ``F.linear`` runs instead (same weights, so the same function up to the activation rounding).
 
+``scaled_mm_linear(x, weight_fp8, scale, bias, ...)`` is that matmul as a function; it is the one fp8 matmul of
+the package (``FP8Linear`` and the loader's ``quant.QuantLinear`` with ``fp8_matmul`` both call it).
+
 ``convert_linears_to_fp8(model)`` swaps the ``nn.Linear`` layers inside ``model.blocks`` in place (q/k/v/o of
 self- and cross-attention incl. k_img/v_img, and the FFN), leaving embeddings and the head in bf16, which is the
 split TurboDiffusion's quantized checkpoints use.
@@ -23,17 +26,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "quantize_tensorwise",
-           "convert_linears_to_fp8", "fp8_matmul_supported"]
+           "scaled_mm_linear", "scaled_mm_shape_ok", "convert_linears_to_fp8", "fp8_matmul_supported"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 
 
-def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w -> (w8 float8_e4m3fn, scale float32 scalar) with w ~= w8 * scale."""
+def quantize_per_tensor(w: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """w -> (w8 in ``dtype`` (e4m3 default, or e5m2), scale float32 scalar) with w ~= w8 * scale
+    (stored = w / scale, scale = amax / fmax: the convention of ComfyUI / Kijai "fp8 scaled" files)."""
+    fmax = float(torch.finfo(dtype).max)
     wf = w.float()
-    scale = (wf.abs().amax() / FP8_MAX).clamp(min=1e-12)
-    w8 = (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scale = (wf.abs().amax() / fmax).clamp(min=1e-12)
+    w8 = (wf / scale).clamp(-fmax, fmax).to(dtype)
     return w8, scale.reshape(())
 
 
@@ -87,7 +92,35 @@ def fp8_matmul_supported(device: torch.device | str | None = None) -> bool:
     dev = torch.device(device) if device is not None else torch.device("cuda")
     if dev.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(dev) >= (8, 9)
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(dev) >= (8, 9)
+
+
+def scaled_mm_shape_ok(in_features: int, out_features: int) -> bool:
+    """``torch._scaled_mm`` needs both matrix dimensions divisible by 16."""
+    return in_features % 16 == 0 and out_features % 16 == 0
+
+
+def scaled_mm_linear(x: torch.Tensor, weight_fp8: torch.Tensor, scale_weight: torch.Tensor,
+                     bias: torch.Tensor | None = None, act_scaling: str = "rowwise", fast_accum: bool = False,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ (weight_fp8 * scale_weight).T + bias`` as one ``torch._scaled_mm``: x is quantized to e4m3 on the
+    fly (per token, or per call with ``act_scaling="tensor"``), the bias is fused, the result comes out in
+    ``out_dtype`` (default: x's dtype if it is bf16/fp16/fp32, else bf16). ``weight_fp8`` is float8_e4m3fn
+    [out, in] with a per-tensor ``scale_weight`` (any shape with one element)."""
+    out_f, in_f = weight_fp8.shape
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+    lead = x.shape[:-1]
+    xq, xs = _quantize(x.reshape(-1, in_f), act_scaling)
+    ws = scale_weight.to(torch.float32)
+    ws = ws.reshape(1, 1).expand(1, out_f).contiguous() if act_scaling == "rowwise" else ws.reshape(())
+    if bias is not None and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    out = torch._scaled_mm(xq, weight_fp8.t(), scale_a=xs, scale_b=ws, bias=bias, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum)
+    if isinstance(out, tuple):  # torch < 2.5 returned (out, amax)
+        out = out[0]
+    return out.reshape(*lead, out_f)
 
 
 class FP8Linear(nn.Module):
@@ -151,26 +184,17 @@ class FP8Linear(nn.Module):
     def _fast(self, x: torch.Tensor) -> bool:
         if self.use_scaled_mm is not None:
             return self.use_scaled_mm
-        return x.is_cuda and fp8_matmul_supported(x.device) and self.in_features % 16 == 0 \
-            and self.out_features % 16 == 0
+        return x.is_cuda and fp8_matmul_supported(x.device) and scaled_mm_shape_ok(self.in_features,
+                                                                                   self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        xq, xs = _quantize(x2, self.act_scaling)
-        if self.act_scaling == "rowwise":
-            ws = self.scale_weight.reshape(1, 1).expand(1, self.out_features).contiguous()
-        else:
-            ws = self.scale_weight
         # output in the caller's dtype (the DiT passes its compute dtype), else the layer's compute dtype
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else self.compute_dtype
-        bias = self.bias if self.bias is None or self.bias.dtype == out_dtype else self.bias.to(out_dtype)
-        out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=ws, bias=bias,
-                               out_dtype=out_dtype, use_fast_accum=self.fast_accum)
-        return out.reshape(*lead, self.out_features)
+        return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias, self.act_scaling, self.fast_accum,
+                                out_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

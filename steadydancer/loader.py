@@ -29,7 +29,11 @@ file and saying what it looks like (Wan T2V, Wan2.2, SDXL ...).
 ``block_swap``: number of transformer blocks kept on ``offload_device`` and streamed to ``device``
 just before they run (see :mod:`.blockswap`); ``vram_budget_gb`` picks the smallest such number whose
 resident weights fit the budget (activations not included). ``fp8_matmul``: run fp8 e4m3 layers with
-``torch._scaled_mm`` on GPUs with fp8 tensor cores (compute capability >= 8.9); elsewhere ignored.
+``torch._scaled_mm`` (:func:`.fp8_linear.scaled_mm_linear`) on GPUs with fp8 tensor cores (compute
+capability >= 8.9), using the stored fp8 weights as they are; with ``storage="auto"`` the float Linear
+weights of the blocks of a bf16/fp16/fp32 file are quantized to e4m3 at load for it (as with
+``storage="fp8_e4m3fn"``). Elsewhere, and for weights it cannot use (e5m2, GGUF, ``"dequantize"``), it
+is ignored; ``model.load_info["notes"]`` says why.
 
 Memory: the model is built on the meta device and every tensor is copied straight from the memory
 map to its final place (device, pinned host memory or host), one tensor at a time; the pages of the
@@ -51,7 +55,8 @@ from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_
                         offload_model)
 from .checkpoint import CheckpointError, CheckpointReader
 from .lora import LoraKeyWarning, apply_loras
-from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf, fp8_matmul_supported, quantize_fp8
+from .fp8_linear import fp8_matmul_supported, quantize_per_tensor
+from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +201,21 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
             warnings.warn(f"{path}: {len(unexpected)} tensors are not part of the SteadyDancer model and were "
                           f"ignored: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}", stacklevel=2)
 
-        quant = _plan_quant_modules(model, reader, storage, cd)
+        notes = []
+        eff_storage = storage
+        if fp8_matmul:
+            if not fp8_matmul_supported(device):
+                notes.append(f"fp8_matmul ignored: {device} has no fp8 tensor cores (needs an NVIDIA GPU of "
+                             "compute capability 8.9+: Ada / Hopper or newer)")
+                fp8_matmul = False
+            elif storage == "dequantize":
+                notes.append("fp8_matmul ignored: weight_storage 'dequantize' keeps no fp8 weights")
+                fp8_matmul = False
+            elif storage == "fp8_e5m2":
+                notes.append("fp8_matmul ignored for the e5m2 weights quantized at load (needs e4m3)")
+            elif storage == "auto":
+                eff_storage = "fp8_e4m3fn"  # float block Linears -> e4m3 at load; stored fp8/GGUF kept as is
+        quant = _plan_quant_modules(model, reader, eff_storage, cd)
         model.compute_dtype = cd
 
         # placement
@@ -247,8 +266,18 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         if left:
             raise CheckpointError(path, f"internal error: {len(left)} tensors were not loaded, e.g. {left[:3]}")
 
+        n_fp8mm = 0
         for m in quant.values():
-            m.fp8_matmul = bool(fp8_matmul) and m.qkind == "fp8" and m.qtype == torch.float8_e4m3fn
+            m.fp8_matmul = bool(fp8_matmul) and isinstance(m, QuantLinear) and m.qkind == "fp8" \
+                and m.qtype == torch.float8_e4m3fn
+            n_fp8mm += m.fp8_matmul
+        if fp8_matmul:
+            other = sum(isinstance(m, QuantLinear) and not m.fp8_matmul for m in quant.values())
+            if other:
+                notes.append(f"fp8_matmul: {other} Linear layers are not fp8 e4m3 (GGUF / e5m2) and keep the "
+                             f"dequantized matmul")
+        for n in notes:
+            log.warning("SteadyDancer: %s", n)
         model.requires_grad_(False)
         model.eval()
         model.block_swap = BlockSwap(model, n_swap, device, offload_device, arenas=arenas)
@@ -256,7 +285,7 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
             "path": str(path), "format": reader.format, "stored": reader.kinds(), "storage": storage,
             "compute_dtype": cd, "quantized_layers": len(quant), "blocks_to_swap": n_swap,
             "device": str(device), "pinned_blocks": sum(a.pinned for a in arenas),
-            "fp8_matmul": bool(fp8_matmul) and fp8_matmul_supported(device),
+            "fp8_matmul": bool(fp8_matmul), "fp8_matmul_layers": int(n_fp8mm), "notes": notes,
             "weight_bytes": module_bytes(model),
         }
         log.info("SteadyDancer loaded: %s", model.load_info)
@@ -288,7 +317,7 @@ def _load_quant(mod, pre, reader, alloc, work):
         scale = s if s is not None else torch.ones(1)
     else:  # "fp8_new": quantize a float weight at load
         src = reader.read(key)
-        q, scale = quantize_fp8(src.to(work), mod.qtype)
+        q, scale = quantize_per_tensor(src.to(work), mod.qtype)
         w = alloc(tuple(q.shape), q.dtype)
         w.copy_(q)
         del q, src

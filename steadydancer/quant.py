@@ -7,10 +7,13 @@
 - GGUF dequantization uses diffusers' pure-torch GGML block decoders
   (``diffusers.quantizers.gguf.utils.dequantize_functions``), evaluated in float32 so the result is
   bit-identical to gguf-py's reference ``gguf.quants.dequantize`` (checked in the tests), then cast.
-- fp8: ``weight.float() * scale`` then cast (one rounding). Optional fp8 matmul through
-  ``torch._scaled_mm`` (:func:`fp8_linear`) for ``float8_e4m3fn`` weights with a per-tensor scale:
-  the activation is quantized per tensor to e4m3 on the fly; used only where the device has fp8
-  tensor cores (CUDA capability >= 8.9) unless forced, and never while a LoRA patch is active.
+- fp8: ``weight.float() * scale`` then cast (one rounding). Optional fp8 matmul (``fp8_matmul = True``)
+  for ``float8_e4m3fn`` weights with a per-tensor scale: the stored weight goes straight into
+  :func:`.fp8_linear.scaled_mm_linear` (the package's one fp8 matmul: activation quantized to e4m3 on the
+  fly, one ``torch._scaled_mm`` with the bias fused), only where the device has fp8 tensor cores (CUDA
+  capability >= 8.9). LoRA patches then stay un-merged: a low-rank patch adds ``scale * (x @ down.T) @ up.T``
+  in the compute dtype next to the fp8 product (rank-r cost, no dequantized weight); a full-difference
+  patch ("diff") falls back to the dequantized matmul with the patch merged.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import fp8_linear as _f8
 
 
 def _gguf():
@@ -84,49 +89,6 @@ def dequantize_fp8(w: torch.Tensor, scale, dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# fp8 matmul
-# ---------------------------------------------------------------------------------------------
-FP8_E4M3_MAX = 448.0
-
-
-def fp8_matmul_supported(device) -> bool:
-    """fp8 tensor cores (Ada / Hopper / Blackwell: CUDA capability >= 8.9) and ``torch._scaled_mm``."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    return _cuda_fp8_capable(device.index if device.index is not None else -1)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_fp8_capable(index: int) -> bool:
-    if not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
-        return False
-    dev = torch.device("cuda", torch.cuda.current_device() if index < 0 else index)
-    return torch.cuda.get_device_capability(dev) >= (8, 9)
-
-
-def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
-    """``x @ (w_fp8 * w_scale).T + bias`` on fp8 tensor cores: x is quantized per tensor to e4m3.
-
-    The activation is scaled in its own dtype (no float32 copy of a [tokens, 13824] activation); the scale
-    handed to ``_scaled_mm`` is the same rounded value that was divided by, so only the e4m3 rounding of x
-    (3 mantissa bits) and of w remains.
-    """
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    amax = x2.abs().amax()
-    x_scale = torch.clamp(amax.to(torch.float32) / FP8_E4M3_MAX, min=1e-12).to(x2.dtype)
-    xq = (x2 / x_scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale.to(torch.float32),
-                           scale_b=w_scale.to(torch.float32).reshape(()), out_dtype=out_dtype)
-    if isinstance(out, tuple):  # older torch returned (out, amax)
-        out = out[0]
-    if bias is not None:
-        out = out + bias.to(out_dtype)
-    return out.reshape(*shape[:-1], w_fp8.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------
 # LoRA runtime patches (shared by the quantized layers)
 # ---------------------------------------------------------------------------------------------
 class _Patched(nn.Module):
@@ -137,7 +99,9 @@ class _Patched(nn.Module):
         self.qtype = qtype              # torch fp8 dtype or GGML type int
         self.weight_shape = tuple(weight_shape)
         self.compute_dtype = compute_dtype
-        self.fp8_matmul = False
+        self.fp8_matmul = False         # QuantLinear only: fp8 tensor-core matmul where possible
+        self.fp8_act_scaling = "tensor"  # its activation scaling / accumulation (the fastest measured on H100,
+        self.fp8_fast_accum = True       # bench/perf_notes.md; same error as per-token at the FFN shape)
         self._patches = []              # (kind, buffer names, scale)
         self.register_buffer("weight", None)
         self.register_buffer("weight_scale", None)
@@ -197,16 +161,28 @@ class QuantLinear(_Patched):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype),
                                  requires_grad=False) if bias else None
 
+    def fp8_matmul_active(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs on fp8 tensor cores (e4m3 per-tensor weights, sizes /16, sm_89+ GPU,
+        no full-difference LoRA patch)."""
+        return (self.fp8_matmul and self.qkind == "fp8" and self.qtype == torch.float8_e4m3fn
+                and self.weight_scale is not None and self.weight_scale.numel() == 1
+                and _f8.scaled_mm_shape_ok(self.in_features, self.out_features)
+                and all(kind == "lowrank" for kind, _, _ in self._patches)
+                and _f8.fp8_matmul_supported(x.device))
+
     def forward(self, x):
         cd = self.compute_dtype
-        if (self.fp8_matmul and self.qkind == "fp8" and self.qtype == torch.float8_e4m3fn and not self._patches
-                and self.weight_scale is not None and self.weight_scale.numel() == 1
-                and self.in_features % 16 == 0 and self.out_features % 16 == 0
-                and fp8_matmul_supported(x.device)):
-            return fp8_linear(x.to(cd), self.weight, self.weight_scale, self.bias, cd)
+        x = x.to(cd)
+        if self.fp8_matmul_active(x):
+            out = _f8.scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, self.fp8_act_scaling,
+                                       self.fp8_fast_accum, cd)
+            for _, (up, down), scale in self._patches:  # low-rank LoRA terms, never merged into fp8
+                up, down = getattr(self, up), getattr(self, down)
+                out = out + F.linear(F.linear(x, down.flatten(1)), up.flatten(1)) * scale
+            return out
         w = self.dequantized_weight(cd)
         b = self.bias.to(cd) if self.bias is not None else None
-        return F.linear(x.to(cd), w, b)
+        return F.linear(x, w, b)
 
 
 class QuantConv(_Patched):
@@ -229,11 +205,3 @@ class QuantConv(_Patched):
         op = F.conv3d if self.dims == 3 else F.conv2d
         return op(x.to(cd), w, b, self.stride, self.padding, self.dilation, self.groups)
 
-
-def quantize_fp8(w: torch.Tensor, dtype=torch.float8_e4m3fn):
-    """Per-tensor absmax-scaled fp8 (ComfyUI/Kijai convention: stored = w / scale, scale = amax / fmax)."""
-    fmax = torch.finfo(dtype).max
-    w32 = w.to(torch.float32)
-    scale = torch.clamp(w32.abs().amax() / fmax, min=1e-12)
-    q = (w32 / scale).clamp(-fmax, fmax).to(dtype)
-    return q, scale.reshape(1)

@@ -55,6 +55,34 @@ def test_fp8_scaled_mm_close_to_dequantized(files):
     assert not torch.equal(oa, ob)  # the tensor-core path really ran
 
 
+def test_fp8_scaled_mm_with_a_lowrank_lora(files, tmp_path):
+    """A low-rank LoRA on fp8 tensor-core layers stays un-merged (its rank-r term added next to the fp8
+    product); the result is close to the dequantized path with the LoRA merged into the weight."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 tensor cores")
+    from safetensors.torch import save_file
+    from steadydancer_turbo.steadydancer.loader import apply_loras
+    ref = U.reference_model()
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        lin = ref.get_submodule(name)
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, lin.in_features, generator=g) * 0.2
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(lin.out_features, 4, generator=g) * 0.2
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    inp = U.inputs()
+    a = load_steadydancer(files / "fp8.safetensors", compute_dtype=BF16, device="cuda")
+    b = load_steadydancer(files / "fp8.safetensors", compute_dtype=BF16, device="cuda", fp8_matmul=True)
+    base = _run_cuda(b, inp)
+    for m in (a, b):
+        apply_loras(m, [(tmp_path / "lora.safetensors", 1.0)])
+    q = b.get_submodule("blocks.0.self_attn.q")
+    assert q._patches and q.fp8_matmul_active(torch.empty(1, device="cuda"))
+    oa, ob = _run_cuda(a, inp), _run_cuda(b, inp)
+    assert U.rel_err(ob, oa) < 0.07
+    assert U.rel_err(ob, base) > 0.01  # the LoRA changed the fp8 path's output
+
+
 def test_offload_releases_vram(files):
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

@@ -7,7 +7,8 @@ import torch
 import _loader_util as U
 from steadydancer_turbo.steadydancer.blockswap import blocks_to_swap_for_budget, module_bytes, offload_model
 from steadydancer_turbo.steadydancer.loader import apply_loras, load_steadydancer
-from steadydancer_turbo.steadydancer.quant import fp8_linear, QuantLinear
+from steadydancer_turbo.steadydancer import fp8_linear as f8
+from steadydancer_turbo.steadydancer.quant import QuantLinear
 
 F32 = torch.float32
 
@@ -78,26 +79,84 @@ def test_offload_model_moves_everything(files):
     assert all(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
 
 
-def test_fp8_scaled_mm_path_matches_dequantized_matmul():
-    """The fp8 tensor-core path (torch._scaled_mm, runnable on CPU in recent torch) against the dequantized
-    matmul: the activation is rounded to e4m3 (3 mantissa bits, rms relative error ~2^-4/sqrt(3) = 3.6%)."""
-    if not hasattr(torch, "_scaled_mm"):
-        pytest.skip("torch._scaled_mm missing")
+def _quant_linear(q, s, bias=None, dtype=torch.bfloat16):
+    lin = QuantLinear(q.shape[1], q.shape[0], bias is not None, "fp8", torch.float8_e4m3fn, dtype, device="cpu")
+    lin.weight, lin.weight_scale = q, s
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+    return lin
+
+
+def test_fp8_matmul_path_is_the_fp8_linear_primitive(monkeypatch):
+    """QuantLinear's fp8 matmul runs the stored e4m3 weight through fp8_linear.scaled_mm_linear (the package's
+    one fp8 matmul): the same numbers as an FP8Linear holding the same tensors, close to the float64 product of
+    the quantized operands, with a low-rank LoRA patch added un-merged; a full-difference patch and a device
+    without fp8 tensor cores fall back to the dequantized matmul. _scaled_mm runs on the CPU in recent torch;
+    the capability probe is forced on so the CPU exercises the GPU code path."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 128, generator=g) * 0.05
-    x = torch.randn(3, 10, 128, generator=g)
+    bias = torch.randn(64, generator=g) * 0.1
+    x = torch.randn(3, 10, 128, generator=g).bfloat16()
     q, s = U.fp8_quantize(w, torch.float8_e4m3fn)
-    ref = torch.nn.functional.linear(x, q.float() * s)
+    lin = _quant_linear(q, s, bias)
+    lin.fp8_matmul = True
+    deq = lin(x)  # CPU: no fp8 tensor cores -> exact dequantized matmul
+    assert not lin.fp8_matmul_active(x)
+    assert torch.equal(deq, torch.nn.functional.linear(x, (q.float() * s).bfloat16(), bias.bfloat16()))
+    monkeypatch.setattr(f8, "fp8_matmul_supported", lambda device=None: True)
     try:
-        out = fp8_linear(x, q, s, None, torch.float32)
+        out = lin(x)
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"_scaled_mm not available on this CPU build: {e}")
-    assert out.shape == ref.shape
-    assert U.rel_err(out, ref) < 0.06
-    out_bf16 = fp8_linear(x.bfloat16(), q, s, None, torch.bfloat16)  # the GPU path: bf16 activations
-    assert out_bf16.dtype == torch.bfloat16 and U.rel_err(out_bf16.float(), ref) < 0.07
-    # QuantLinear with fp8_matmul on a device without fp8 tensor cores falls back to the exact dequant path
-    lin = QuantLinear(128, 64, False, "fp8", torch.float8_e4m3fn, F32, device="cpu")
-    lin.weight, lin.weight_scale = q, s
-    lin.fp8_matmul = True
-    assert torch.equal(lin(x), ref)
+    assert lin.fp8_matmul_active(x) and out.dtype == torch.bfloat16 and out.shape == (3, 10, 64)
+    twin = f8.FP8Linear.from_fp8(q, s, bias, use_scaled_mm=True, act_scaling=lin.fp8_act_scaling,
+                                 fast_accum=lin.fp8_fast_accum)
+    assert torch.equal(out, twin(x))
+    xq, xs = f8.quantize_tensorwise(x.reshape(-1, 128))
+    ref = (xq.double() * xs.double()) @ (q.double() * s.double()).T + bias.bfloat16().double()
+    torch.testing.assert_close(out.reshape(-1, 64).double(), ref, rtol=2e-2, atol=2e-2)
+    # e4m3 activation (3 mantissa bits, rms relative error ~2^-4/sqrt(3) = 3.6%) against the dequantized matmul
+    assert U.rel_err(out.float(), deq.float()) < 0.07
+
+    up, down = torch.randn(64, 4, generator=g) * 0.1, torch.randn(4, 128, generator=g) * 0.1
+    lin.add_patch("lowrank", (up, down), 0.7)
+    assert lin.fp8_matmul_active(x)
+    got = lin(x)
+    lora = (x.double() @ (0.7 * up.bfloat16().double() @ down.bfloat16().double()).T)
+    torch.testing.assert_close(got.double(), out.double() + lora, rtol=1e-2, atol=1e-2)
+    assert U.rel_err(got.float(), out.float()) > 0.05  # the patch really contributed
+    lin.clear_patches()
+    lin.add_patch("diff", (torch.randn(64, 128, generator=g) * 0.01,), 1.0)
+    assert not lin.fp8_matmul_active(x)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.dequantized_weight(), lin.bias))
+
+
+def test_use_fp8_reuses_stored_fp8_weights(files):
+    """accel.use_fp8 on a model loaded from an fp8 file switches the stored e4m3 layers to the fp8 matmul
+    without re-quantizing (same weight tensors), and converts the float Linears left in the blocks."""
+    from steadydancer_turbo.steadydancer import accel
+    m = load_steadydancer(files / "fp8.safetensors", compute_dtype=F32, device="cpu")
+    ql = [x for x in m.blocks.modules() if isinstance(x, QuantLinear)]
+    before = {id(x): x.weight for x in ql}
+    n = accel.use_fp8(m)
+    assert n == len(ql) > 0
+    assert all(x.fp8_matmul and x.weight is before[id(x)] for x in ql)
+    assert not any(type(x) is torch.nn.Linear for x in m.blocks.modules())
+
+
+def test_loader_fp8_matmul_off_gpu_is_ignored_with_a_note(files):
+    m = load_steadydancer(files / "f32.safetensors", compute_dtype=F32, device="cpu", fp8_matmul=True)
+    assert m.load_info["fp8_matmul"] is False and "no fp8 tensor cores" in m.load_info["notes"][0]
+    assert not any(isinstance(x, QuantLinear) for x in m.modules())  # a float file stays float
+
+
+def test_loader_fp8_matmul_quantizes_a_float_file_at_load(files, monkeypatch):
+    """With fp8 tensor cores (probe forced on here) fp8_matmul on a float file with storage auto quantizes the
+    block Linears to e4m3 at load (as storage fp8_e4m3fn), and only those: embeddings and head stay float."""
+    import steadydancer_turbo.steadydancer.loader as L
+    monkeypatch.setattr(L, "fp8_matmul_supported", lambda device=None: True)
+    m = load_steadydancer(files / "f32.safetensors", compute_dtype=F32, device="cpu", fp8_matmul=True)
+    ql = {n: x for n, x in m.named_modules() if isinstance(x, QuantLinear)}
+    assert ql and all(n.startswith("blocks.") for n in ql)
+    assert all(x.fp8_matmul and x.weight.dtype == torch.float8_e4m3fn for x in ql.values())
+    assert m.load_info["fp8_matmul_layers"] == len(ql) and m.load_info["notes"] == []

@@ -63,6 +63,27 @@ def test_conditioning_node_adjusts_length_and_size():
     assert bundle.cond.y.shape == (1, 20, 3, 6, 6) and bundle.cond.cond_neg is None
 
 
+def test_conditioning_length_0_means_all_pose_frames(monkeypatch):
+    """length 0 (the default) takes every pose frame Resample Frames made (13 -> 13, not a stale 9 or 81),
+    rounded down to 4n+1; an explicit length still wins, capped by the pose frames with a note."""
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
+    assert node.INPUT_TYPES()["required"]["length"][1]["default"] == 0
+    notes = []
+    monkeypatch.setattr(pack.nodes.conditioning_nodes.cb, "node_message", lambda nid, text: notes.append(text))
+    for frames, length, expect in [(13, 0, 13), (15, 0, 13), (13, 9, 9), (13, 81, 13), (13, 10, 9)]:
+        notes.clear()
+        inp = _cond_inputs(F=frames, neg=False)
+        inp["length"] = length
+        bundle, _, _, n = node.build(**inp)
+        assert n == expect == bundle.length, (frames, length)
+        assert bundle.cond.cond_pos.shape[2] == (expect - 1) // 4 + 1
+        assert bool(notes) == ((frames, length) in [(15, 0), (13, 81), (13, 10)]), (frames, length, notes)
+    inp = _cond_inputs(F=13)  # negative pose frames: all of both
+    inp["negative_pose_frames"] = inp["negative_pose_frames"][:9]
+    inp["length"] = 0
+    assert node.build(**inp)[3] == 9
+
+
 def test_conditioning_node_cuts_long_text_to_512_and_rejects_wrong_encoders():
     node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
     inp = _cond_inputs()

@@ -258,3 +258,37 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
     finally:
         h.remove()
     assert calls["forward"] == 2
+
+
+def test_loader_speed_options_switch_without_reload(models, monkeypatch):
+    """attention / sparse_topk reach the loaded module (flex_sparse -> a top-k backend for self-attention) and
+    switch on the cached module without re-reading the file; fp8_matmul without fp8 tensor cores is a note on
+    the node, and the model is loaded as usual; the choices offer auto/sdpa and only importable kernels."""
+    from steadydancer_turbo.steadydancer.attention import available_backends
+    mn = pack.nodes.model_nodes
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerModelLoader"]()
+    req = node.INPUT_TYPES()["required"]
+    choices = req["attention"][0]
+    assert choices[:2] == ["auto", "sdpa"] and req["attention"][1]["default"] == "auto"
+    assert all(c in available_backends() for c in choices)
+    assert list(req)[3:7] == ["attention", "sparse_topk", "fp8_matmul", "compile"]
+    path = str(models / "steadydancer_tiny.safetensors")
+    loads, notes = [], []
+    from steadydancer_turbo.steadydancer import loader
+    orig = loader.load_steadydancer
+    monkeypatch.setattr(loader, "load_steadydancer", lambda *a, **k: loads.append(k) or orig(*a, **k))
+    monkeypatch.setattr(mn.cb, "node_message", lambda nid, text: notes.append(text))
+    mn._CACHE.clear()
+    base = dict(model_name=path, weight_storage="auto", compute_dtype="fp32", block_swap=0, vram_budget_gb=0.0,
+                offload_after=False, compile=False)
+    (h,) = node.load(attention="auto", sparse_topk=0.15, fp8_matmul=False, **base)
+    assert h.materialize().attention_backend == "auto" and len(loads) == 1 and not notes
+    if "flex_sparse" in choices:
+        (h2,) = node.load(attention="flex_sparse", sparse_topk=0.2, fp8_matmul=False, **base)
+        assert h2.materialize().attention_backend == "flex_sparse:0.2" and len(loads) == 1
+    (h3,) = node.load(attention="sdpa", sparse_topk=0.15, fp8_matmul=True, **base)  # fp8_matmul: a fresh load
+    assert len(loads) == 2 and loads[-1]["fp8_matmul"] is True
+    assert h3.materialize().attention_backend == "sdpa"
+    if not torch.cuda.is_available():
+        assert notes and "fp8_matmul ignored" in notes[0]
+    mn._CACHE.clear()
