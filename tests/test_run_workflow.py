@@ -46,6 +46,51 @@ def test_precheck_names_a_missing_model_with_folder_and_url_and_skips_unused_nod
     assert rw.reachable(_prompt(), OBJECT_INFO) == {"1", "2", "3"}
 
 
+def test_precheck_of_a_custom_workflow_names_the_folder_and_the_known_download_url():
+    # a hand-made API JSON: no UI twin, so the folder comes from the loader's input and the URL from the
+    # pack's list of known files (shipped UI workflows' properties.models + the DWPose table)
+    info = {"CLIPVisionLoader": {"input": {"required": {"clip_name": [["other.safetensors"]]}}, "output_node": False},
+            "UNETLoader": {"input": {"required": {"unet_name": [[]], "weight_dtype": [["default"]]}},
+                           "output_node": False},
+            "Saver": OBJECT_INFO["Saver"]}
+    prompt = {"1": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_h.safetensors"}},
+              "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "mine.safetensors", "weight_dtype": "default"}},
+              "3": {"class_type": "Saver", "inputs": {"x": ["1", 0], "y": ["2", 0], "mode": "a"}}}
+    problems, missing = rw.check_inputs(prompt, info, rw.known_models())
+    assert problems == []
+    clip = next(m for m in missing if "node 1" in m)
+    assert "is not in models/clip_vision/" in clip
+    assert "download: https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/" \
+           "clip_vision/clip_vision_h.safetensors" in clip
+    unet = next(m for m in missing if "node 2" in m)
+    assert "is not in models/diffusion_models/" in unet and "download" not in unet
+
+
+POSE_INFO = {"SteadyDancerPoseExtract": {"input": {"required": {
+    "detector": [["yolox_l.onnx"]], "estimator": [["dw-ll_ucoco_384.onnx", "dw-ll_ucoco.onnx"]]}},
+    "output_node": False}, "Saver": OBJECT_INFO["Saver"]}
+POSE_PROMPT = {"1": {"class_type": "SteadyDancerPoseExtract",
+                     "inputs": {"detector": "yolox_l.onnx", "estimator": "dw-ll_ucoco_384.onnx"}},
+               "2": {"class_type": "Saver", "inputs": {"x": ["1", 0], "mode": "a"}}}
+
+
+def test_precheck_asks_the_server_which_dwpose_files_exist():
+    # the pose node's combos always list the default names (so a missing file gets a download hint when
+    # run); only GET /models/dwpose tells whether the file is really there
+    asked = []
+
+    def files(folder):
+        asked.append(folder)
+        return ["yzd-v/DWPose/dw-ll_ucoco_384.onnx"]        # a comfyui_controlnet_aux download counts
+
+    problems, missing = rw.check_inputs(POSE_PROMPT, POSE_INFO, rw.known_models(), files)
+    assert problems == [] and set(asked) == {"dwpose"}
+    assert len(missing) == 1 and "(SteadyDancerPoseExtract).detector: 'yolox_l.onnx' is not in models/dwpose/" in missing[0]
+    assert "download: https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in missing[0]
+    # no listing (older server): nothing is claimed missing
+    assert rw.check_inputs(POSE_PROMPT, POSE_INFO, {}, lambda f: None) == ([], [])
+
+
 def test_precheck_reports_bad_combo_values_and_unknown_node_types():
     p = _prompt(mode="zzz")
     p["5"] = {"class_type": "NotInstalled", "inputs": {}}

@@ -148,6 +148,14 @@ class ComfyClient:
     def interrupt(self):
         self.post_json("/interrupt", {})
 
+    def model_files(self, folder):
+        """File names the server has in a model folder (GET /models/<folder>), or None when it has no such
+        folder (older ComfyUI, or the pack did not register it)."""
+        try:
+            return self.get_json(f"/models/{urllib.parse.quote(folder)}")
+        except urllib.error.HTTPError:
+            return None
+
     def object_info(self, node_class=None):
         return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
 
@@ -379,10 +387,69 @@ def reachable(prompt, object_info):
     return seen
 
 
-def check_inputs(prompt, object_info, model_hints=None):
+# ComfyUI model folder of the file inputs of the usual loaders: (node class, input) first, then the input name.
+LOADER_FOLDERS = {
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("SteadyDancerModelLoader", "model_name"): "diffusion_models",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("SteadyDancerLoraLoader", "lora_name"): "loras",
+    ("VAELoader", "vae_name"): "vae",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("SteadyDancerPoseExtract", "detector"): "dwpose",
+    ("SteadyDancerPoseExtract", "estimator"): "dwpose",
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+}
+INPUT_FOLDERS = {"unet_name": "diffusion_models", "lora_name": "loras", "vae_name": "vae",
+                 "ckpt_name": "checkpoints", "control_net_name": "controlnet", "clip_name1": "text_encoders",
+                 "clip_name2": "text_encoders", "upscale_model": "upscale_models"}
+# Folders whose combos list the default file names even when the file is absent (our pose node does, so the
+# node can answer a missing file with its download link): their real content is asked of GET /models/<folder>.
+ALWAYS_LISTED_FOLDERS = ("dwpose",)
+
+
+def model_folder(class_type, input_name, hint=None):
+    """ComfyUI model folder (``diffusion_models``, ``loras`` ...) a file input reads from, or None."""
+    if hint and hint.get("directory"):
+        return hint["directory"]
+    return LOADER_FOLDERS.get((class_type, input_name)) or INPUT_FOLDERS.get(input_name)
+
+
+def known_models():
+    """{file name: {"name", "url", "directory"}} of every file the pack knows: the shipped UI workflows'
+    ``properties.models`` and the DWPose table (dwpose/models.py, the pack's one list of those URLs)."""
+    out = {}
+    for ui in sorted(WORKFLOW_DIR.glob("*.json")):
+        for name, m in models_from_ui_workflow(ui).items():
+            out.setdefault(name, m)
+    try:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_sd_dwpose_models", PACK_ROOT / "dwpose" / "models.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for name, f in mod.MODEL_FILES.items():
+            out.setdefault(name, {"name": name, "url": f.url, "directory": mod.COMFY_MODEL_SUBFOLDER})
+    except Exception:  # noqa: BLE001 - hints only
+        pass
+    return out
+
+
+def _present(value, files):
+    """Whether a file name is among a folder listing (sub-folder entries match by base name, as the pose
+    node also finds comfyui_controlnet_aux's ``ckpts/<repo>/`` downloads)."""
+    base = value.replace("\\", "/").rsplit("/", 1)[-1]
+    return any(f == value or f.replace("\\", "/").rsplit("/", 1)[-1] == base for f in files)
+
+
+def check_inputs(prompt, object_info, model_hints=None, folder_files=None):
     """Problems found before queueing: unknown node types and file names that are not on the server.
 
-    Only nodes that will run are checked (like the server, which ignores nodes no output depends on)."""
+    Only nodes that will run are checked (like the server, which ignores nodes no output depends on).
+    ``folder_files(folder)`` -> the file names the server has in a model folder, or None when unknown
+    (GET /models/<folder>); it is asked about ``ALWAYS_LISTED_FOLDERS`` only."""
     model_hints = model_hints or {}
     problems, missing_models = [], []
     live = reachable(prompt, object_info)
@@ -399,16 +466,21 @@ def check_inputs(prompt, object_info, model_hints=None):
             if not isinstance(value, str):
                 continue
             opts = _combo_options(specs.get(name))
-            if opts is None or value in opts:
+            if opts is None:
                 continue
-            if value.lower().endswith(MODEL_EXTS):
-                hint = model_hints.get(value, {})
-                where = f"models/{hint['directory']}/" if hint.get("directory") else "the matching models/ folder"
-                url = f"\n      download: {hint['url']}" if hint.get("url") else ""
-                missing_models.append(f"  node {nid} ({node['class_type']}).{name}: {value!r} is not in {where}{url}")
-            else:
+            hint = model_hints.get(value) or model_hints.get(value.replace("\\", "/").rsplit("/", 1)[-1]) or {}
+            folder = model_folder(node["class_type"], name, hint)
+            if value in opts:
+                files = folder_files(folder) if folder_files and folder in ALWAYS_LISTED_FOLDERS else None
+                if files is None or _present(value, files):
+                    continue
+            elif not value.lower().endswith(MODEL_EXTS):
                 problems.append(f"node {nid} ({node['class_type']}).{name}: {value!r} is not one of the allowed "
                                 f"values {opts[:8]}{'...' if len(opts) > 8 else ''}")
+                continue
+            where = f"models/{folder}/" if folder else "the matching models/ folder"
+            url = f"\n      download: {hint['url']}" if hint.get("url") else ""
+            missing_models.append(f"  node {nid} ({node['class_type']}).{name}: {value!r} is not in {where}{url}")
     return problems, missing_models
 
 
@@ -587,8 +659,12 @@ def run(args, out=None):
         if args.seed is not None:
             randomize_seeds(prompt, args.seed)
 
-        problems, missing = check_inputs(prompt, client.object_info(),
-                                         models_from_ui_workflow(ui_path) if ui_path else {})
+        hints = known_models()
+        hints.update(models_from_ui_workflow(ui_path) if ui_path else {})
+        listed = {}
+        problems, missing = check_inputs(
+            prompt, client.object_info(), hints,
+            lambda folder: listed[folder] if folder in listed else listed.setdefault(folder, client.model_files(folder)))
         if missing:
             raise RunError("missing model file(s) on the server:\n" + "\n".join(missing)
                            + "\nPut the files in those folders (or list them in extra_model_paths.yaml) "
