@@ -13,8 +13,9 @@ server's ``/object_info`` lists, so a missing model is reported with its folder 
 UI workflow's ``properties.models``) instead of failing mid-run. Progress comes from the ``/ws`` websocket.
 
 Standard library only (urllib + a minimal RFC 6455 websocket client), so it runs with any Python >= 3.9,
-including ComfyUI's own interpreter. Exit codes: 0 ok, 1 run failed, 2 bad usage / input, 3 server unreachable,
-4 missing model file, 5 prompt rejected by validation.
+including ComfyUI's own interpreter. Exit codes: 0 ok, 1 run failed, 2 bad usage / input, 3 server unreachable
+(or --comfyui could not start one), 4 missing model file, 5 prompt rejected by validation, 130 cancelled (Ctrl-C;
+our prompt is interrupted / removed from the queue).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -145,8 +147,21 @@ class ComfyClient:
     def history(self, prompt_id):
         return self.get_json(f"/history/{prompt_id}").get(prompt_id)
 
-    def interrupt(self):
-        self.post_json("/interrupt", {})
+    def interrupt(self, prompt_id=None):
+        self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def cancel(self, prompt_id):
+        """Stop our prompt only: interrupt it when it runs, remove it when it waits in the queue.
+        Returns what was done, for the user."""
+        q = self.get_json("/queue")
+        ids = lambda items: {item[1] for item in items if len(item) > 1}     # (number, prompt_id, prompt, ...)
+        if prompt_id in ids(q.get("queue_running", [])):
+            self.interrupt(prompt_id)
+            return "interrupted it on the server"
+        if prompt_id in ids(q.get("queue_pending", [])):
+            self.post_json("/queue", {"delete": [prompt_id]})
+            return "removed it from the server's queue"
+        return "it was no longer queued or running"
 
     def model_files(self, folder):
         """File names the server has in a model folder (GET /models/<folder>), or None when it has no such
@@ -265,10 +280,12 @@ class WebSocket:
 def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
     """Follow a queued prompt over the websocket until it ends; returns its /history entry.
 
-    ``on_event(type, data)`` sees every JSON message for this prompt. Raises RunError with the node's message
+    ``on_event(type, data)`` sees every JSON message for this prompt, and ("progress_text", {"node", "text"})
+    for the texts nodes show on themselves while it runs (our nodes' size/length adjustments, for example). Raises RunError with the node's message
     when the run fails and RunError("interrupted") when it was interrupted.
     """
     deadline = time.monotonic() + timeout
+    ours = False              # our prompt is the one running (node texts carry no prompt id)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -282,11 +299,17 @@ def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
                 return _finish(h, prompt_id)
             continue
         if kind != "text":
-            continue                  # binary frames are latent previews
+            note = progress_text(msg)     # other binary frames are latent previews
+            if note and ours and on_event:
+                on_event("progress_text", {"node": note[0], "text": note[1], "prompt_id": prompt_id})
+            continue
         m = json.loads(msg)
         t, data = m.get("type"), m.get("data", {})
         if data.get("prompt_id") not in (None, prompt_id):
+            ours = False if t in ("execution_start", "executing") else ours
             continue
+        if data.get("prompt_id") == prompt_id:
+            ours = t not in ("execution_success", "execution_error", "execution_interrupted")
         if on_event:
             on_event(t, data)
         if t == "execution_error":
@@ -302,6 +325,19 @@ def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
                     return _finish(h, prompt_id)
                 time.sleep(0.1)
             raise RunError(f"prompt {prompt_id} finished but has no history entry")
+
+
+BINARY_TEXT = 3   # ComfyUI's BinaryEventTypes.TEXT: the text a node shows on itself (PromptServer.send_progress_text)
+
+
+def progress_text(frame):
+    """(node id, text) of a binary 'progress text' frame: event 3, node-id length (u32 BE), node id, UTF-8 text."""
+    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != BINARY_TEXT:
+        return None
+    n = struct.unpack(">I", frame[4:8])[0]
+    if len(frame) < 8 + n:
+        return None
+    return frame[8:8 + n].decode("utf-8", "replace"), frame[8 + n:].decode("utf-8", "replace")
 
 
 def _finish(h, prompt_id):
@@ -337,6 +373,9 @@ def progress_printer(prompt, stream=None):
             v, mx = data.get("value", 0), data.get("max", 0)
             bar = "#" * int(30 * v / max(mx, 1))
             print(f"    {titles.get(str(data.get('node')), '')}: {v}/{mx} [{bar:<30}]", file=stream, flush=True)
+        elif t == "progress_text" and data.get("text"):
+            print(f"    note from {titles.get(str(data.get('node')), data.get('node'))}: {data['text']}",
+                  file=stream, flush=True)
         elif t == "execution_cached" and data.get("nodes"):
             print(f"(cached: {', '.join(map(str, data['nodes']))})", file=stream, flush=True)
     return on_event
@@ -534,13 +573,31 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._log:
+                    self._log.close()
+                    self._log = None
                 raise RunError(f"ComfyUI exited with code {self.proc.returncode} during start-up"
-                               + (f"; see {self.log_path}" if self.log_path else ""))
+                               + (f"; see {self.log_path}" if self.log_path else "")
+                               + self.startup_hint(), code=3)
             if client.alive():
                 return self
             time.sleep(0.3)
         self.stop()
-        raise RunError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s")
+        raise RunError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s"
+                       + (f"; see {self.log_path}" if self.log_path else ""), code=3)
+
+    NO_GPU_SIGNS = ("Found no NVIDIA driver", "Torch not compiled with CUDA enabled", "No CUDA GPUs are available",
+                    "no CUDA-capable device", "CUDA driver initialization failed", "NVIDIA driver on your system is too old",
+                    "Failed to initialize NVML", "No HIP GPUs are available")
+
+    def startup_hint(self):
+        """A hint for a start-up failure, read from the server log."""
+        text = self.log_text()
+        if "--cpu" not in self.args and any(s.lower() in text.lower() for s in self.NO_GPU_SIGNS):
+            return ("\n  The log says there is no usable GPU / driver: add --cpu to run ComfyUI on the CPU "
+                    "(slow, but it works), or fix the NVIDIA driver / CUDA build of torch.")
+        tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
+        return ("\n  last lines of the log:\n    " + "\n    ".join(tail)) if tail else ""
 
     def log_text(self):
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -586,10 +643,20 @@ def resolve_workflow(name):
 
 
 def load_prompt(path):
-    data = json.loads(pathlib.Path(path).read_text())
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: not a readable workflow JSON ({e})", 2)
     if "nodes" in data and "links" in data:
-        raise RunError(f"{path} is a UI-format workflow; this command needs the API-format twin "
-                       f"(…_api.json), or export one with Workflow > Export (API) in ComfyUI", 2)
+        twin = API_DIR / path.name
+        short = {"steadydancer-turbo.json": "turbo", "steadydancer-dance.json": "dance"}.get(path.name)
+        if twin.is_file():
+            use = (f"`{short}` (or {twin})" if short else str(twin))
+        else:
+            use = (f"`turbo` / `dance` for the shipped workflows (their API twins are {API_DIR}/<same name>.json), "
+                   f"or export yours with Workflow > Export (API) in ComfyUI")
+        raise RunError(f"{path} is a UI-format workflow; this command needs an API-format prompt: use {use}", 2)
     data = data.get("prompt", data)
     return data
 
@@ -607,6 +674,32 @@ def apply_overrides(prompt, sets):
             prompt[nid]["inputs"][inp] = json.loads(value)
         except json.JSONDecodeError:
             prompt[nid]["inputs"][inp] = value
+
+
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def check_image(path):
+    """Refuse a --image that is not an image before uploading it (the server would only fail mid-run, naming
+    its own copy). Uses PIL when this Python has it (what ComfyUI's LoadImage opens files with), else the
+    file's magic bytes."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        Image = None
+    if Image is not None:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            return
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise RunError(f"--image {path}: not an image file this server can open ({e})", 2)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if any(head.startswith(m) for m, _ in IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return
+    raise RunError(f"--image {path}: not an image file (PNG, JPEG, WEBP, GIF, BMP or TIFF expected)", 2)
 
 
 def set_media_inputs(prompt, image_name=None, video_name=None):
@@ -636,13 +729,16 @@ def run(args, out=None):
     for label, f in (("--image", args.image), ("--video", args.video)):
         if f and not pathlib.Path(f).is_file():
             raise RunError(f"{label} {f}: no such file", 2)
+    if args.image:
+        check_image(args.image)
     if args.video and pathlib.Path(args.video).suffix.lower() not in VIDEO_EXTS:
         raise RunError(f"--video {args.video}: not a video file ({', '.join(sorted(VIDEO_EXTS))})", 2)
 
     server = None
     if args.comfyui:
+        log_path = args.server_log or os.path.join(tempfile.gettempdir(), f"comfyui-run-{os.getpid()}.log")
         server = ComfyServer(args.comfyui, port=args.port, base_directory=args.base_directory,
-                             python=args.python, cpu=args.cpu, log_path=args.server_log)
+                             python=args.python, cpu=args.cpu, log_path=log_path)
         print(f"starting ComfyUI from {server.comfyui_path} on {server.url} ...", file=out, flush=True)
         server.start()
         url = server.url
@@ -673,12 +769,21 @@ def run(args, out=None):
             raise RunError("the workflow does not fit this server:\n" + "\n".join(problems), code=2)
 
         ws = client.websocket()
+        prompt_id = None
         try:
             prompt_id = client.queue(prompt)
             print(f"queued {prompt_path.name} as {prompt_id}", file=out, flush=True)
             t0 = time.monotonic()
             hist = wait_for_prompt(client, ws, prompt_id, on_event=progress_printer(prompt, out),
                                    timeout=args.timeout)
+        except KeyboardInterrupt:
+            done = "no prompt was queued"
+            if prompt_id:
+                try:
+                    done = f"prompt {prompt_id}: " + client.cancel(prompt_id)
+                except (RunError, urllib.error.URLError, OSError, ValueError, KeyboardInterrupt) as e:
+                    done = f"prompt {prompt_id}: could not cancel it ({e}); POST /interrupt to stop it"
+            raise RunError(f"cancelled ({done})", 130) from None
         finally:
             ws.close()
         files = output_files(hist)
@@ -693,6 +798,9 @@ def run(args, out=None):
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
         print(f"done in {time.monotonic() - t0:.1f} s: {dest}", file=out, flush=True)
+        if server and not args.server_log:
+            server.stop()
+            pathlib.Path(log_path).unlink(missing_ok=True)     # kept (and named) only when something failed
         return dest
     finally:
         if server:
@@ -731,7 +839,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print("cancelled (the server keeps the queued prompt; POST /interrupt to stop it)", file=sys.stderr)
+        print("cancelled (nothing was queued)", file=sys.stderr)
         return 130
     return 0
 
