@@ -96,7 +96,13 @@ def test_precheck_asks_the_server_which_dwpose_files_exist():
 
     problems, missing = rw.check_inputs(POSE_PROMPT, POSE_INFO, rw.known_models(), files)
     assert problems == [] and set(asked) == {"dwpose"}
-    assert len(missing) == 1 and "(SteadyDancerPoseExtract).detector: 'yolox_l.onnx' is not in models/dwpose/" in missing[0]
+    # a file two nodes need is listed once
+    two = {**POSE_PROMPT, "4": dict(POSE_PROMPT["1"]), "2": {"class_type": "Saver",
+                                                             "inputs": {"x": ["1", 0], "y": ["4", 0], "mode": "a"}}}
+    _, missing2 = rw.check_inputs(two, POSE_INFO, {}, files)
+    assert len(missing2) == 1 and "node 1 (SteadyDancerPoseExtract).detector, node 4 " in missing2[0]
+    assert len(missing) == 1 and "'yolox_l.onnx' is not in models/dwpose/ (needed by node 1 " \
+                                 "(SteadyDancerPoseExtract).detector)" in missing[0]
     assert "download: https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in missing[0]
     # no listing (older server): nothing is claimed missing
     assert rw.check_inputs(POSE_PROMPT, POSE_INFO, {}, lambda f: None) == ([], [])

@@ -490,7 +490,7 @@ def check_inputs(prompt, object_info, model_hints=None, folder_files=None):
     ``folder_files(folder)`` -> the file names the server has in a model folder, or None when unknown
     (GET /models/<folder>); it is asked about ``ALWAYS_LISTED_FOLDERS`` only."""
     model_hints = model_hints or {}
-    problems, missing_models = [], []
+    problems, missing = [], {}      # (file, folder) -> [(node id, class, input)], one entry per file
     live = reachable(prompt, object_info)
     for nid, node in prompt.items():
         if nid not in live:
@@ -517,9 +517,12 @@ def check_inputs(prompt, object_info, model_hints=None, folder_files=None):
                 problems.append(f"node {nid} ({node['class_type']}).{name}: {value!r} is not one of the allowed "
                                 f"values {opts[:8]}{'...' if len(opts) > 8 else ''}")
                 continue
-            where = f"models/{folder}/" if folder else "the matching models/ folder"
-            url = f"\n      download: {hint['url']}" if hint.get("url") else ""
-            missing_models.append(f"  node {nid} ({node['class_type']}).{name}: {value!r} is not in {where}{url}")
+            missing.setdefault((value, folder, hint.get("url")), []).append(f"node {nid} ({node['class_type']}).{name}")
+    missing_models = []
+    for (value, folder, url), users in missing.items():
+        where = f"models/{folder}/" if folder else "the matching models/ folder"
+        missing_models.append(f"  {value!r} is not in {where} (needed by {', '.join(users)})"
+                              + (f"\n      download: {url}" if url else ""))
     return problems, missing_models
 
 

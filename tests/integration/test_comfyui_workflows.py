@@ -204,7 +204,7 @@ def test_missing_dwpose_file_is_caught_before_queueing_and_at_run_time(comfy, tm
         rc = run_workflow.main([str(wf), "--server", comfy.url, "--output", str(tmp_path / "o.mp4")])
         err = capsys.readouterr().err
         assert rc == 4, err
-        assert "'yolox_l.onnx' is not in models/dwpose/" in err and url in err, err
+        assert "'yolox_l.onnx' is not in models/dwpose/ (needed by node " in err and url in err, err
         with pytest.raises(run_workflow.RunError) as e:
             comfy.run(prompt, timeout=300)
     finally:
