@@ -737,13 +737,13 @@ def run(args, out=None):
     if args.video and pathlib.Path(args.video).suffix.lower() not in VIDEO_EXTS:
         raise RunError(f"--video {args.video}: not a video file ({', '.join(sorted(VIDEO_EXTS))})", 2)
 
-    server = None
+    server, keep_log = None, False
     if args.comfyui:
         log_path = args.server_log or os.path.join(tempfile.gettempdir(), f"comfyui-run-{os.getpid()}.log")
         server = ComfyServer(args.comfyui, port=args.port, base_directory=args.base_directory,
                              python=args.python, cpu=args.cpu, log_path=log_path)
         print(f"starting ComfyUI from {server.comfyui_path} on {server.url} ...", file=out, flush=True)
-        server.start()
+        server.start()          # a start-up failure keeps the temporary log: the message names it
         url = server.url
     else:
         url = args.server
@@ -801,13 +801,17 @@ def run(args, out=None):
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(data)
         print(f"done in {time.monotonic() - t0:.1f} s: {dest}", file=out, flush=True)
-        if server and not args.server_log:
-            server.stop()
-            pathlib.Path(log_path).unlink(missing_ok=True)     # kept (and named) only when something failed
         return dest
+    except RunError as e:
+        if server and e.code == 1 and not args.server_log:    # a node failed: its traceback is in the log
+            keep_log = True
+            e.args = (f"{e}\n  server log: {log_path}",)
+        raise
     finally:
         if server:
             server.stop()
+            if not args.server_log and not keep_log:
+                pathlib.Path(log_path).unlink(missing_ok=True)
 
 
 def build_parser():
