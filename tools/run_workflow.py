@@ -8,14 +8,14 @@
 ``turbo`` / ``dance`` name the API twins ``workflows_api/steadydancer-turbo.json`` / ``...-dance.json``; a
 path to any API-format prompt works too. The reference image goes into the graph's ``LoadImage`` node and the
 driving video into its ``LoadVideo`` node, after both are uploaded through ``/upload/image`` (ComfyUI stores
-any uploaded file in ``input/``). Before queueing, every file name the graph asks for is checked against the
-server's ``/object_info`` lists, so a missing model is reported with its folder (and the download URL from the
-UI workflow's ``properties.models``) instead of failing mid-run. Progress comes from the ``/ws`` websocket.
+any uploaded file in ``input/``; the image is checked to be one first). Before queueing, every file name the
+graph asks for is checked against the server's ``/object_info`` lists, and the DWPose files against
+``GET /models/dwpose`` (the pose node lists the default names even when absent), so a missing model is reported
+with its folder and, for the files the pack knows, the download URL instead of failing mid-run. Progress, and
+the notes nodes show on themselves (size / length adjustments), come from the ``/ws`` websocket.
 
-Standard library only (urllib + a minimal RFC 6455 websocket client), so it runs with any Python >= 3.9,
-including ComfyUI's own interpreter. Exit codes: 0 ok, 1 run failed, 2 bad usage / input, 3 server unreachable
-(or --comfyui could not start one), 4 missing model file, 5 prompt rejected by validation, 130 cancelled (Ctrl-C;
-our prompt is interrupted / removed from the queue).
+Standard library only (urllib + a minimal RFC 6455 websocket client; PIL for the image check when present), so
+it runs with any Python >= 3.9, including ComfyUI's own interpreter.
 """
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ WORKFLOW_DIR = PACK_ROOT / "example_workflows"
 API_DIR = PACK_ROOT / "workflows_api"
 VIDEO_EXTS = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v"}
 MODEL_EXTS = (".safetensors", ".gguf", ".onnx", ".pt", ".pth", ".ckpt", ".bin", ".sft")
+EXIT_CODES = """exit codes:
+  0    the video was saved
+  1    the run failed on the server (the failing node and its message are printed)
+  2    bad usage or input (unknown workflow, UI-format JSON, --image not an image, --video not a video ...)
+  3    server unreachable, or --comfyui could not start one (with a --cpu hint when the log shows no GPU)
+  4    a model file is missing on the server (file, folder and download URL printed)
+  5    the server rejected the prompt (validation errors per node printed)
+  130  cancelled with Ctrl-C (our prompt is interrupted, or removed from the queue)"""
 
 
 class RunError(Exception):
@@ -815,7 +823,7 @@ def run(args, out=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", help="'turbo', 'dance', or a path to an API-format workflow JSON")
     p.add_argument("--image", help="reference image (the person to animate)")
@@ -828,7 +836,7 @@ def build_parser():
                                     "ComfyUI/venv, ComfyUI/../venv, or this Python)")
     p.add_argument("--base-directory", help="with --comfyui: ComfyUI --base-directory (models/, custom_nodes/ ...)")
     p.add_argument("--port", type=int, help="with --comfyui: port (default: a free one)")
-    p.add_argument("--cpu", action="store_true", help="with --comfyui: run ComfyUI with --cpu")
+    p.add_argument("--cpu", action="store_true", help="with --comfyui: run ComfyUI with --cpu (needed without an NVIDIA GPU / driver)")
     p.add_argument("--server-log", help="with --comfyui: write the server log here")
     p.add_argument("--set", action="append", metavar="NODE.input=value",
                    help="override an input (value parsed as JSON when possible); repeatable")
