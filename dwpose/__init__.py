@@ -11,7 +11,7 @@ or pass the float array, which is truncated the same way)::
     dw = DWPose(det, est, providers="auto")                  # sessions cached per file; CUDA else CPU, logged once
     dw.providers                                             # {"detector": "CUDAExecutionProvider", "pose": ...}
     poses = dw(frames_uint8)                                 # list[FramePose], one per frame; no-person frames
-                                                             # have people == [] (+ one summary RuntimeWarning)
+                                                             # have people == [] (+ one summary log warning)
     ref = dw(ref_image_uint8[None])[0]
 
     aligned = align_poses(ref, poses)                        # SteadyDancer retarget; FramePose sized like ref
@@ -50,8 +50,8 @@ Public API
 - ``find_model_file(name, folders, target_folder=None)`` (raises ``ModelNotFoundError``); ``MODEL_FILES``
   (names, URLs), ``DEFAULT_DETECTOR``, ``DEFAULT_ESTIMATOR``.
 - Runtime: ``get_session``, ``default_providers``, ``available_providers``, ``session_creations``,
-  ``clear_session_cache``. A requested GPU provider that the session does not get raises a
-  ``RuntimeWarning`` that says why (missing CUDA/cuDNN library, CPU-only package, both packages installed).
+  ``clear_session_cache``. A requested GPU provider that the session does not get is logged (one
+  warning, ``steadydancer_turbo.dwpose`` logger) saying why (missing CUDA/cuDNN library, CPU-only package, both packages installed).
 """
 from .detector import YoloxDetector, anchor_grid, decode_people, letterbox, nms
 from .draw import COLORS, HAND_EDGE_COLORS, LIMB_COLORS, LIMBS, draw_pose, render_poses, resize_frame

@@ -44,6 +44,11 @@ CONTROLNET_AUX_SUBFOLDERS = ("yzd-v/DWPose", "hr16/UnJIT-DWPose", "hr16/yolox-on
 class ModelNotFoundError(FileNotFoundError):
     """A model file is missing; the message names the file, the folder to put it in and where to get it."""
 
+    # ComfyUI reports ``module + "." + qualname``; a pack under custom_nodes is imported with its folder path as
+    # the module name ("/home/me/ComfyUI/custom_nodes/ComfyUI-SteadyDancer-Turbo.dwpose.models..."): name the
+    # public place of the class instead.
+    __module__ = "steadydancer_turbo.dwpose"
+
 
 def find_model_file(name: str, folders, target_folder: str | None = None) -> str:
     """Return the path of ``name`` in the first of ``folders`` that holds it.

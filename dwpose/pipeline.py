@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 
@@ -73,7 +72,7 @@ class DWPose:
         """Frames (RGB uint8 [B,H,W,3] or 0..1 floats) -> one ``FramePose`` per frame.
 
         Only the most significant person (highest detector score) is kept unless ``all_people``.
-        Frames with no person give ``FramePose`` with ``people == []`` and one summary warning.
+        Frames with no person give ``FramePose`` with ``people == []`` and one summary warning (logged).
         """
         frames = as_uint8_frames(frames)
         results: list = []
@@ -95,7 +94,6 @@ class DWPose:
         self.last_missing = [i for i, p in enumerate(results) if not p.people]
         if self.last_missing and warn_missing:
             msg = summarize_missing(self.last_missing, len(results))
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
         return results
 

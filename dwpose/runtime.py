@@ -6,8 +6,9 @@ instead of ~20 ms). This module therefore:
 - asks for ``CUDAExecutionProvider`` (then ``CPUExecutionProvider``) when ONNX Runtime offers it, else the
   CPU provider of ONNX Runtime itself (never OpenCV DNN);
 - compares the providers the session really got with the ones requested and, when a GPU provider was
-  dropped, emits a ``RuntimeWarning`` that says why (missing CUDA / cuDNN library named by the loader,
-  CPU-only ``onnxruntime`` package, both ``onnxruntime`` and ``onnxruntime-gpu`` installed);
+  dropped, logs a warning that says why (missing CUDA / cuDNN library named by the loader,
+  CPU-only ``onnxruntime`` package, both ``onnxruntime`` and ``onnxruntime-gpu`` installed), once: a log
+  record only, not also a Python ``RuntimeWarning`` (ComfyUI printed both, so every warning appeared twice);
 - logs the chosen provider once per model file;
 - caches sessions so a video never re-creates them per frame (``session_creations()`` counts them).
 """
@@ -20,7 +21,6 @@ import logging
 import os
 import sys
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,7 +200,7 @@ def _with_options(providers: list) -> list:
 def get_session(model, providers=None, threads: int | None = None) -> SessionInfo:
     """Return the cached session for ``model`` (a path or serialized ONNX bytes), creating it once.
 
-    Logs the provider once per model; warns (``RuntimeWarning``) when a requested GPU provider was dropped.
+    Logs the provider once per model, and a warning when a requested GPU provider was dropped.
     """
     global _creations
     req = normalize_providers(providers)
@@ -227,7 +227,6 @@ def get_session(model, providers=None, threads: int | None = None) -> SessionInf
                 raise
             msg = (f"DWPose: {name}: creating the session with {[_provider_name(p) for p in req]} failed "
                    f"({type(e).__name__}: {e}); retrying with CPUExecutionProvider")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
             sess = ort.InferenceSession(model, sess_options=_session_options(threads),
                                         providers=["CPUExecutionProvider"])
@@ -242,7 +241,6 @@ def get_session(model, providers=None, threads: int | None = None) -> SessionInf
             why = explain_gpu_fallback(req, got)
             msg = (f"DWPose: {name}: requested {dropped[0]} but the session runs on {got[0]} "
                    f"(expect ~1-2 s per frame instead of milliseconds). Why: {why}")
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
         if key_model not in _logged:
             _logged.add(key_model)

@@ -5,7 +5,7 @@ interrupt checks become no-ops, devices fall back to plain torch, and a function
 resolving a model file name) raises ``ComfyUnavailable`` with a message that says what is missing.
 
 Model folders registered here (inside ComfyUI):
-- ``dwpose``: ``models/dwpose`` (the default), plus comfyui_controlnet_aux's download folders when that pack is
+- ``dwpose``: ``models/dwpose`` (the default, created when missing so users see where the files go), plus comfyui_controlnet_aux's download folders when that pack is
   installed (``custom_nodes/comfyui_controlnet_aux/ckpts``), so files it already fetched are reused.
   Extensions: ``.onnx``.
 - ``steadydancer_diffusion_models``: the very same folder list as ``diffusion_models`` (shared list object, so
@@ -69,15 +69,29 @@ def _controlnet_aux_ckpt_dirs() -> list[str]:
     return out
 
 
+def _make_model_folder(path: str) -> None:
+    """Create ComfyUI's ``models/<kind>`` folder so users see where the files go; only inside an existing
+    models folder, and a read-only install is fine (the node's error names the folder anyway)."""
+    if not os.path.isdir(os.path.dirname(path)):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        log.debug("SteadyDancer: cannot create %s: %s", path, e)
+
+
 def register_model_folders() -> None:
     """Register our model kinds with ComfyUI (no-op outside ComfyUI). Safe to call more than once."""
     if not HAVE_COMFY:
         return
     fnp = folder_paths.folder_names_and_paths
+    default = os.path.join(folder_paths.models_dir, DWPOSE_FOLDER)
     if DWPOSE_FOLDER not in fnp:
-        fnp[DWPOSE_FOLDER] = ([os.path.join(folder_paths.models_dir, DWPOSE_FOLDER)], set(DWPOSE_EXTENSIONS))
+        fnp[DWPOSE_FOLDER] = ([default], set(DWPOSE_EXTENSIONS))
     else:
         fnp[DWPOSE_FOLDER][1].update(DWPOSE_EXTENSIONS)
+    if default in fnp[DWPOSE_FOLDER][0]:
+        _make_model_folder(default)
     for d in _controlnet_aux_ckpt_dirs():
         if d not in fnp[DWPOSE_FOLDER][0]:
             fnp[DWPOSE_FOLDER][0].append(d)

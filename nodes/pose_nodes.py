@@ -38,12 +38,17 @@ _PIPELINES: dict = {}
 
 
 def _pipeline(detector: str, estimator: str, providers: str):
+    """The DWPose pipeline for these files, cached. The files are looked up on every call (a few stat calls):
+    a file deleted or moved since the last run gives the ModelNotFoundError with its download link instead of
+    a run from the session still cached for it."""
+    from ..dwpose.models import find_model_file
     from ..dwpose.pipeline import DWPose
-    key = (detector, estimator, providers, tuple(cb.get_folder_paths(cb.DWPOSE_FOLDER)))
+    folders = cb.get_folder_paths(cb.DWPOSE_FOLDER)
+    det, est = find_model_file(detector, folders), find_model_file(estimator, folders)
+    key = (det, est, providers)
     if key not in _PIPELINES:
         _PIPELINES.clear()
-        _PIPELINES[key] = DWPose(detector, estimator, providers=None if providers == "auto" else providers,
-                                 folders=cb.get_folder_paths(cb.DWPOSE_FOLDER))
+        _PIPELINES[key] = DWPose(det, est, providers=None if providers == "auto" else providers)
     return _PIPELINES[key]
 
 

@@ -45,6 +45,8 @@ from . import keymap
 class CheckpointError(ValueError):
     """A checkpoint (or LoRA) file that cannot be used; the message names the file and the problem."""
 
+    __module__ = "steadydancer_turbo.steadydancer.checkpoint"  # readable in ComfyUI's error (see dwpose.models.ModelNotFoundError)
+
     def __init__(self, path, problem: str):
         self.path = str(path)
         self.problem = problem

@@ -4,6 +4,7 @@ Planted detector boxes and SimCC peaks are written by hand (tests/dwpose_onnx_mo
 frame coordinates are computed here with the published top-down geometry (box * 1.25, aspect 0.75,
 p = u / (288, 384) * scale + centre - scale / 2), independent of the code under test.
 """
+import logging
 import warnings
 
 import numpy as np
@@ -136,11 +137,11 @@ def test_81_frame_clip_reuses_sessions_and_reports_missing_frames(caplog):
         px, py = 310 + t, 120 + 2 * t
         frames[t, py, px] = 255
         spots[t] = (px, py)
-    with warnings.catch_warnings(record=True) as rec:
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.INFO, "steadydancer_turbo.dwpose"):
         warnings.simplefilter("always")
         out = dw(frames)
     assert D.session_creations() == created  # nothing re-created per frame
-    msgs = [str(x.message) for x in rec if "no person" in str(x.message)]
+    msgs = [m for m in _warnings_shown(rec, caplog) if "no person" in m]
     assert len(msgs) == 1 and "3 of 81" in msgs[0] and "10, 40, 41" in msgs[0]
     assert dw.last_missing == [10, 40, 41]
     for t, fp in enumerate(out):
@@ -159,21 +160,27 @@ def test_81_frame_clip_reuses_sessions_and_reports_missing_frames(caplog):
     np.testing.assert_allclose(out_f[11].people[0].body, out[11].people[0].body)
 
 
-def test_gpu_fallback_is_loud_and_explained():
+def _warnings_shown(rec, caplog):
+    """Every warning a user sees: Python warnings plus WARNING log records (ComfyUI prints both)."""
+    return ([str(x.message) for x in rec if issubclass(x.category, RuntimeWarning)]
+            + [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING])
+
+
+def test_gpu_fallback_is_loud_and_explained_once(caplog):
     model = M.reading_pose(k=3)
     runtime.clear_session_cache()
-    with warnings.catch_warnings(record=True) as rec:
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.INFO, "steadydancer_turbo.dwpose"):
         warnings.simplefilter("always")
         info = runtime.get_session(model, "auto")
+    shown = _warnings_shown(rec, caplog)
     requested = runtime.default_providers()
     if requested[0] == "CUDAExecutionProvider" and info.provider != "CUDAExecutionProvider":
-        ws = [str(x.message) for x in rec if issubclass(x.category, RuntimeWarning)]
-        assert len(ws) == 1
-        assert "requested CUDAExecutionProvider" in ws[0] and "CPUExecutionProvider" in ws[0]
-        assert "Why:" in ws[0] and len(ws[0].split("Why:")[1].strip()) > 20
+        assert len(shown) == 1, shown             # once: not a RuntimeWarning and a log line with the same text
+        assert "requested CUDAExecutionProvider" in shown[0] and "CPUExecutionProvider" in shown[0]
+        assert "Why:" in shown[0] and len(shown[0].split("Why:")[1].strip()) > 20
     else:  # CPU-only build, or a working GPU: nothing to warn about
         assert info.provider == requested[0]
-        assert not [x for x in rec if issubclass(x.category, RuntimeWarning)]
+        assert not shown
     assert info.provider in ort.get_available_providers()
 
 
@@ -184,17 +191,20 @@ def test_fallback_reason_for_cpu_only_package(monkeypatch):
     assert runtime.default_providers() == ["CPUExecutionProvider"]
 
 
-def test_no_person_anywhere_never_crashes():
+def test_no_person_anywhere_never_crashes(caplog):
     raw = M.yolox_raw([np.array([10.0, 10.0, 100.0, 200.0])], [0.9], [np.eye(80)[0] * 0.9])
     dw = D.DWPose(M.gated_detector(raw), M.reading_pose(), providers="cpu")
-    with pytest.warns(RuntimeWarning, match="no person detected in 2 of 2"):
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.INFO, "steadydancer_turbo.dwpose"):
+        warnings.simplefilter("always")
         out = dw(np.zeros((2, 99, 101, 3), np.uint8))
+    shown = _warnings_shown(rec, caplog)
+    assert len(shown) == 1 and "no person detected in 2 of 2" in shown[0], shown
     assert [len(f.people) for f in out] == [0, 0]
     assert D.to_pose_keypoint(out[0]) == {"people": [], "canvas_height": 99, "canvas_width": 101}
     assert D.render_poses(out, 101, 99).max() == 0
 
 
-def test_session_that_throws_on_gpu_retries_on_cpu(monkeypatch):
+def test_session_that_throws_on_gpu_retries_on_cpu(monkeypatch, caplog):
     real = ort.InferenceSession
     calls = []
 
@@ -206,7 +216,10 @@ def test_session_that_throws_on_gpu_retries_on_cpu(monkeypatch):
 
     monkeypatch.setattr(ort, "InferenceSession", fake)
     runtime.clear_session_cache()
-    with pytest.warns(RuntimeWarning, match="CUDA failure 999.*retrying with CPUExecutionProvider"):
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.INFO, "steadydancer_turbo.dwpose"):
+        warnings.simplefilter("always")
         info = runtime.get_session(M.reading_pose(k=2), "cuda")
+    shown = _warnings_shown(rec, caplog)
+    assert len(shown) == 1 and "CUDA failure 999" in shown[0] and "retrying with CPUExecutionProvider" in shown[0]
     assert info.provider == "CPUExecutionProvider" and calls[-1] == ["CPUExecutionProvider"]
     runtime.clear_session_cache()

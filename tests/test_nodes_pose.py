@@ -6,6 +6,7 @@ Expected keypoints are computed here from the planted SimCC peaks with the publi
 from __future__ import annotations
 
 import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -135,3 +136,52 @@ def test_retarget_refuses_a_reference_without_person(onnx_files):
     with pytest.raises(ValueError, match="no person"):
         node.retarget(empty * 3, empty, torch.zeros(1, SRC_H, SRC_W, 3), 32, 48, "crop", True, True, False,
                       "steadydancer", 0)
+
+
+def test_extract_rechecks_the_model_files_on_every_run(onnx_files, tmp_path, monkeypatch):
+    # the sessions stay cached, but a file deleted since the last run is reported (file, folder, download link)
+    # instead of silently running from the cached session
+    folder = tmp_path / "dwpose"
+    folder.mkdir()
+    for src, name in (("det.onnx", "yolox_l.onnx"), ("pose.onnx", "dw-ll_ucoco_384.onnx")):
+        (folder / name).write_bytes((onnx_files / src).read_bytes())
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "get_folder_paths", lambda kind: [str(folder)])
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseExtract"]()
+    args = (True, False, False, 0, 0, "cpu")
+    poses, _ = node.extract(_frames(1), "yolox_l.onnx", "dw-ll_ucoco_384.onnx", *args)
+    assert poses[0]["people"]
+    (folder / "yolox_l.onnx").unlink()
+    D = importlib.import_module("steadydancer_turbo.dwpose")
+    with pytest.raises(D.ModelNotFoundError) as e:
+        node.extract(_frames(1), "yolox_l.onnx", "dw-ll_ucoco_384.onnx", *args)
+    msg = str(e.value)
+    assert "'yolox_l.onnx' not found" in msg and str(folder) in msg
+    assert "https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in msg
+
+
+def _comfy_type_name(cls):
+    """How ComfyUI's execution.full_type_name prints an exception class (module + qualname)."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def test_pack_exceptions_have_readable_names_when_loaded_like_comfyui(tmp_path, monkeypatch):
+    # ComfyUI imports a custom node folder under its path ("/.../custom_nodes/ComfyUI-SteadyDancer-Turbo"), so
+    # a class's default __module__ would print that whole path in the error dialog
+    import importlib.util
+    import pathlib
+    root = pathlib.Path(pack.__file__).resolve().parent
+    name = f"{tmp_path}/custom_nodes/ComfyUI-SteadyDancer-Turbo.dwpose.models"
+    spec = importlib.util.spec_from_file_location(name, root / "dwpose" / "models.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)            # as ComfyUI's load_custom_node does
+    spec.loader.exec_module(mod)
+    with pytest.raises(mod.ModelNotFoundError) as e:
+        mod.find_model_file("yolox_l.onnx", [str(tmp_path)])
+    assert _comfy_type_name(type(e.value)) == "steadydancer_turbo.dwpose.ModelNotFoundError"
+    # and each such name is where the class really lives in the package
+    from steadydancer_turbo.dwpose.models import ModelNotFoundError
+    from steadydancer_turbo.steadydancer.checkpoint import CheckpointError
+    from steadydancer_turbo.steadydancer.config import NotSteadyDancerError
+    for cls in (ModelNotFoundError, CheckpointError, NotSteadyDancerError):
+        m, _, q = _comfy_type_name(cls).rpartition(".")
+        assert m.startswith("steadydancer_turbo.") and getattr(importlib.import_module(m), q) is cls

@@ -5,7 +5,10 @@ import asyncio
 import importlib.util
 import json
 import pathlib
+import struct
+import sys
 import threading
+import zlib
 
 import pytest
 
@@ -26,6 +29,14 @@ OBJECT_INFO = {
 }
 
 
+def _png():
+    """A valid 1x1 PNG, written by hand (chunks: length, type, data, CRC)."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
 def _prompt(model="tiny.safetensors", mode="a"):
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "me.png"}},
@@ -44,6 +55,57 @@ def test_precheck_names_a_missing_model_with_folder_and_url_and_skips_unused_nod
     assert "models/diffusion_models/" in missing[0] and "https://example.org/big.safetensors" in missing[0]
     # node 4 is not reachable from an output node: ComfyUI would not load it, so neither do we complain
     assert rw.reachable(_prompt(), OBJECT_INFO) == {"1", "2", "3"}
+
+
+def test_precheck_of_a_custom_workflow_names_the_folder_and_the_known_download_url():
+    # a hand-made API JSON: no UI twin, so the folder comes from the loader's input and the URL from the
+    # pack's list of known files (shipped UI workflows' properties.models + the DWPose table)
+    info = {"CLIPVisionLoader": {"input": {"required": {"clip_name": [["other.safetensors"]]}}, "output_node": False},
+            "UNETLoader": {"input": {"required": {"unet_name": [[]], "weight_dtype": [["default"]]}},
+                           "output_node": False},
+            "Saver": OBJECT_INFO["Saver"]}
+    prompt = {"1": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_h.safetensors"}},
+              "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "mine.safetensors", "weight_dtype": "default"}},
+              "3": {"class_type": "Saver", "inputs": {"x": ["1", 0], "y": ["2", 0], "mode": "a"}}}
+    problems, missing = rw.check_inputs(prompt, info, rw.known_models())
+    assert problems == []
+    clip = next(m for m in missing if "node 1" in m)
+    assert "is not in models/clip_vision/" in clip
+    assert "download: https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/" \
+           "clip_vision/clip_vision_h.safetensors" in clip
+    unet = next(m for m in missing if "node 2" in m)
+    assert "is not in models/diffusion_models/" in unet and "download" not in unet
+
+
+POSE_INFO = {"SteadyDancerPoseExtract": {"input": {"required": {
+    "detector": [["yolox_l.onnx"]], "estimator": [["dw-ll_ucoco_384.onnx", "dw-ll_ucoco.onnx"]]}},
+    "output_node": False}, "Saver": OBJECT_INFO["Saver"]}
+POSE_PROMPT = {"1": {"class_type": "SteadyDancerPoseExtract",
+                     "inputs": {"detector": "yolox_l.onnx", "estimator": "dw-ll_ucoco_384.onnx"}},
+               "2": {"class_type": "Saver", "inputs": {"x": ["1", 0], "mode": "a"}}}
+
+
+def test_precheck_asks_the_server_which_dwpose_files_exist():
+    # the pose node's combos always list the default names (so a missing file gets a download hint when
+    # run); only GET /models/dwpose tells whether the file is really there
+    asked = []
+
+    def files(folder):
+        asked.append(folder)
+        return ["yzd-v/DWPose/dw-ll_ucoco_384.onnx"]        # a comfyui_controlnet_aux download counts
+
+    problems, missing = rw.check_inputs(POSE_PROMPT, POSE_INFO, rw.known_models(), files)
+    assert problems == [] and set(asked) == {"dwpose"}
+    # a file two nodes need is listed once
+    two = {**POSE_PROMPT, "4": dict(POSE_PROMPT["1"]), "2": {"class_type": "Saver",
+                                                             "inputs": {"x": ["1", 0], "y": ["4", 0], "mode": "a"}}}
+    _, missing2 = rw.check_inputs(two, POSE_INFO, {}, files)
+    assert len(missing2) == 1 and "node 1 (SteadyDancerPoseExtract).detector, node 4 " in missing2[0]
+    assert len(missing) == 1 and "'yolox_l.onnx' is not in models/dwpose/ (needed by node 1 " \
+                                 "(SteadyDancerPoseExtract).detector)" in missing[0]
+    assert "download: https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in missing[0]
+    # no listing (older server): nothing is claimed missing
+    assert rw.check_inputs(POSE_PROMPT, POSE_INFO, {}, lambda f: None) == ([], [])
 
 
 def test_precheck_reports_bad_combo_values_and_unknown_node_types():
@@ -73,10 +135,57 @@ def test_media_inputs_overrides_and_seeds():
 
 
 def test_ui_format_file_is_refused_with_a_hint(tmp_path):
+    ui = json.dumps({"nodes": [], "links": [], "version": 0.4})
     f = tmp_path / "ui.json"
-    f.write_text(json.dumps({"nodes": [], "links": [], "version": 0.4}))
-    with pytest.raises(rw.RunError, match="UI-format"):
+    f.write_text(ui)
+    with pytest.raises(rw.RunError, match="UI-format") as e:
         rw.load_prompt(f)
+    # the shipped API twins are workflows_api/<same name>.json, not "..._api.json"
+    assert "_api.json" not in str(e.value) and "`turbo` / `dance`" in str(e.value)
+    assert str(rw.API_DIR) in str(e.value) and e.value.code == 2
+    f = tmp_path / "steadydancer-dance.json"       # e.g. a copy of the shipped UI workflow
+    f.write_text(ui)
+    with pytest.raises(rw.RunError) as e:
+        rw.load_prompt(f)
+    assert "`dance`" in str(e.value) and str(rw.API_DIR / "steadydancer-dance.json") in str(e.value)
+
+
+def test_a_non_image_reference_is_refused_before_anything_is_uploaded(tmp_path, capsys, monkeypatch):
+    wf = tmp_path / "p.json"
+    wf.write_text(json.dumps(_prompt()))
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not a picture")
+    dead = f"http://127.0.0.1:{rw.free_port()}"
+    rc = rw.main([str(wf), "--server", dead, "--image", str(fake), "--output", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--image {fake}: not an image" in err, err       # 2, not 3: checked before connecting
+    real = tmp_path / "real.png"
+    real.write_bytes(_png())
+    rw.check_image(real)
+    # without PIL: the magic bytes decide
+    monkeypatch.setitem(sys.modules, "PIL", None)      # makes `from PIL import ...` raise ImportError
+    rw.check_image(real)
+    with pytest.raises(rw.RunError, match="not an image file"):
+        rw.check_image(fake)
+
+
+def test_comfyui_that_dies_at_start_up_for_lack_of_a_gpu_is_exit_3_with_a_cpu_hint(tmp_path, capsys):
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    # what ComfyUI 0.33 prints without --cpu on a machine without an NVIDIA driver (the user's trial log)
+    (comfy / "main.py").write_text(
+        "import sys\nprint('Traceback (most recent call last):')\n"
+        "print('RuntimeError: Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU "
+        "and installed a driver from http://www.nvidia.com/Download/index.aspx')\nsys.exit(1)\n")
+    wf = tmp_path / "p.json"
+    wf.write_text(json.dumps(_prompt()))
+    rc = rw.main([str(wf), "--comfyui", str(comfy), "--python", sys.executable, "--output", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "exited with code 1 during start-up; see " in err and "add --cpu" in err
+    log = pathlib.Path(err.split("; see ", 1)[1].split()[0])
+    assert "Found no NVIDIA driver" in log.read_text()          # the log is kept and named when start-up fails
+    log.unlink()
 
 
 def test_server_down_is_exit_code_3(capsys, tmp_path):
@@ -90,8 +199,10 @@ def test_server_down_is_exit_code_3(capsys, tmp_path):
 class FakeComfy:
     """aiohttp server with ComfyUI's routes and websocket messages (incl. binary preview frames)."""
 
-    def __init__(self, fail=False):
+    def __init__(self, fail=False, hold=False, dwpose_files=None):
         self.fail, self.prompts, self.uploads = fail, [], {}
+        self.hold, self.running, self.interrupts, self.deleted = hold, False, [], []
+        self.dwpose_files = dwpose_files
         self.port = rw.free_port()
         self.ready = threading.Event()
         self.clients = {}
@@ -140,6 +251,24 @@ class FakeComfy:
                                                                            "subfolder": "video", "type": "output"}],
                                                                "animated": [True]}}}})
 
+        async def models(request):
+            if request.match_info["folder"] == "dwpose" and self.dwpose_files is not None:
+                return web.json_response(self.dwpose_files)
+            return web.Response(status=404)
+
+        async def queue_get(request):
+            running = [[0, "p1", {}, {}, []]] if self.running else []
+            return web.json_response({"queue_running": running, "queue_pending": []})
+
+        async def queue_post(request):
+            self.deleted += (await request.json()).get("delete", [])
+            return web.Response(status=200)
+
+        async def interrupt(request):
+            self.interrupts.append(await request.json())
+            self.running = False
+            return web.Response(status=200)
+
         async def view(request):
             assert request.query["filename"] == "v_00001_.mp4" and request.query["subfolder"] == "video"
             return web.Response(body=b"MP4DATA" * 10000)
@@ -147,16 +276,28 @@ class FakeComfy:
         app = web.Application()
         app.add_routes([web.get("/system_stats", system_stats), web.get("/object_info", object_info),
                         web.post("/upload/image", upload), web.get("/ws", ws), web.post("/prompt", prompt),
-                        web.get("/history/{pid}", history), web.get("/view", view)])
+                        web.get("/history/{pid}", history), web.get("/view", view),
+                        web.get("/models/{folder}", models), web.get("/queue", queue_get),
+                        web.post("/queue", queue_post), web.post("/interrupt", interrupt)])
         return app
 
     async def _run(self, client_id, pid):
         sock = self.clients[client_id]
         await sock.send_json({"type": "execution_start", "data": {"prompt_id": pid}})
+        self.running = True
         await sock.send_json({"type": "executing", "data": {"node": "2", "prompt_id": pid}})
+        # a node's text (send_progress_text: event 3, u32 length of the node id, node id, text), as
+        # nodes/comfy_bridge.node_message sends the size/length adjustments
+        await sock.send_bytes(struct.pack(">I", 3) + struct.pack(">I", 1) + b"2"
+                              + "size 70x96 is not a multiple of 16; using 64x96.".encode())
         for i in range(1, 4):
             await sock.send_bytes(b"\x00\x00\x00\x01" + b"\xff" * 70000)     # a (large) preview frame
             await sock.send_json({"type": "progress", "data": {"value": i, "max": 3, "node": "2", "prompt_id": pid}})
+        while self.hold and self.running:
+            await asyncio.sleep(0.02)
+        if self.hold:
+            await sock.send_json({"type": "execution_interrupted", "data": {"prompt_id": pid, "node_id": "2"}})
+            return
         if self.fail:
             await sock.send_json({"type": "execution_error", "data": {
                 "prompt_id": pid, "node_id": "2", "node_type": "UNETLike", "exception_type": "ValueError",
@@ -195,7 +336,7 @@ def test_run_uploads_follows_the_websocket_and_saves_the_video(tmp_path, capsys,
     try:
         wf = tmp_path / "wf.json"
         wf.write_text(json.dumps(_prompt()))
-        (tmp_path / "me.png").write_bytes(b"PNG")
+        (tmp_path / "me.png").write_bytes(_png())
         (tmp_path / "moves.mp4").write_bytes(b"MP4")
         p = json.loads(wf.read_text())
         p["6"] = {"class_type": "LoadVideo", "inputs": {"file": "dance.mp4"}}
@@ -206,13 +347,66 @@ def test_run_uploads_follows_the_websocket_and_saves_the_video(tmp_path, capsys,
         err = capsys.readouterr().err
     finally:
         fake.close()
-    assert fake.uploads == {"me.png": b"PNG", "moves.mp4": b"MP4"}
+    assert fake.uploads == {"me.png": _png(), "moves.mp4": b"MP4"}
     sent = fake.prompts[0]["prompt"]
     assert sent["1"]["inputs"]["image"] == "me.png" and sent["6"]["inputs"]["file"] == "moves.mp4"
     assert "UNETLike: 3/3" in err
+    # the node's visible warning reaches the command's output
+    assert "note from UNETLike: size 70x96 is not a multiple of 16; using 64x96." in err
     if fail:
         assert rc == 1 and "node 2 (UNETLike) failed: ValueError: model.safetensors is not a SteadyDancer DiT" in err
         assert not out.exists()
     else:
         assert rc == 0, err
         assert out.read_bytes() == b"MP4DATA" * 10000
+
+
+def _run_fake(tmp_path, fake, prompt):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(prompt))
+    return rw.main([str(wf), "--server", f"http://127.0.0.1:{fake.port}", "--output", str(tmp_path / "o.mp4"),
+                    "--timeout", "20"])
+
+
+def test_ctrl_c_interrupts_our_prompt_on_the_server(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("aiohttp")
+    printer = rw.progress_printer
+
+    def ctrl_c_at_first_step(prompt, stream=None):
+        show = printer(prompt, stream)
+
+        def on_event(t, data):
+            show(t, data)
+            if t == "progress":
+                raise KeyboardInterrupt
+        return on_event
+
+    monkeypatch.setattr(rw, "progress_printer", ctrl_c_at_first_step)
+    fake = FakeComfy(hold=True).serve()
+    try:
+        rc = _run_fake(tmp_path, fake, _prompt())
+        err = capsys.readouterr().err
+    finally:
+        fake.close()
+    assert rc == 130, err
+    assert fake.interrupts == [{"prompt_id": "p1"}] and fake.deleted == []   # only ours, not a global interrupt
+    assert "cancelled (prompt p1: interrupted it on the server)" in err
+
+
+def test_missing_dwpose_file_is_found_through_models_dwpose_and_is_exit_4(tmp_path, capsys):
+    pytest.importorskip("aiohttp")
+    prompt = {**_prompt(), "7": {"class_type": "SteadyDancerPoseExtract",
+                                 "inputs": {"detector": "yolox_l.onnx", "estimator": "dw-ll_ucoco_384.onnx"}}}
+    prompt["3"]["inputs"]["y"] = ["7", 0]
+    OBJECT_INFO["SteadyDancerPoseExtract"] = POSE_INFO["SteadyDancerPoseExtract"]
+    fake = FakeComfy(dwpose_files=["dw-ll_ucoco_384.onnx"]).serve()
+    try:
+        rc = _run_fake(tmp_path, fake, prompt)
+        err = capsys.readouterr().err
+    finally:
+        fake.close()
+        del OBJECT_INFO["SteadyDancerPoseExtract"]
+    assert rc == 4, err
+    assert "'yolox_l.onnx' is not in models/dwpose/" in err and "dw-ll_ucoco_384" not in err
+    assert "https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in err
+    assert fake.prompts == []                                       # refused before queueing

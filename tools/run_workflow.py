@@ -8,13 +8,14 @@
 ``turbo`` / ``dance`` name the API twins ``workflows_api/steadydancer-turbo.json`` / ``...-dance.json``; a
 path to any API-format prompt works too. The reference image goes into the graph's ``LoadImage`` node and the
 driving video into its ``LoadVideo`` node, after both are uploaded through ``/upload/image`` (ComfyUI stores
-any uploaded file in ``input/``). Before queueing, every file name the graph asks for is checked against the
-server's ``/object_info`` lists, so a missing model is reported with its folder (and the download URL from the
-UI workflow's ``properties.models``) instead of failing mid-run. Progress comes from the ``/ws`` websocket.
+any uploaded file in ``input/``; the image is checked to be one first). Before queueing, every file name the
+graph asks for is checked against the server's ``/object_info`` lists, and the DWPose files against
+``GET /models/dwpose`` (the pose node lists the default names even when absent), so a missing model is reported
+with its folder and, for the files the pack knows, the download URL instead of failing mid-run. Progress, and
+the notes nodes show on themselves (size / length adjustments), come from the ``/ws`` websocket.
 
-Standard library only (urllib + a minimal RFC 6455 websocket client), so it runs with any Python >= 3.9,
-including ComfyUI's own interpreter. Exit codes: 0 ok, 1 run failed, 2 bad usage / input, 3 server unreachable,
-4 missing model file, 5 prompt rejected by validation.
+Standard library only (urllib + a minimal RFC 6455 websocket client; PIL for the image check when present), so
+it runs with any Python >= 3.9, including ComfyUI's own interpreter.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -39,6 +41,14 @@ WORKFLOW_DIR = PACK_ROOT / "example_workflows"
 API_DIR = PACK_ROOT / "workflows_api"
 VIDEO_EXTS = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v"}
 MODEL_EXTS = (".safetensors", ".gguf", ".onnx", ".pt", ".pth", ".ckpt", ".bin", ".sft")
+EXIT_CODES = """exit codes:
+  0    the video was saved
+  1    the run failed on the server (the failing node and its message are printed)
+  2    bad usage or input (unknown workflow, UI-format JSON, --image not an image, --video not a video ...)
+  3    server unreachable, or --comfyui could not start one (with a --cpu hint when the log shows no GPU)
+  4    a model file is missing on the server (file, folder and download URL printed)
+  5    the server rejected the prompt (validation errors per node printed)
+  130  cancelled with Ctrl-C (our prompt is interrupted, or removed from the queue)"""
 
 
 class RunError(Exception):
@@ -145,8 +155,29 @@ class ComfyClient:
     def history(self, prompt_id):
         return self.get_json(f"/history/{prompt_id}").get(prompt_id)
 
-    def interrupt(self):
-        self.post_json("/interrupt", {})
+    def interrupt(self, prompt_id=None):
+        self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def cancel(self, prompt_id):
+        """Stop our prompt only: interrupt it when it runs, remove it when it waits in the queue.
+        Returns what was done, for the user."""
+        q = self.get_json("/queue")
+        ids = lambda items: {item[1] for item in items if len(item) > 1}     # (number, prompt_id, prompt, ...)
+        if prompt_id in ids(q.get("queue_running", [])):
+            self.interrupt(prompt_id)
+            return "interrupted it on the server"
+        if prompt_id in ids(q.get("queue_pending", [])):
+            self.post_json("/queue", {"delete": [prompt_id]})
+            return "removed it from the server's queue"
+        return "it was no longer queued or running"
+
+    def model_files(self, folder):
+        """File names the server has in a model folder (GET /models/<folder>), or None when it has no such
+        folder (older ComfyUI, or the pack did not register it)."""
+        try:
+            return self.get_json(f"/models/{urllib.parse.quote(folder)}")
+        except urllib.error.HTTPError:
+            return None
 
     def object_info(self, node_class=None):
         return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
@@ -257,10 +288,12 @@ class WebSocket:
 def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
     """Follow a queued prompt over the websocket until it ends; returns its /history entry.
 
-    ``on_event(type, data)`` sees every JSON message for this prompt. Raises RunError with the node's message
+    ``on_event(type, data)`` sees every JSON message for this prompt, and ("progress_text", {"node", "text"})
+    for the texts nodes show on themselves while it runs (our nodes' size/length adjustments, for example). Raises RunError with the node's message
     when the run fails and RunError("interrupted") when it was interrupted.
     """
     deadline = time.monotonic() + timeout
+    ours = False              # our prompt is the one running (node texts carry no prompt id)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -274,11 +307,17 @@ def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
                 return _finish(h, prompt_id)
             continue
         if kind != "text":
-            continue                  # binary frames are latent previews
+            note = progress_text(msg)     # other binary frames are latent previews
+            if note and ours and on_event:
+                on_event("progress_text", {"node": note[0], "text": note[1], "prompt_id": prompt_id})
+            continue
         m = json.loads(msg)
         t, data = m.get("type"), m.get("data", {})
         if data.get("prompt_id") not in (None, prompt_id):
+            ours = False if t in ("execution_start", "executing") else ours
             continue
+        if data.get("prompt_id") == prompt_id:
+            ours = t not in ("execution_success", "execution_error", "execution_interrupted")
         if on_event:
             on_event(t, data)
         if t == "execution_error":
@@ -294,6 +333,19 @@ def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
                     return _finish(h, prompt_id)
                 time.sleep(0.1)
             raise RunError(f"prompt {prompt_id} finished but has no history entry")
+
+
+BINARY_TEXT = 3   # ComfyUI's BinaryEventTypes.TEXT: the text a node shows on itself (PromptServer.send_progress_text)
+
+
+def progress_text(frame):
+    """(node id, text) of a binary 'progress text' frame: event 3, node-id length (u32 BE), node id, UTF-8 text."""
+    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != BINARY_TEXT:
+        return None
+    n = struct.unpack(">I", frame[4:8])[0]
+    if len(frame) < 8 + n:
+        return None
+    return frame[8:8 + n].decode("utf-8", "replace"), frame[8 + n:].decode("utf-8", "replace")
 
 
 def _finish(h, prompt_id):
@@ -329,6 +381,9 @@ def progress_printer(prompt, stream=None):
             v, mx = data.get("value", 0), data.get("max", 0)
             bar = "#" * int(30 * v / max(mx, 1))
             print(f"    {titles.get(str(data.get('node')), '')}: {v}/{mx} [{bar:<30}]", file=stream, flush=True)
+        elif t == "progress_text" and data.get("text"):
+            print(f"    note from {titles.get(str(data.get('node')), data.get('node'))}: {data['text']}",
+                  file=stream, flush=True)
         elif t == "execution_cached" and data.get("nodes"):
             print(f"(cached: {', '.join(map(str, data['nodes']))})", file=stream, flush=True)
     return on_event
@@ -379,12 +434,71 @@ def reachable(prompt, object_info):
     return seen
 
 
-def check_inputs(prompt, object_info, model_hints=None):
+# ComfyUI model folder of the file inputs of the usual loaders: (node class, input) first, then the input name.
+LOADER_FOLDERS = {
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("SteadyDancerModelLoader", "model_name"): "diffusion_models",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("SteadyDancerLoraLoader", "lora_name"): "loras",
+    ("VAELoader", "vae_name"): "vae",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPVisionLoader", "clip_name"): "clip_vision",
+    ("SteadyDancerPoseExtract", "detector"): "dwpose",
+    ("SteadyDancerPoseExtract", "estimator"): "dwpose",
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+}
+INPUT_FOLDERS = {"unet_name": "diffusion_models", "lora_name": "loras", "vae_name": "vae",
+                 "ckpt_name": "checkpoints", "control_net_name": "controlnet", "clip_name1": "text_encoders",
+                 "clip_name2": "text_encoders", "upscale_model": "upscale_models"}
+# Folders whose combos list the default file names even when the file is absent (our pose node does, so the
+# node can answer a missing file with its download link): their real content is asked of GET /models/<folder>.
+ALWAYS_LISTED_FOLDERS = ("dwpose",)
+
+
+def model_folder(class_type, input_name, hint=None):
+    """ComfyUI model folder (``diffusion_models``, ``loras`` ...) a file input reads from, or None."""
+    if hint and hint.get("directory"):
+        return hint["directory"]
+    return LOADER_FOLDERS.get((class_type, input_name)) or INPUT_FOLDERS.get(input_name)
+
+
+def known_models():
+    """{file name: {"name", "url", "directory"}} of every file the pack knows: the shipped UI workflows'
+    ``properties.models`` and the DWPose table (dwpose/models.py, the pack's one list of those URLs)."""
+    out = {}
+    for ui in sorted(WORKFLOW_DIR.glob("*.json")):
+        for name, m in models_from_ui_workflow(ui).items():
+            out.setdefault(name, m)
+    try:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_sd_dwpose_models", PACK_ROOT / "dwpose" / "models.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for name, f in mod.MODEL_FILES.items():
+            out.setdefault(name, {"name": name, "url": f.url, "directory": mod.COMFY_MODEL_SUBFOLDER})
+    except Exception:  # noqa: BLE001 - hints only
+        pass
+    return out
+
+
+def _present(value, files):
+    """Whether a file name is among a folder listing (sub-folder entries match by base name, as the pose
+    node also finds comfyui_controlnet_aux's ``ckpts/<repo>/`` downloads)."""
+    base = value.replace("\\", "/").rsplit("/", 1)[-1]
+    return any(f == value or f.replace("\\", "/").rsplit("/", 1)[-1] == base for f in files)
+
+
+def check_inputs(prompt, object_info, model_hints=None, folder_files=None):
     """Problems found before queueing: unknown node types and file names that are not on the server.
 
-    Only nodes that will run are checked (like the server, which ignores nodes no output depends on)."""
+    Only nodes that will run are checked (like the server, which ignores nodes no output depends on).
+    ``folder_files(folder)`` -> the file names the server has in a model folder, or None when unknown
+    (GET /models/<folder>); it is asked about ``ALWAYS_LISTED_FOLDERS`` only."""
     model_hints = model_hints or {}
-    problems, missing_models = [], []
+    problems, missing = [], {}      # (file, folder) -> [(node id, class, input)], one entry per file
     live = reachable(prompt, object_info)
     for nid, node in prompt.items():
         if nid not in live:
@@ -399,16 +513,24 @@ def check_inputs(prompt, object_info, model_hints=None):
             if not isinstance(value, str):
                 continue
             opts = _combo_options(specs.get(name))
-            if opts is None or value in opts:
+            if opts is None:
                 continue
-            if value.lower().endswith(MODEL_EXTS):
-                hint = model_hints.get(value, {})
-                where = f"models/{hint['directory']}/" if hint.get("directory") else "the matching models/ folder"
-                url = f"\n      download: {hint['url']}" if hint.get("url") else ""
-                missing_models.append(f"  node {nid} ({node['class_type']}).{name}: {value!r} is not in {where}{url}")
-            else:
+            hint = model_hints.get(value) or model_hints.get(value.replace("\\", "/").rsplit("/", 1)[-1]) or {}
+            folder = model_folder(node["class_type"], name, hint)
+            if value in opts:
+                files = folder_files(folder) if folder_files and folder in ALWAYS_LISTED_FOLDERS else None
+                if files is None or _present(value, files):
+                    continue
+            elif not value.lower().endswith(MODEL_EXTS):
                 problems.append(f"node {nid} ({node['class_type']}).{name}: {value!r} is not one of the allowed "
                                 f"values {opts[:8]}{'...' if len(opts) > 8 else ''}")
+                continue
+            missing.setdefault((value, folder, hint.get("url")), []).append(f"node {nid} ({node['class_type']}).{name}")
+    missing_models = []
+    for (value, folder, url), users in missing.items():
+        where = f"models/{folder}/" if folder else "the matching models/ folder"
+        missing_models.append(f"  {value!r} is not in {where} (needed by {', '.join(users)})"
+                              + (f"\n      download: {url}" if url else ""))
     return problems, missing_models
 
 
@@ -462,13 +584,31 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._log:
+                    self._log.close()
+                    self._log = None
                 raise RunError(f"ComfyUI exited with code {self.proc.returncode} during start-up"
-                               + (f"; see {self.log_path}" if self.log_path else ""))
+                               + (f"; see {self.log_path}" if self.log_path else "")
+                               + self.startup_hint(), code=3)
             if client.alive():
                 return self
             time.sleep(0.3)
         self.stop()
-        raise RunError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s")
+        raise RunError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s"
+                       + (f"; see {self.log_path}" if self.log_path else ""), code=3)
+
+    NO_GPU_SIGNS = ("Found no NVIDIA driver", "Torch not compiled with CUDA enabled", "No CUDA GPUs are available",
+                    "no CUDA-capable device", "CUDA driver initialization failed", "NVIDIA driver on your system is too old",
+                    "Failed to initialize NVML", "No HIP GPUs are available")
+
+    def startup_hint(self):
+        """A hint for a start-up failure, read from the server log."""
+        text = self.log_text()
+        if "--cpu" not in self.args and any(s.lower() in text.lower() for s in self.NO_GPU_SIGNS):
+            return ("\n  The log says there is no usable GPU / driver: add --cpu to run ComfyUI on the CPU "
+                    "(slow, but it works), or fix the NVIDIA driver / CUDA build of torch.")
+        tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
+        return ("\n  last lines of the log:\n    " + "\n    ".join(tail)) if tail else ""
 
     def log_text(self):
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -514,10 +654,20 @@ def resolve_workflow(name):
 
 
 def load_prompt(path):
-    data = json.loads(pathlib.Path(path).read_text())
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: not a readable workflow JSON ({e})", 2)
     if "nodes" in data and "links" in data:
-        raise RunError(f"{path} is a UI-format workflow; this command needs the API-format twin "
-                       f"(…_api.json), or export one with Workflow > Export (API) in ComfyUI", 2)
+        twin = API_DIR / path.name
+        short = {"steadydancer-turbo.json": "turbo", "steadydancer-dance.json": "dance"}.get(path.name)
+        if twin.is_file():
+            use = (f"`{short}` (or {twin})" if short else str(twin))
+        else:
+            use = (f"`turbo` / `dance` for the shipped workflows (their API twins are {API_DIR}/<same name>.json), "
+                   f"or export yours with Workflow > Export (API) in ComfyUI")
+        raise RunError(f"{path} is a UI-format workflow; this command needs an API-format prompt: use {use}", 2)
     data = data.get("prompt", data)
     return data
 
@@ -535,6 +685,32 @@ def apply_overrides(prompt, sets):
             prompt[nid]["inputs"][inp] = json.loads(value)
         except json.JSONDecodeError:
             prompt[nid]["inputs"][inp] = value
+
+
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def check_image(path):
+    """Refuse a --image that is not an image before uploading it (the server would only fail mid-run, naming
+    its own copy). Uses PIL when this Python has it (what ComfyUI's LoadImage opens files with), else the
+    file's magic bytes."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        Image = None
+    if Image is not None:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            return
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise RunError(f"--image {path}: not an image file this server can open ({e})", 2)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if any(head.startswith(m) for m, _ in IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return
+    raise RunError(f"--image {path}: not an image file (PNG, JPEG, WEBP, GIF, BMP or TIFF expected)", 2)
 
 
 def set_media_inputs(prompt, image_name=None, video_name=None):
@@ -564,15 +740,18 @@ def run(args, out=None):
     for label, f in (("--image", args.image), ("--video", args.video)):
         if f and not pathlib.Path(f).is_file():
             raise RunError(f"{label} {f}: no such file", 2)
+    if args.image:
+        check_image(args.image)
     if args.video and pathlib.Path(args.video).suffix.lower() not in VIDEO_EXTS:
         raise RunError(f"--video {args.video}: not a video file ({', '.join(sorted(VIDEO_EXTS))})", 2)
 
-    server = None
+    server, keep_log = None, False
     if args.comfyui:
+        log_path = args.server_log or os.path.join(tempfile.gettempdir(), f"comfyui-run-{os.getpid()}.log")
         server = ComfyServer(args.comfyui, port=args.port, base_directory=args.base_directory,
-                             python=args.python, cpu=args.cpu, log_path=args.server_log)
+                             python=args.python, cpu=args.cpu, log_path=log_path)
         print(f"starting ComfyUI from {server.comfyui_path} on {server.url} ...", file=out, flush=True)
-        server.start()
+        server.start()          # a start-up failure keeps the temporary log: the message names it
         url = server.url
     else:
         url = args.server
@@ -587,8 +766,12 @@ def run(args, out=None):
         if args.seed is not None:
             randomize_seeds(prompt, args.seed)
 
-        problems, missing = check_inputs(prompt, client.object_info(),
-                                         models_from_ui_workflow(ui_path) if ui_path else {})
+        hints = known_models()
+        hints.update(models_from_ui_workflow(ui_path) if ui_path else {})
+        listed = {}
+        problems, missing = check_inputs(
+            prompt, client.object_info(), hints,
+            lambda folder: listed[folder] if folder in listed else listed.setdefault(folder, client.model_files(folder)))
         if missing:
             raise RunError("missing model file(s) on the server:\n" + "\n".join(missing)
                            + "\nPut the files in those folders (or list them in extra_model_paths.yaml) "
@@ -597,12 +780,21 @@ def run(args, out=None):
             raise RunError("the workflow does not fit this server:\n" + "\n".join(problems), code=2)
 
         ws = client.websocket()
+        prompt_id = None
         try:
             prompt_id = client.queue(prompt)
             print(f"queued {prompt_path.name} as {prompt_id}", file=out, flush=True)
             t0 = time.monotonic()
             hist = wait_for_prompt(client, ws, prompt_id, on_event=progress_printer(prompt, out),
                                    timeout=args.timeout)
+        except KeyboardInterrupt:
+            done = "no prompt was queued"
+            if prompt_id:
+                try:
+                    done = f"prompt {prompt_id}: " + client.cancel(prompt_id)
+                except (RunError, urllib.error.URLError, OSError, ValueError, KeyboardInterrupt) as e:
+                    done = f"prompt {prompt_id}: could not cancel it ({e}); POST /interrupt to stop it"
+            raise RunError(f"cancelled ({done})", 130) from None
         finally:
             ws.close()
         files = output_files(hist)
@@ -618,13 +810,20 @@ def run(args, out=None):
         dest.write_bytes(data)
         print(f"done in {time.monotonic() - t0:.1f} s: {dest}", file=out, flush=True)
         return dest
+    except RunError as e:
+        if server and e.code == 1 and not args.server_log:    # a node failed: its traceback is in the log
+            keep_log = True
+            e.args = (f"{e}\n  server log: {log_path}",)
+        raise
     finally:
         if server:
             server.stop()
+            if not args.server_log and not keep_log:
+                pathlib.Path(log_path).unlink(missing_ok=True)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workflow", help="'turbo', 'dance', or a path to an API-format workflow JSON")
     p.add_argument("--image", help="reference image (the person to animate)")
@@ -637,7 +836,7 @@ def build_parser():
                                     "ComfyUI/venv, ComfyUI/../venv, or this Python)")
     p.add_argument("--base-directory", help="with --comfyui: ComfyUI --base-directory (models/, custom_nodes/ ...)")
     p.add_argument("--port", type=int, help="with --comfyui: port (default: a free one)")
-    p.add_argument("--cpu", action="store_true", help="with --comfyui: run ComfyUI with --cpu")
+    p.add_argument("--cpu", action="store_true", help="with --comfyui: run ComfyUI with --cpu (needed without an NVIDIA GPU / driver)")
     p.add_argument("--server-log", help="with --comfyui: write the server log here")
     p.add_argument("--set", action="append", metavar="NODE.input=value",
                    help="override an input (value parsed as JSON when possible); repeatable")
@@ -655,7 +854,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
-        print("cancelled (the server keeps the queued prompt; POST /interrupt to stop it)", file=sys.stderr)
+        print("cancelled (nothing was queued)", file=sys.stderr)
         return 130
     return 0
 

@@ -2,7 +2,7 @@
 end to end without downloading 20+ GB). The outputs are noise; only the plumbing is real.
 
     python tests/integration/make_tiny_models.py /path/to/ComfyUI/models --comfyui /path/to/ComfyUI \
-        [--python /path/to/comfyui/python] [--media DIR]
+        [--python /path/to/comfyui/python] [--custom-nodes /path/to/ComfyUI/custom_nodes] [--media DIR]
 
 Also links the test-only fixture node pack (stand-ins for the umt5 and CLIP vision encoders, which have no
 tiny variant the native loaders accept) when --custom-nodes is given, and writes a swapped, CPU-sized copy
@@ -17,6 +17,16 @@ import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+
+
+def skip_reason(shelf, directory, name):
+    """Why a file was not placed: no tiny version of that kind exists, or building it failed."""
+    kind = shelf.kind_of(directory, name)
+    if kind is None:
+        return (f": no tiny version of this encoder exists that ComfyUI's native {directory} loader accepts; "
+                f"the *.tiny.json workflows (--media) use the fixture encoder nodes SDTestTextEncode / "
+                f"SDTestClipVisionEncode instead (link them with --custom-nodes)")
+    return f": building the tiny {kind} model failed ({shelf.errors.get(kind, 'unknown error')})"
 
 
 def main(argv=None):
@@ -37,7 +47,7 @@ def main(argv=None):
     shelf = harness.ModelShelf(pathlib.Path(a.models_dir), a.comfyui, python)
     for directory, name in sorted(harness.required_models()):
         dst = shelf.place(directory, name)
-        print(f"{'placed ' if dst else 'skipped'} models/{directory}/{name}")
+        print(f"{'placed ' if dst else 'skipped'} models/{directory}/{name}{'' if dst else skip_reason(shelf, directory, name)}")
     shutil.rmtree(shelf.cache, ignore_errors=True)
     for kind, err in shelf.errors.items():
         print(f"could not build {kind}: {err}", file=sys.stderr)

@@ -141,6 +141,8 @@ def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys)
     _ready(comfy)
     comfy.need("lora")
     prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
+    (cond,) = nodes_of(prompt, "SteadyDancerConditioning")
+    prompt[cond]["inputs"]["length"] = LENGTH + 2                # not 4n+1: the node adjusts it and says so
     wf = tmp_path / "turbo_small.json"
     wf.write_text(json.dumps(prompt))
     img, vid = models.build_media(tmp_path / "me.png", tmp_path / "moves.mp4", width=80, height=128, frames=14)
@@ -150,6 +152,9 @@ def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "queued" in err and "done in" in err
+    # the text the node shows on itself (nodes/comfy_bridge.node_message) reaches the command's output
+    notes = [ln for ln in err.splitlines() if "note from" in ln]
+    assert any(str(LENGTH + 2) in ln and str(LENGTH) in ln for ln in notes), err
     n, w, h, _ = models.video_info(out)
     assert (n, w, h) == (LENGTH, W, H)
     assert (comfy.base / "input" / "moves.mp4").exists() and (comfy.base / "input" / "me.png").exists()
@@ -180,3 +185,31 @@ def test_run_command_starts_its_own_server_from_a_checkout(comfy, tmp_path, caps
     assert "starting ComfyUI" in err
     n, w, h, fps = models.video_info(out)
     assert (n, w, h, fps) == (9, 96, 160, 8)
+
+
+def test_missing_dwpose_file_is_caught_before_queueing_and_at_run_time(comfy, tmp_path, capsys):
+    """The pose node's combos always list the default .onnx names; the run command asks GET /models/dwpose, and
+    the node itself re-checks the file on every run (earlier tests left its ORT sessions cached)."""
+    _ready(comfy)
+    prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=2)
+    for nid in nodes_of(prompt, "SteadyDancerPoseExtract"):
+        prompt[nid]["inputs"]["canvas_width"] = 72             # a new cache key: ComfyUI must run the node
+    det = comfy.base / "models" / "dwpose" / "yolox_l.onnx"
+    url = "https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx"
+    hidden = det.with_name("yolox_l.onnx.hidden")
+    det.rename(hidden)
+    try:
+        wf = tmp_path / "dance_small.json"
+        wf.write_text(json.dumps(prompt))
+        rc = run_workflow.main([str(wf), "--server", comfy.url, "--output", str(tmp_path / "o.mp4")])
+        err = capsys.readouterr().err
+        assert rc == 4, err
+        assert "'yolox_l.onnx' is not in models/dwpose/ (needed by node " in err and url in err, err
+        with pytest.raises(run_workflow.RunError) as e:
+            comfy.run(prompt, timeout=300)
+    finally:
+        hidden.rename(det)
+    msg = str(e.value)
+    # exception type as ComfyUI prints it (module + qualname): not the custom_nodes path of the pack
+    assert "failed: steadydancer_turbo.dwpose.ModelNotFoundError: DWPose model file 'yolox_l.onnx' not found" in msg, msg
+    assert url in msg and str(det.parent) in msg
