@@ -765,7 +765,9 @@ def section_perf2():
     base_opts = {"USE_TMA": True}
     best_opts, best_ms = base_opts, float("inf")
     qkv_wins = False
-    if DEV == "cuda":
+    HOPPER_TUNED = {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": True, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
+                    "num_stages": 3}  # fastest of run 4's flex micro check (6.47 vs 7.38 ms at top-k 0.10)
+    if DEV == "cuda" and not ARGS.p2_fixed:
         q, k, v = (torch.randn(1, L, HEADS, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
         idx = spa.select_kv_blocks(q, k, cfg_sp)
         ref = None
@@ -853,12 +855,14 @@ def section_perf2():
     nk = math.ceil(L / 128)
     kf = max(1, int(topk * nk)) / nk
 
-    def config(label, opts, qkv):
-        if not have_time(45):
+    def config(label, opts, qkv, ffn2_rowwise=False, need_s=45):
+        if not have_time(need_s):
             return
         try:
             spa.set_flex_kernel_options(opts)
             (fuse_qkv if qkv else unfuse_qkv)(model)
+            for blk in model.blocks:  # per-token scale for the GELU output: one fused pass instead of two
+                blk.ffn[2].act_scaling = "rowwise" if ffn2_rowwise else "tensor"
             torch._dynamo.reset()  # the kernel options are read at trace time: make sure they are re-read
             t0c = time.time()
             with torch.no_grad():
@@ -890,6 +894,10 @@ def section_perf2():
             record(section="profile", what=label, kernel=e.key[:90], ms=e.device_time_total / 1e3, calls=e.count,
                    share=e.device_time_total / max(total, 1))
 
+    if ARGS.p2_fixed:  # second run: flex options fixed (no micro), FFN2 input scaled per token
+        config("tuned+ffn2row", HOPPER_TUNED, False, True)
+        config("base", base_opts, False, need_s=18)  # recompile with warm caches: ~8 s (run 4)
+        return
     config("base", base_opts, False)
     tuned = best_opts != base_opts
     qkv = qkv_wins or ARGS.tiny
@@ -947,6 +955,7 @@ def main():
     ap.add_argument("--dense-backend", default="sdpa_cudnn")
     ap.add_argument("--topk", type=float, default=0.15)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--p2-fixed", action="store_true", help="perf2: skip the micro checks; tuned+ffn2row, then base")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; sections that would overrun are skipped")
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script itself (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (smoke test)")
