@@ -15,6 +15,10 @@ one product with N = 3*dim replaces three with N = dim and the input is quantize
   scale per output channel [1, 3*dim] = each layer's scale over its third): the same scales as three separate
   products, one launch. Off fp8-capable GPUs the layers dequantize, as ``FP8Linear`` does.
 
+Measured (H100, torch 2.11, 35,880 tokens, bench/perf_notes.md run 4): **not faster** there. Three tensor-wise
+fp8 products take 3.86 ms (inside a compiled block they already share one activation quantization through
+AOTAutograd's CSE); the fused row-wise product takes 4.22 ms. So it is opt-in and off by default.
+
 Not for block-swapped models (the swap moves parameters one by one and would separate the views from the fused
 buffer). ``unfuse_qkv`` restores the plain class.
 """
