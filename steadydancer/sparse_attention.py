@@ -78,6 +78,16 @@ def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return pooled.transpose(1, 2)
 
 
+def _mean_from_pooled(pooled: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """Mean over all n tokens from the block means [B, H, nblocks, D] (each full block weighs ``block`` tokens,
+    the last partial one its real count): the same value as a second pass over k, without re-reading k."""
+    nfull, rem = divmod(n, block)
+    total = pooled[:, :, :nfull].sum(dim=2) * block if nfull else 0
+    if rem:
+        total = total + pooled[:, :, nfull] * rem
+    return total / n
+
+
 def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseAttentionConfig) -> torch.Tensor:
     """Top-k key-block indices per (batch, head, query block): int32 [B, H, nq, K], ascending in the last dim."""
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
@@ -86,7 +96,7 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseAttentionConfi
     qp = _pool_blocks(q, cfg.block_q)  # [B,H,nq,D]
     kp = _pool_blocks(k, cfg.block_k)  # [B,H,nk,D]
     if cfg.smooth_k:  # pooled(k - mean_k) == pooled(k) - mean_k: no centred copy of k needed
-        kp = kp - (k.sum(dim=1, dtype=kp.dtype) / lk).unsqueeze(2)
+        kp = kp - _mean_from_pooled(kp, lk, cfg.block_k).unsqueeze(2)
     scores = qp @ kp.transpose(-1, -2)  # [B,H,nq,nk] float32 (float64 if inputs are)
     nq, nk = scores.shape[-2], scores.shape[-1]
     forced = torch.zeros(nq, nk, dtype=torch.bool, device=scores.device)
@@ -161,10 +171,15 @@ def set_flex_kernel_options(options: dict | str | None) -> None:
     _KERNEL_OPTIONS = options if options == "auto" else (dict(options) if options else None)
 
 
+# "auto" on Hopper (sm_90). ROWS_GUARANTEED_SAFE is true by construction here: every query block keeps at least
+# one full key block (its diagonal one by default), so no softmax row is empty.
+HOPPER_FLEX_OPTIONS: dict = {"USE_TMA": True}
+
+
 def _kernel_options(q: torch.Tensor) -> dict | None:
     if _KERNEL_OPTIONS == "auto":
         if q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0):
-            return {"USE_TMA": True}
+            return dict(HOPPER_FLEX_OPTIONS)
         return None
     return dict(_KERNEL_OPTIONS) if _KERNEL_OPTIONS else None
 
