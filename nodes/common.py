@@ -9,13 +9,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..steadydancer.conditioning import latent_frames
+from ..steadydancer.latents import LATENT_CHANNELS, VAE_STRIDE
+
 CATEGORY = "SteadyDancer"
 MODEL_TYPE = "STEADYDANCER_MODEL"
 COND_TYPE = "STEADYDANCER_CONDITIONING"
 POSE_TYPE = "POSE_KEYPOINT"  # the type comfyui_controlnet_aux and others use: list of per-frame OpenPose dicts
 
-VAE_STRIDE_T = 4
-SIZE_MULTIPLE = 16  # 8 (VAE) x 2 (patch) pixels
+VAE_STRIDE_T = VAE_STRIDE[0]
+SIZE_MULTIPLE = 2 * VAE_STRIDE[1]  # 8 (VAE) x 2 (patch) pixels
 FIT_MODES = ["crop", "pad", "stretch"]
 
 
@@ -42,7 +45,7 @@ def adjust_size(width: int, height: int) -> tuple[int, int, str | None]:
 
 def latent_shape(width: int, height: int, length: int) -> tuple[int, int, int, int]:
     """[C, T, H, W] of a Wan2.1 latent for a video of this pixel size and frame count."""
-    return 16, (length - 1) // VAE_STRIDE_T + 1, height // 8, width // 8
+    return LATENT_CHANNELS, latent_frames(length), height // VAE_STRIDE[1], width // VAE_STRIDE[2]
 
 
 def resize_images(images: torch.Tensor, width: int, height: int, fit: str = "crop", pad_value: float = 0.0) -> torch.Tensor:
