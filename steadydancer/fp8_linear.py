@@ -48,13 +48,7 @@ def _quantize_rowwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def _quantize_tensorwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    scale = (xf.abs().amax() / FP8_MAX).clamp(min=1e-12)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
-
-_EAGER = {"rowwise": _quantize_rowwise_eager, "tensor": _quantize_tensorwise_eager}
+_EAGER = {"rowwise": _quantize_rowwise_eager, "tensor": quantize_per_tensor}  # tensor-wise = the weight quantizer
 _compiled: dict = {}
 _compile_failed = False
 
