@@ -21,12 +21,16 @@ split TurboDiffusion's quantized checkpoints use.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "quantize_tensorwise",
            "scaled_mm_linear", "scaled_mm_shape_ok", "convert_linears_to_fp8", "fp8_matmul_supported"]
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -64,8 +68,10 @@ def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
             if fn is None:
                 fn = _compiled[mode] = torch.compile(_EAGER[mode], dynamic=True)
             return fn(x)
-        except Exception:  # no triton / inductor: stay correct, just slower
+        except Exception as e:  # no triton / inductor: stay correct, just slower
             _compile_failed = True
+            log.warning("fp8 activation quantizer: torch.compile failed (%s: %s); using the eager quantizer "
+                        "from now on (correct, slower)", type(e).__name__, e)
     return _EAGER[mode](x)
 
 
