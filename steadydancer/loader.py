@@ -268,14 +268,13 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
 
         n_fp8mm = 0
         for m in quant.values():
-            m.fp8_matmul = bool(fp8_matmul) and isinstance(m, QuantLinear) and m.qkind == "fp8" \
-                and m.qtype == torch.float8_e4m3fn
+            m.fp8_matmul = bool(fp8_matmul) and isinstance(m, QuantLinear) and m.fp8_matmul_capable()
             n_fp8mm += m.fp8_matmul
         if fp8_matmul:
             other = sum(isinstance(m, QuantLinear) and not m.fp8_matmul for m in quant.values())
             if other:
-                notes.append(f"fp8_matmul: {other} Linear layers are not fp8 e4m3 (GGUF / e5m2) and keep the "
-                             f"dequantized matmul")
+                notes.append(f"fp8_matmul: {other} Linear layers are not fp8 e4m3 with a per-tensor scale (GGUF / "
+                             f"e5m2 / per-channel scales) and keep the dequantized matmul")
         for n in notes:
             log.warning("SteadyDancer: %s", n)
         model.requires_grad_(False)
