@@ -14,14 +14,14 @@ import threading
 
 import torch
 
+from ..steadydancer.loader import STORAGE_MODES
 from . import comfy_bridge as cb
 from .common import CATEGORY, MODEL_TYPE, tooltip
 
 log = logging.getLogger("steadydancer_turbo")
 
-WEIGHT_STORAGE = ["auto", "dequantize", "fp8_e4m3fn", "fp8_e5m2"]
-COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_STORAGE = list(STORAGE_MODES)
+COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]  # names the loader maps to torch dtypes
 
 
 def attention_choices() -> list:
@@ -136,7 +136,7 @@ class _ModelCache:
             cb.free_memory(_expected_bytes(handle.path, o), device)
             module = loader.load_steadydancer(
                 handle.path,
-                compute_dtype=_DTYPES[o.compute_dtype],
+                compute_dtype=o.compute_dtype,
                 storage=o.weight_storage,
                 device=device,
                 offload_device=cb.offload_device(),
