@@ -47,6 +47,10 @@ def _pipeline(detector: str, estimator: str, providers: str):
     det, est = find_model_file(detector, folders), find_model_file(estimator, folders)
     key = (det, est, providers)
     if key not in _PIPELINES:
+        # one pipeline at a time: the runtime caches sessions too, so drop the replaced pipeline's sessions there
+        from ..dwpose.runtime import release_sessions
+        for old_det, old_est, _ in _PIPELINES:
+            release_sessions((old_det, old_est))
         _PIPELINES.clear()
         _PIPELINES[key] = DWPose(det, est, providers=None if providers == "auto" else providers)
     return _PIPELINES[key]
