@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, resize_images, tooltip
+from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
 
 PROVIDERS = ["auto", "cuda", "cpu"]
 CHUNK = 8
@@ -118,18 +118,6 @@ class SteadyDancerPoseExtract:
         return (out, _to_image(img))
 
 
-def _fit_geometry(rw: int, rh: int, W: int, H: int, fit: str):
-    """(scaled w, scaled h, x offset, y offset) of a rw x rh image placed on a W x H canvas, with exactly the
-    integer sizes and offsets ``common.resize_images`` uses, so drawn poses line up with the fitted image."""
-    if fit == "stretch":
-        return W, H, 0, 0
-    scale = (max if fit == "crop" else min)(W / rw, H / rh)
-    nw, nh = max(1, round(rw * scale)), max(1, round(rh * scale))
-    if fit == "crop":
-        return nw, nh, -((nw - W) // 2), -((nh - H) // 2)
-    return nw, nh, (W - nw) // 2, (H - nh) // 2
-
-
 def refit_poses(frames, W: int, H: int, fit: str):
     """Normalized poses of a reference-sized canvas -> the same poses on a W x H canvas after ``fit``."""
     from ..dwpose import keypoints
@@ -138,7 +126,7 @@ def refit_poses(frames, W: int, H: int, fit: str):
         if f is None:
             out.append(None)
             continue
-        nw, nh, ox, oy = _fit_geometry(f.width, f.height, W, H, fit)
+        nw, nh, ox, oy = fit_geometry(f.width, f.height, W, H, fit)
         people = []
         for p in f.people:
             q = p.copy()
