@@ -7,6 +7,7 @@ The loader node loads eagerly (a missing/broken file fails on the loader node); 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -151,18 +152,14 @@ class _ModelCache:
             self.key, self.loras, self.module = key, handle.loras, module
             return module
 
-
+    @contextlib.contextmanager
     def using(self):
-        cache = self
-
-        class _Use:
-            def __enter__(self):
-                cache.busy += 1
-
-            def __exit__(self, *exc):
-                cache.busy -= 1
-
-        return _Use()
+        """Marks the model busy (loading or sampling) for the duration of the block."""
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
 
 
 _CACHE = _ModelCache()
