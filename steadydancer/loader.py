@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import traceback
 import warnings
 
 import torch
@@ -289,8 +290,12 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         }
         log.info("SteadyDancer loaded: %s", model.load_info)
         return model
-    except BaseException:
-        model = None
+    except BaseException as e:
+        # The traceback keeps this frame and the ones below it alive, with their locals, for as long as the caller
+        # holds the error: drop every reference to what was loaded here and clear the finished frames below, so
+        # the memory really goes back now (gc + empty_cache), not whenever the caller lets go of the error.
+        model = meta_sd = quant = sized = arena = arenas = a = allocs = on_device = alloc = mod = m = src = dst = None
+        traceback.clear_frames(e.__traceback__)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
