@@ -241,8 +241,9 @@ class SteadyDancerModelLoader:
                     "Number of the 40 transformer blocks kept in CPU RAM and streamed to the GPU each step. "
                     "More = less VRAM, slower.", default=0, min=0, max=40, step=1)),
                 "vram_budget_gb": ("FLOAT", tooltip(
-                    "If > 0, choose the block swap automatically to keep the model under this many GB of VRAM "
-                    "(overrides block_swap).", default=0.0, min=0.0, max=256.0, step=0.5)),
+                    "If > 0, choose the block swap automatically to keep the model weights under this many GB of "
+                    "VRAM (activations not included); block_swap then counts as the minimum.",
+                    default=0.0, min=0.0, max=256.0, step=0.5)),
                 "offload_after": ("BOOLEAN", tooltip(
                     "Move the model to CPU RAM after sampling so the VAE decode and other models have room.",
                     default=True)),
