@@ -50,7 +50,7 @@ Public API
 - ``find_model_file(name, folders, target_folder=None)`` (raises ``ModelNotFoundError``); ``MODEL_FILES``
   (names, URLs), ``DEFAULT_DETECTOR``, ``DEFAULT_ESTIMATOR``.
 - Runtime: ``get_session``, ``default_providers``, ``available_providers``, ``session_creations``,
-  ``clear_session_cache``. A requested GPU provider that the session does not get is logged (one
+  ``release_sessions`` (of given model files), ``clear_session_cache``. A requested GPU provider that the session does not get is logged (one
   warning, ``steadydancer_turbo.dwpose`` logger) saying why (missing CUDA/cuDNN library, CPU-only package, both packages installed).
 """
 from .detector import YoloxDetector, anchor_grid, decode_people, letterbox, nms
@@ -62,7 +62,8 @@ from .keypoints import KEYPOINT_THRESHOLD, OPENPOSE_FROM_COCO, FramePose, Person
 from .models import DEFAULT_DETECTOR, DEFAULT_ESTIMATOR, MODEL_FILES, ModelNotFoundError, find_model_file
 from .pipeline import STEADYDANCER_THRESHOLD, DWPose, as_uint8_frames, steadydancer_pose_frames
 from .retarget import Alignment, align_person, align_poses, compute_alignment, negative_factors, negative_poses
-from .runtime import available_providers, clear_session_cache, default_providers, get_session, session_creations
+from .runtime import (available_providers, clear_session_cache, default_providers, get_session, release_sessions,
+                      session_creations)
 
 __all__ = [
     "DWPose", "YoloxDetector", "PoseEstimator", "FramePose", "Person", "present", "KEYPOINT_THRESHOLD",
@@ -71,7 +72,7 @@ __all__ = [
     "HAND_EDGE_COLORS", "compute_alignment", "align_poses", "align_person", "Alignment", "negative_poses",
     "negative_factors", "find_model_file", "ModelNotFoundError", "MODEL_FILES", "DEFAULT_DETECTOR",
     "DEFAULT_ESTIMATOR", "get_session", "default_providers", "available_providers", "session_creations",
-    "clear_session_cache", "letterbox", "anchor_grid", "decode_people", "nms", "bbox_center_scale",
+    "clear_session_cache", "release_sessions", "letterbox", "anchor_grid", "decode_people", "nms", "bbox_center_scale",
     "fix_aspect", "crop_matrix", "crop_person", "input_to_image", "simcc_decode", "as_uint8_frames",
     "steadydancer_pose_frames", "STEADYDANCER_THRESHOLD", "warp_person", "normalize_crops",
 ]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import random
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,11 +178,11 @@ def compute_alignment(ref: FramePose, driving: list, threshold: float = KEYPOINT
                 offset = rxy[1] - d[0][1]
                 break
         else:
-            warnings.warn("DWPose retarget: the driving video never shows a neck (both shoulders); "
-                          "poses are not moved onto the reference's neck", RuntimeWarning, stacklevel=2)
+            log.warning("DWPose retarget: the driving video never shows a neck (both shoulders); "
+                        "poses are not moved onto the reference's neck")
     else:
-        warnings.warn("DWPose retarget: the reference pose has no neck (both shoulders needed); "
-                      "poses are not moved onto the reference's neck", RuntimeWarning, stacklevel=2)
+        log.warning("DWPose retarget: the reference pose has no neck (both shoulders needed); "
+                    "poses are not moved onto the reference's neck")
     missing = [k for k in MEASURES if not used[k]]
     if missing:
         log.info("DWPose retarget: no ratio for %s (bone not visible in reference or video): using 1", missing)

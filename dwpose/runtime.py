@@ -273,6 +273,17 @@ def session_creations() -> int:
     return _creations
 
 
+def release_sessions(models) -> int:
+    """Drop the cached sessions of these model files (any providers / threads), so ONNX Runtime frees them
+    once no caller holds them any more. Returns how many were dropped."""
+    models = set(models)
+    with _lock:
+        gone = [k for k in _sessions if k[0] in models]
+        for k in gone:
+            del _sessions[k]
+    return len(gone)
+
+
 def clear_session_cache() -> None:
     with _lock:
         _sessions.clear()

@@ -158,23 +158,6 @@ def soft_empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def make_model_patcher(module: torch.nn.Module, load_device, offload_dev):
-    """Wrap a plain torch module in ComfyUI's ModelPatcher so the memory manager can count and evict it.
-
-    Returns None outside ComfyUI.
-    """
-    if not HAVE_COMFY:
-        return None
-    import comfy.model_patcher  # type: ignore
-    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_dev)
-
-
-def load_patcher_to_device(patcher) -> None:
-    """Load a wrapped module fully onto its load device through ComfyUI (evicting other models as needed)."""
-    if HAVE_COMFY and patcher is not None:
-        _mm.load_models_gpu([patcher], force_full_load=True)
-
-
 # ---------------------------------------------------------------------------------------------- progress
 def check_interrupt() -> None:
     """Raise ComfyUI's InterruptProcessingException if the user pressed Cancel / POST /interrupt."""
@@ -221,12 +204,6 @@ def preview_image(previewer, x0: torch.Tensor):
     except Exception as e:  # noqa: BLE001
         log.debug("SteadyDancer: preview failed: %s", e)
         return None
-
-
-def is_interrupt_exception(e: BaseException) -> bool:
-    if not HAVE_COMFY:
-        return False
-    return isinstance(e, _mm.InterruptProcessingException)
 
 
 def node_message(node_id, text: str) -> None:

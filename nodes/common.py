@@ -9,13 +9,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..steadydancer.conditioning import latent_frames
+from ..steadydancer.latents import LATENT_CHANNELS, VAE_STRIDE
+
 CATEGORY = "SteadyDancer"
 MODEL_TYPE = "STEADYDANCER_MODEL"
 COND_TYPE = "STEADYDANCER_CONDITIONING"
 POSE_TYPE = "POSE_KEYPOINT"  # the type comfyui_controlnet_aux and others use: list of per-frame OpenPose dicts
 
-VAE_STRIDE_T = 4
-SIZE_MULTIPLE = 16  # 8 (VAE) x 2 (patch) pixels
+VAE_STRIDE_T = VAE_STRIDE[0]
+SIZE_MULTIPLE = 2 * VAE_STRIDE[1]  # 8 (VAE) x 2 (patch) pixels
 FIT_MODES = ["crop", "pad", "stretch"]
 
 
@@ -42,7 +45,7 @@ def adjust_size(width: int, height: int) -> tuple[int, int, str | None]:
 
 def latent_shape(width: int, height: int, length: int) -> tuple[int, int, int, int]:
     """[C, T, H, W] of a Wan2.1 latent for a video of this pixel size and frame count."""
-    return 16, (length - 1) // VAE_STRIDE_T + 1, height // 8, width // 8
+    return LATENT_CHANNELS, latent_frames(length), height // VAE_STRIDE[1], width // VAE_STRIDE[2]
 
 
 def resize_images(images: torch.Tensor, width: int, height: int, fit: str = "crop", pad_value: float = 0.0) -> torch.Tensor:
@@ -57,22 +60,30 @@ def resize_images(images: torch.Tensor, width: int, height: int, fit: str = "cro
     B, C, H, W = x.shape
     if (H, W) == (height, width):
         return images[..., :3].float()
-    if fit == "stretch":
-        out = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
-    elif fit in ("crop", "pad"):
-        scale = (max if fit == "crop" else min)(width / W, height / H)
-        nh, nw = max(1, round(H * scale)), max(1, round(W * scale))
-        r = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
-        if fit == "crop":
-            top, left = (nh - height) // 2, (nw - width) // 2
-            out = r[:, :, top:top + height, left:left + width]
-        else:
-            out = torch.full((B, C, height, width), float(pad_value), dtype=r.dtype)
-            top, left = (height - nh) // 2, (width - nw) // 2
-            out[:, :, top:top + nh, left:left + nw] = r
-    else:
+    if fit not in FIT_MODES:
         raise ValueError(f"unknown fit mode {fit!r}; use one of {FIT_MODES}")
+    nw, nh, ox, oy = fit_geometry(W, H, width, height, fit)
+    r = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False)
+    if fit == "stretch":
+        out = r
+    elif fit == "crop":
+        out = r[:, :, -oy:-oy + height, -ox:-ox + width]
+    else:
+        out = torch.full((B, C, height, width), float(pad_value), dtype=r.dtype)
+        out[:, :, oy:oy + nh, ox:ox + nw] = r
     return out.clamp(0.0, 1.0).movedim(1, -1).contiguous()
+
+
+def fit_geometry(src_w: int, src_h: int, width: int, height: int, fit: str) -> tuple[int, int, int, int]:
+    """(scaled w, scaled h, x offset, y offset) of a src_w x src_h image placed on a width x height canvas by
+    ``fit`` (offsets are negative for crop). The one rule for images (``resize_images``) and poses alike."""
+    if fit == "stretch":
+        return width, height, 0, 0
+    scale = (max if fit == "crop" else min)(width / src_w, height / src_h)
+    nw, nh = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+    if fit == "crop":
+        return nw, nh, -((nw - width) // 2), -((nh - height) // 2)
+    return nw, nh, (width - nw) // 2, (height - nh) // 2
 
 
 def resample_indices(n_src: int, src_fps: float, dst_fps: float, max_frames: int = 0) -> list[int]:

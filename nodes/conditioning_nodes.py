@@ -21,12 +21,11 @@ import dataclasses
 
 import torch
 
+from ..steadydancer.conditioning import CLIP_DIM, CLIP_TOKENS, TEXT_DIM, TEXT_LEN
+from ..steadydancer.latents import LATENT_CHANNELS
 from . import comfy_bridge as cb
 from .common import (CATEGORY, COND_TYPE, FIT_MODES, adjust_length, adjust_size, latent_shape, resize_images,
                      tooltip)
-
-TEXT_LEN = 512
-CLIP_TOKENS, CLIP_DIM = 257, 1280
 
 
 @dataclasses.dataclass
@@ -51,8 +50,8 @@ def text_from_conditioning(conditioning, what: str, node_id=None) -> torch.Tenso
     t = conditioning[0][0]
     if t.ndim == 2:
         t = t[None]
-    if t.shape[-1] != 4096:
-        raise ValueError(f"{what}: text embedding width is {t.shape[-1]}, SteadyDancer needs umt5-xxl (4096). "
+    if t.shape[-1] != TEXT_DIM:
+        raise ValueError(f"{what}: text embedding width is {t.shape[-1]}, SteadyDancer needs umt5-xxl ({TEXT_DIM}). "
                          "Load the text encoder with CLIPLoader type 'wan' (umt5_xxl_fp8_e4m3fn_scaled.safetensors).")
     t = t[:1, :TEXT_LEN].float()
     nonzero = (t[0].abs().amax(dim=-1) > 0).nonzero()
@@ -83,8 +82,9 @@ def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
     raw = vae.encode(images[..., :3])
     if raw.ndim == 4:  # an image VAE would give [B,C,H,W]; Wan gives [1,C,T,H,W]
         raise ValueError("the VAE returned image latents; connect the Wan2.1 VAE (wan_2.1_vae.safetensors).")
-    if raw.shape[1] != 16:
-        raise ValueError(f"the VAE latent has {raw.shape[1]} channels; SteadyDancer needs the Wan2.1 VAE (16).")
+    if raw.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"the VAE latent has {raw.shape[1]} channels; SteadyDancer needs the Wan2.1 VAE "
+                         f"({LATENT_CHANNELS}).")
     return latents.normalize(raw.float().to(cb.intermediate_device()))
 
 

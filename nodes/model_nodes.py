@@ -7,6 +7,7 @@ The loader node loads eagerly (a missing/broken file fails on the loader node); 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -14,14 +15,14 @@ import threading
 
 import torch
 
+from ..steadydancer.loader import STORAGE_MODES
 from . import comfy_bridge as cb
 from .common import CATEGORY, MODEL_TYPE, tooltip
 
 log = logging.getLogger("steadydancer_turbo")
 
-WEIGHT_STORAGE = ["auto", "dequantize", "fp8_e4m3fn", "fp8_e5m2"]
-COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_STORAGE = list(STORAGE_MODES)
+COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]  # names the loader maps to torch dtypes
 
 
 def attention_choices() -> list:
@@ -136,7 +137,7 @@ class _ModelCache:
             cb.free_memory(_expected_bytes(handle.path, o), device)
             module = loader.load_steadydancer(
                 handle.path,
-                compute_dtype=_DTYPES[o.compute_dtype],
+                compute_dtype=o.compute_dtype,
                 storage=o.weight_storage,
                 device=device,
                 offload_device=cb.offload_device(),
@@ -151,18 +152,14 @@ class _ModelCache:
             self.key, self.loras, self.module = key, handle.loras, module
             return module
 
-
+    @contextlib.contextmanager
     def using(self):
-        cache = self
-
-        class _Use:
-            def __enter__(self):
-                cache.busy += 1
-
-            def __exit__(self, *exc):
-                cache.busy -= 1
-
-        return _Use()
+        """Marks the model busy (loading or sampling) for the duration of the block."""
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
 
 
 _CACHE = _ModelCache()
@@ -244,8 +241,9 @@ class SteadyDancerModelLoader:
                     "Number of the 40 transformer blocks kept in CPU RAM and streamed to the GPU each step. "
                     "More = less VRAM, slower.", default=0, min=0, max=40, step=1)),
                 "vram_budget_gb": ("FLOAT", tooltip(
-                    "If > 0, choose the block swap automatically to keep the model under this many GB of VRAM "
-                    "(overrides block_swap).", default=0.0, min=0.0, max=256.0, step=0.5)),
+                    "If > 0, choose the block swap automatically to keep the model weights under this many GB of "
+                    "VRAM (activations not included); block_swap then counts as the minimum.",
+                    default=0.0, min=0.0, max=256.0, step=0.5)),
                 "offload_after": ("BOOLEAN", tooltip(
                     "Move the model to CPU RAM after sampling so the VAE decode and other models have room.",
                     default=True)),

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, resize_images, tooltip
+from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
 
 PROVIDERS = ["auto", "cuda", "cpu"]
 CHUNK = 8
@@ -47,6 +47,10 @@ def _pipeline(detector: str, estimator: str, providers: str):
     det, est = find_model_file(detector, folders), find_model_file(estimator, folders)
     key = (det, est, providers)
     if key not in _PIPELINES:
+        # one pipeline at a time: the runtime caches sessions too, so drop the replaced pipeline's sessions there
+        from ..dwpose.runtime import release_sessions
+        for old_det, old_est, _ in _PIPELINES:
+            release_sessions((old_det, old_est))
         _PIPELINES.clear()
         _PIPELINES[key] = DWPose(det, est, providers=None if providers == "auto" else providers)
     return _PIPELINES[key]
@@ -114,18 +118,6 @@ class SteadyDancerPoseExtract:
         return (out, _to_image(img))
 
 
-def _fit_geometry(rw: int, rh: int, W: int, H: int, fit: str):
-    """(scaled w, scaled h, x offset, y offset) of a rw x rh image placed on a W x H canvas, with exactly the
-    integer sizes and offsets ``common.resize_images`` uses, so drawn poses line up with the fitted image."""
-    if fit == "stretch":
-        return W, H, 0, 0
-    scale = (max if fit == "crop" else min)(W / rw, H / rh)
-    nw, nh = max(1, round(rw * scale)), max(1, round(rh * scale))
-    if fit == "crop":
-        return nw, nh, -((nw - W) // 2), -((nh - H) // 2)
-    return nw, nh, (W - nw) // 2, (H - nh) // 2
-
-
 def refit_poses(frames, W: int, H: int, fit: str):
     """Normalized poses of a reference-sized canvas -> the same poses on a W x H canvas after ``fit``."""
     from ..dwpose import keypoints
@@ -134,7 +126,7 @@ def refit_poses(frames, W: int, H: int, fit: str):
         if f is None:
             out.append(None)
             continue
-        nw, nh, ox, oy = _fit_geometry(f.width, f.height, W, H, fit)
+        nw, nh, ox, oy = fit_geometry(f.width, f.height, W, H, fit)
         people = []
         for p in f.people:
             q = p.copy()

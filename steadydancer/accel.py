@@ -46,8 +46,7 @@ def use_fp8(model: nn.Module, act_scaling: str = "rowwise", fast_accum: bool = F
     from .quant import QuantLinear
     n = 0
     for m in model.get_submodule("blocks").modules():
-        if isinstance(m, QuantLinear) and m.qkind == "fp8" and m.qtype == torch.float8_e4m3fn \
-                and m.weight_scale is not None and m.weight_scale.numel() == 1:
+        if isinstance(m, QuantLinear) and m.fp8_matmul_capable():
             m.fp8_matmul, m.fp8_act_scaling, m.fp8_fast_accum = True, act_scaling, fast_accum
             n += 1
     return n + convert_linears_to_fp8(model, act_scaling=act_scaling, fast_accum=fast_accum)

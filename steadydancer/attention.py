@@ -93,8 +93,13 @@ def _importable(mod: str) -> Callable[[], bool]:
     return probe
 
 
+# one probe per module, made once: attention() checks availability on every call, so the result must be cached
+_has_flash3 = _importable("flash_attn_interface")
+_has_flash2 = _importable("flash_attn")
+
+
 def _flash_available() -> bool:
-    return _importable("flash_attn_interface")() or _importable("flash_attn")()
+    return _has_flash3() or _has_flash2()
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -104,7 +109,7 @@ def _flash(q, k, v):
     dtype = q.dtype
     if dtype not in _HALF:  # FlashAttention needs half inputs (official code casts to bf16 the same way)
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    if _importable("flash_attn_interface")():
+    if _has_flash3():
         import flash_attn_interface  # FlashAttention 3 (Hopper)
         out = flash_attn_interface.flash_attn_func(q, k, v)
         out = out[0] if isinstance(out, tuple) else out

@@ -31,13 +31,16 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import SteadyDancerConfig
 from .latents import LATENT_CHANNELS, VAE_STRIDE
 
 KWARG_ORDER = ("context", "clip_fea", "clip_fea_c", "y", "cond", "ref_x", "ref_c")
-TEXT_DIM = 4096
-TEXT_LEN = 512
-CLIP_TOKENS = 257
-CLIP_DIM = 1280
+# the real model's text / CLIP input sizes, read from the one model config
+_FULL = SteadyDancerConfig.full_14b()
+TEXT_DIM = _FULL.text_dim        # 4096 (umT5-XXL)
+TEXT_LEN = _FULL.text_len        # 512
+CLIP_TOKENS = _FULL.clip_tokens  # 257 (ViT-H/14 at 224 + class token)
+CLIP_DIM = _FULL.clip_dim        # 1280
 MASK_CHANNELS = 4
 
 

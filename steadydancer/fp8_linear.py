@@ -21,12 +21,16 @@ split TurboDiffusion's quantized checkpoints use.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "quantize_tensorwise",
            "scaled_mm_linear", "scaled_mm_shape_ok", "convert_linears_to_fp8", "fp8_matmul_supported"]
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -48,13 +52,7 @@ def _quantize_rowwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def _quantize_tensorwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xf = x.float()
-    scale = (xf.abs().amax() / FP8_MAX).clamp(min=1e-12)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
-
-
-_EAGER = {"rowwise": _quantize_rowwise_eager, "tensor": _quantize_tensorwise_eager}
+_EAGER = {"rowwise": _quantize_rowwise_eager, "tensor": quantize_per_tensor}  # tensor-wise = the weight quantizer
 _compiled: dict = {}
 _compile_failed = False
 
@@ -70,8 +68,10 @@ def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
             if fn is None:
                 fn = _compiled[mode] = torch.compile(_EAGER[mode], dynamic=True)
             return fn(x)
-        except Exception:  # no triton / inductor: stay correct, just slower
+        except Exception as e:  # no triton / inductor: stay correct, just slower
             _compile_failed = True
+            log.warning("fp8 activation quantizer: torch.compile failed (%s: %s); using the eager quantizer "
+                        "from now on (correct, slower)", type(e).__name__, e)
     return _EAGER[mode](x)
 
 

@@ -74,11 +74,11 @@ _D2O = tuple(_inverse(d) for d in _O2D)
 
 
 def strip_prefix(sd: Mapping[str, V]) -> Dict[str, V]:
-    """Remove a container prefix shared by the DiT keys (e.g. ``model.diffusion_model.``)."""
-    for p in KNOWN_PREFIXES:
-        if any(k.startswith(p + "blocks.") or k.startswith(p + "patch_embedding") for k in sd):
-            return {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
-    return dict(sd)
+    """Remove a container prefix shared by the DiT keys (e.g. ``model.diffusion_model.``, TurboDiffusion's
+    ``net.``) and checkpoint-wrapper infixes: the checkpoint readers' rule (``common_prefix`` +
+    ``normalize_key``) applied to a whole dict."""
+    prefix = common_prefix(sd)
+    return {normalize_key(k, prefix): v for k, v in sd.items()}
 
 
 def _split_param(key: str):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import traceback
 import warnings
 
 import torch
@@ -268,14 +269,13 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
 
         n_fp8mm = 0
         for m in quant.values():
-            m.fp8_matmul = bool(fp8_matmul) and isinstance(m, QuantLinear) and m.qkind == "fp8" \
-                and m.qtype == torch.float8_e4m3fn
+            m.fp8_matmul = bool(fp8_matmul) and isinstance(m, QuantLinear) and m.fp8_matmul_capable()
             n_fp8mm += m.fp8_matmul
         if fp8_matmul:
             other = sum(isinstance(m, QuantLinear) and not m.fp8_matmul for m in quant.values())
             if other:
-                notes.append(f"fp8_matmul: {other} Linear layers are not fp8 e4m3 (GGUF / e5m2) and keep the "
-                             f"dequantized matmul")
+                notes.append(f"fp8_matmul: {other} Linear layers are not fp8 e4m3 with a per-tensor scale (GGUF / "
+                             f"e5m2 / per-channel scales) and keep the dequantized matmul")
         for n in notes:
             log.warning("SteadyDancer: %s", n)
         model.requires_grad_(False)
@@ -290,8 +290,12 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         }
         log.info("SteadyDancer loaded: %s", model.load_info)
         return model
-    except BaseException:
-        model = None
+    except BaseException as e:
+        # The traceback keeps this frame and the ones below it alive, with their locals, for as long as the caller
+        # holds the error: drop every reference to what was loaded here and clear the finished frames below, so
+        # the memory really goes back now (gc + empty_cache), not whenever the caller lets go of the error.
+        model = meta_sd = quant = sized = arena = arenas = a = allocs = on_device = alloc = mod = m = src = dst = None
+        traceback.clear_frames(e.__traceback__)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

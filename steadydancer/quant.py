@@ -161,11 +161,15 @@ class QuantLinear(_Patched):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype),
                                  requires_grad=False) if bias else None
 
+    def fp8_matmul_capable(self) -> bool:
+        """Whether the stored weight can feed the fp8 matmul as it is: e4m3 with one per-tensor scale."""
+        return (self.qkind == "fp8" and self.qtype == torch.float8_e4m3fn
+                and self.weight_scale is not None and self.weight_scale.numel() == 1)
+
     def fp8_matmul_active(self, x: torch.Tensor) -> bool:
         """Whether this forward runs on fp8 tensor cores (e4m3 per-tensor weights, sizes /16, sm_89+ GPU,
         no full-difference LoRA patch)."""
-        return (self.fp8_matmul and self.qkind == "fp8" and self.qtype == torch.float8_e4m3fn
-                and self.weight_scale is not None and self.weight_scale.numel() == 1
+        return (self.fp8_matmul and self.fp8_matmul_capable()
                 and _f8.scaled_mm_shape_ok(self.in_features, self.out_features)
                 and all(kind == "lowrank" for kind, _, _ in self._patches)
                 and _f8.fp8_matmul_supported(x.device))

@@ -126,6 +126,19 @@ def test_config_from_14b_shapes(expected_14b):
     assert SteadyDancerConfig.from_state_dict_shapes(diff) == cfg
 
 
+def test_config_reads_the_key_spellings_the_checkpoint_reader_reads(expected_14b):
+    # TurboDiffusion training checkpoints: ``net.`` prefix and FSDP ``_checkpoint_wrapped_module.`` infixes
+    # (the readers normalise both through keymap; the config must see the same names)
+    wrapped = {}
+    for k, v in expected_14b.items():
+        if k.startswith("blocks."):
+            i, rest = k[len("blocks."):].split(".", 1)
+            k = f"blocks.{i}._checkpoint_wrapped_module.{rest}"
+        wrapped["net." + k] = v
+    wrapped["net.scaled_fp8"] = (0,)
+    assert SteadyDancerConfig.from_state_dict_shapes(wrapped) == SteadyDancerConfig.full_14b()
+
+
 def test_config_round_trips_a_small_model():
     cfg = SteadyDancerConfig.tiny(num_layers=3, ffn_dim=200, text_dim=40, freq_dim=32)
     sd = SteadyDancerDiT(cfg).state_dict()

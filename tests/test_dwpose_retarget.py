@@ -236,3 +236,17 @@ def test_steadydancer_pose_frames_bundle():
     # no face drawn: the face landmarks are present but no white pixel appears
     assert D.present(aligned[0].people[0].face, 0.35).any()
     assert not ((D.render_poses(aligned, 288, 512, face=False) == 255).all(-1)).any()
+
+
+def test_missing_neck_is_logged_on_every_run(caplog):
+    # a Python warning is printed once per code location, so a second clip without a neck in the same ComfyUI
+    # session said nothing; the note must reach the log every time, once (not also as a RuntimeWarning)
+    ref, drv, _, _ = _scene(2)
+    ref.people[0].body[[1, 2, 5], 2] = 0.0  # no shoulders, so no neck
+    import warnings
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="steadydancer_turbo.dwpose"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # a RuntimeWarning would fail here
+            D.compute_alignment(ref, drv)
+        assert [r.getMessage() for r in caplog.records if "no neck" in r.getMessage()]

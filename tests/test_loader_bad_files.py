@@ -155,3 +155,31 @@ def test_missing_tensors(tmp_path, sd):
     part = {k: v for k, v in sd.items() if not k.startswith("blocks.1.ffn")}
     p = U.write_safetensors(part, tmp_path / "m.safetensors")
     expect_error(p, "missing", "blocks.1.ffn")
+
+
+def test_failure_mid_load_releases_the_weights_already_loaded(tmp_path, sd, monkeypatch):
+    # a read error (or out-of-memory) half-way through the stream: the weights placed so far must be freed
+    # before the error propagates, although the caller (ComfyUI, pytest.raises) still holds the exception and
+    # so the loader's frame through its traceback
+    from steadydancer_turbo.steadydancer import checkpoint
+    from steadydancer_turbo.steadydancer.quant import QuantLinear
+
+    p = U.write_safetensors(sd, tmp_path / "m.safetensors")
+    real_read, calls = checkpoint.CheckpointReader.read, []
+
+    def failing_read(self, key):
+        calls.append(key)
+        if len(calls) > len(sd) // 2:
+            raise CheckpointError(self.path, "simulated read error")
+        return real_read(self, key)
+
+    def n_quant():
+        gc.collect()
+        return sum(type(o) is QuantLinear for o in gc.get_objects())
+
+    monkeypatch.setattr(checkpoint.CheckpointReader, "read", failing_read)
+    before = (n_models(), n_quant())
+    with pytest.raises(CheckpointError, match="simulated") as err:
+        load_steadydancer(p, device="cpu", storage="fp8_e4m3fn")
+    assert (n_models(), n_quant()) == before
+    assert err.value.__traceback__ is not None  # the error (with its traceback) was alive for the checks above

@@ -159,6 +159,29 @@ def test_extract_rechecks_the_model_files_on_every_run(onnx_files, tmp_path, mon
     assert "https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in msg
 
 
+def test_switching_model_files_releases_the_previous_sessions(onnx_files, tmp_path, monkeypatch):
+    # the node keeps one pipeline; the ONNX Runtime sessions of the one it replaces must be freed, not kept
+    # alive by the runtime's session cache (an ORT session on CUDA holds its own GPU memory arena)
+    import gc
+    import weakref
+    folder = tmp_path / "dwpose"
+    folder.mkdir()
+    for src, name in (("det.onnx", "yolox_l.onnx"), ("pose.onnx", "dw-ll_ucoco_384.onnx"),
+                      ("pose.onnx", "other_pose.onnx")):
+        (folder / name).write_bytes((onnx_files / src).read_bytes())
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "get_folder_paths", lambda kind: [str(folder)])
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseExtract"]()
+    args = (True, False, False, 0, 0, "cpu")
+    node.extract(_frames(1), "yolox_l.onnx", "dw-ll_ucoco_384.onnx", *args)
+    (first,) = pack.nodes.pose_nodes._PIPELINES.values()
+    old_pose = weakref.ref(first.estimator.info.session)
+    del first
+    poses, _ = node.extract(_frames(1), "yolox_l.onnx", "other_pose.onnx", *args)
+    assert poses[0]["people"]
+    gc.collect()
+    assert old_pose() is None
+
+
 def _comfy_type_name(cls):
     """How ComfyUI's execution.full_type_name prints an exception class (module + qualname)."""
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"

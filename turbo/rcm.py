@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..steadydancer.conditioning import KWARG_ORDER, SteadyDancerConditioning
+from ..steadydancer.sampling import shift_sigmas
 
 RCM_MID_T = (1.5, 1.4, 1.0)
 SIGMA_MAX_I2V = 200.0
@@ -86,8 +87,8 @@ def rcm_sigmas(steps: int = 4, sigma_max: float = SIGMA_MAX_I2V, mid_t: Sequence
     if schedule == "shift":
         if steps < 1:
             raise ValueError("steps must be >= 1")
-        u = torch.tensor([1.0 - i / steps for i in range(steps + 1)], dtype=torch.float64)
-        s = shift * u / (1 + (shift - 1) * u)
+        u = [1.0 - i / steps for i in range(steps + 1)]
+        s = torch.from_numpy(shift_sigmas(u, shift))  # the one flow-shift formula (float64)
         s[-1] = 0.0
         return s
     raise ValueError("schedule must be 'rcm' or 'shift'")
