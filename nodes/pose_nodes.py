@@ -113,7 +113,8 @@ class SteadyDancerPoseExtract:
         missing = [i for i, p in enumerate(poses) if not p.people]
         if missing:
             cb.node_message(unique_id, summarize_missing(missing, n))
-        out = [keypoints.to_pose_keypoint(p, body, hands, face, normalized=False, binary_confidence=True) for p in poses]
+        # normalized coordinates with the real confidences (the Retarget node applies SteadyDancer's 0.35 threshold)
+        out = [keypoints.to_pose_keypoint(p, body, hands, face) for p in poses]
         img = draw.render_poses(poses, cw, ch, body=body, hands=hands, face=face, as_float=True)
         return (out, _to_image(img))
 
@@ -149,7 +150,7 @@ class SteadyDancerPoseRetarget:
     OUTPUT_TOOLTIPS = ("The reference image fitted to width x height (feed CLIP Vision Encode and the conditioning).",
                        "Aligned pose frames at width x height (feed the conditioning; first frame to CLIP Vision).",
                        "Negative pose frames for pose guidance.",
-                       "Aligned keypoints in width x height pixels.")
+                       "Aligned keypoints (normalized to the width x height canvas, real confidences).")
     FUNCTION = "retarget"
 
     @classmethod
@@ -179,6 +180,7 @@ class SteadyDancerPoseRetarget:
     def retarget(self, driving_poses, reference_pose, reference_image, width, height, fit, align, hands, face, colors,
                  negative_seed, unique_id=None):
         from ..dwpose import draw, keypoints, retarget
+        from ..dwpose.pipeline import STEADYDANCER_THRESHOLD as THRESHOLD  # official preprocessing's 0.35
 
         if not driving_poses:
             raise ValueError("driving_poses is empty: no frames came from the pose extractor")
@@ -198,20 +200,20 @@ class SteadyDancerPoseRetarget:
         drv = [keypoints.from_pose_keypoint(d) for d in driving_poses]
         cb.check_interrupt()
         if align:
-            aligned = retarget.align_poses(ref, drv)
+            aligned = retarget.align_poses(ref, drv, threshold=THRESHOLD)
         else:
             aligned = [keypoints.FramePose(ref.width, ref.height, [p.copy() for p in f.people[:1]]) for f in drv]
-        neg = retarget.negative_poses(aligned, seed=int(negative_seed))
+        neg = retarget.negative_poses(aligned, seed=int(negative_seed), threshold=THRESHOLD)
         aligned, neg = refit_poses(aligned, W, H, fit), refit_poses(neg, W, H, fit)
         swap = colors == "steadydancer"
         pbar = cb.Progress(2)
         pos_img = draw.render_poses(aligned, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
-                                    as_float=True)
+                                    threshold=THRESHOLD, as_float=True)
         pbar.update(1)
         cb.check_interrupt()
         neg_img = draw.render_poses(neg, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
-                                    as_float=True)
+                                    threshold=THRESHOLD, as_float=True)
         pbar.update(1)
-        out = [keypoints.to_pose_keypoint(p, True, hands, face, normalized=False, binary_confidence=True) for p in aligned]
+        out = [keypoints.to_pose_keypoint(p, True, hands, face, threshold=THRESHOLD) for p in aligned]
         ref_img = resize_images(reference_image[:1], W, H, fit)
         return (ref_img, _to_image(pos_img), _to_image(neg_img), out)
