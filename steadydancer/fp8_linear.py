@@ -68,6 +68,8 @@ def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
             if fn is None:
                 fn = _compiled[mode] = torch.compile(_EAGER[mode], dynamic=True)
             return fn(x)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a real OOM is the caller's to handle; it says nothing about the compiler
         except Exception as e:  # no triton / inductor: stay correct, just slower
             _compile_failed = True
             log.warning("fp8 activation quantizer: torch.compile failed (%s: %s); using the eager quantizer "

@@ -109,3 +109,19 @@ def test_scaled_mm_path_returns_the_input_dtype():
     for dt in (torch.bfloat16, torch.float32):
         out = f8(torch.randn(4, 32).to(dt))
         assert out.dtype == dt
+
+
+def test_out_of_memory_in_the_compiled_quantizer_is_raised_not_treated_as_a_compile_failure(monkeypatch):
+    from steadydancer_turbo.steadydancer import fp8_linear as F
+
+    class CudaLike:  # stands in for a CUDA tensor: only the attribute _quantize looks at before calling fn
+        is_cuda = True
+
+    def oom(_x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(F, "_compile_failed", False)
+    monkeypatch.setitem(F._compiled, "tensor", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        F._quantize(CudaLike(), "tensor")
+    assert F._compile_failed is False  # the fast path stays enabled for the next call
