@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["FP8_MAX", "FP8Linear", "quantize_per_tensor", "quantize_rowwise", "quantize_tensorwise",
-           "scaled_mm_linear", "scaled_mm_shape_ok", "convert_linears_to_fp8", "fp8_matmul_supported"]
+           "quantize_tensorwise_two_stage", "set_tensorwise_amax", "scaled_mm_linear", "scaled_mm_shape_ok",
+           "convert_linears_to_fp8", "fp8_matmul_supported"]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,34 @@ def _quantize_rowwise_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def quantize_tensorwise_two_stage(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-tensor quantizer (``quantize_per_tensor``, e4m3) with its amax taken in two stages: one amax per
+    row (last dimension), then the max over rows. A max is exact in any order, so the amax, the scale and every
+    fp8 byte are identical to ``quantize_per_tensor``; the point is the shape of the reduction under
+    torch.compile: a row reduction that inductor tiles over all SMs and can fuse with the producer of x (the
+    GELU before FFN2), followed by a tiny max over M values, instead of one flat reduction over M*K elements."""
+    xf = x.float()
+    rows = xf.reshape(-1, xf.shape[-1]) if xf.dim() > 0 else xf.reshape(1, 1)
+    amax = rows.abs().amax(dim=-1).amax()
+    scale = (amax / FP8_MAX).clamp(min=1e-12)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.reshape(())
+
+
 _EAGER = {"rowwise": _quantize_rowwise_eager, "tensor": quantize_per_tensor}  # tensor-wise = the weight quantizer
+_TENSOR_AMAX = {"flat": quantize_per_tensor, "two_stage": quantize_tensorwise_two_stage}
 _compiled: dict = {}
 _compile_failed = False
+
+
+def set_tensorwise_amax(how: str = "flat") -> None:
+    """How the per-tensor activation quantizer (``act_scaling="tensor"``) takes its amax: ``"flat"`` (default,
+    one reduction over the whole tensor) or ``"two_stage"`` (per-row amax, then max over rows; opt-in until
+    measured faster on a GPU, bench/perf_notes.md "Next run"). Both give bit-identical fp8 tensors and scales.
+    Compiled blocks read this when they are traced: call ``torch._dynamo.reset()`` after changing it."""
+    if how not in _TENSOR_AMAX:
+        raise ValueError(f"tensor-wise amax must be one of {sorted(_TENSOR_AMAX)}, got {how!r}")
+    _EAGER["tensor"] = _TENSOR_AMAX[how]
+    _compiled.pop("tensor", None)
 
 
 def _quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

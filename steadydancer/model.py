@@ -84,6 +84,22 @@ def rope_freqs(grid: Tuple[int, int, int], head_dim: int, theta: float = 10000.0
     return torch.cat(parts, dim=-1).reshape(f * h * w, 1, -1)
 
 
+def rope_tables(freqs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """complex rotations [L, 1, D/2] -> fp32 (cos, sin) [L, 1, D] in the channel layout of x: cos repeated for
+    each (even, odd) pair, sin signed (-sin, +sin), so that the rotation is ``x * cos + rope_pair_swap(x) * sin``.
+    The values are freqs.real / freqs.imag rounded to fp32, as in the real fp32 path of rope_apply."""
+    c = freqs.real.to(torch.float32)
+    s = freqs.imag.to(torch.float32)
+    cos = torch.stack([c, c], dim=-1).flatten(-2).contiguous()
+    sin = torch.stack([-s, s], dim=-1).flatten(-2).contiguous()
+    return cos, sin
+
+
+def rope_pair_swap(x: torch.Tensor) -> torch.Tensor:
+    """Swap the channels of each adjacent (even, odd) pair: (x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...)."""
+    return x.unflatten(-1, (x.shape[-1] // 2, 2)).flip(-1).flatten(-2)
+
+
 ROPE_CHUNK_TOKENS = 4096  # bounds the float64 temporaries (official: whole sequence at once, ~4 GB at 53k tokens)
 
 
@@ -91,6 +107,10 @@ def rope_apply(x: torch.Tensor, freqs: torch.Tensor, out_dtype: torch.dtype,
                rope_dtype: torch.dtype = torch.float64, chunk: int = ROPE_CHUNK_TOKENS,
                real: Optional[bool] = None) -> torch.Tensor:
     """Rotate adjacent (even, odd) channel pairs of x [B, L, H, D] by freqs [L, 1, D/2]; result in out_dtype.
+
+    ``freqs`` may also be the ``(cos, sin)`` pair of ``rope_tables(freqs)`` (fp32 [L, 1, D]): then the rotation
+    is ``x * cos + pair_swap(x) * sin`` in fp32 (no complex numbers, no interleave copy), bit-identical to the
+    real fp32 form below in eager mode (same products and sums; -a*s added instead of a*s subtracted).
 
     Done in ``chunk``-token slices: elementwise, so bit-identical to one pass, with bounded float64 memory.
 
@@ -100,6 +120,10 @@ def rope_apply(x: torch.Tensor, freqs: torch.Tensor, out_dtype: torch.dtype,
     Both agree with the float64 rotation to ~1e-7 relative, far below the bf16 rounding that follows.
     """
     b, l, n, d = x.shape
+    if isinstance(freqs, tuple):  # (cos, sin) tables from rope_tables(): the opt-in compiled fp32 form
+        cos, sin = freqs
+        xf = x.to(torch.float32)
+        return (xf * cos + rope_pair_swap(xf) * sin).to(out_dtype)
     if rope_dtype == torch.float32 and (real if real is not None else torch.compiler.is_compiling()):
         c, s = freqs.real.to(torch.float32), freqs.imag.to(torch.float32)
         x0, x1 = x.to(torch.float32).reshape(b, l, n, d // 2, 2).unbind(-1)
@@ -238,6 +262,9 @@ class SteadyDancerDiT(nn.Module):
         get_backend(attention)  # fail early on an unknown / unavailable backend
         self.attention_backend = attention
         self.rope_dtype = torch.float64  # official; perf work may trade it for complex64 (documented deviation)
+        # opt-in (bench/perf_notes.md "Next run"): with rope_dtype float32, blocks get fp32 (cos, sin) tables
+        # (rope_tables) as ``freqs`` instead of the complex rotations
+        self.rope_real_tables = False
         self._compute_dtype: Optional[torch.dtype] = None
         self._rope_cache = None
         dim, p = cfg.dim, cfg.patch_size
@@ -319,6 +346,17 @@ class SteadyDancerDiT(nn.Module):
             self._rope_cache = (key, rope_freqs(grid, self.config.head_dim, self.config.rope_theta, device))
         return self._rope_cache[1]
 
+    def block_freqs(self, grid: Tuple[int, int, int], device):
+        """What the blocks get as ``freqs``: the complex rotations (default), or, when ``rope_real_tables`` is
+        set and rope_dtype is float32, their fp32 (cos, sin) tables (cached per grid)."""
+        freqs = self.rope(grid, device)
+        if not (self.rope_real_tables and self.rope_dtype == torch.float32):
+            return freqs
+        cache = getattr(self, "_rope_tables_cache", None)
+        if cache is None or cache[0] is not freqs:
+            cache = self._rope_tables_cache = (freqs, rope_tables(freqs))
+        return cache[1]
+
     def embed_pose(self, x: torch.Tensor, cond: torch.Tensor, cd: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """(fused, aligned) pose latents [B, 16, F, H, W]: fused = cond + temporal + spatial (in x's dtype,
         fp32 for fp32 latents); aligned = alignment unit(fused, noisy latent) in cd."""
@@ -383,7 +421,7 @@ class SteadyDancerDiT(nn.Module):
         tok = torch.cat([vid, rx, rc], dim=2)                              # [B, dim, F+2, h', w']
         grid = tuple(tok.shape[2:])
         tok = tok.flatten(2).transpose(1, 2).contiguous()                 # [B, L, dim]
-        freqs = self.rope(grid, tok.device)
+        freqs = self.block_freqs(grid, tok.device)
 
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         t = t.to(tok.device).reshape(-1)
