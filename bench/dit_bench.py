@@ -19,6 +19,10 @@ Sections (``--sections``, in order):
              fp8+sparse, turbo); fp8 "twins" of every block Linear sit next to the bf16 ones so any order works
   perf2      turbo target: flex options / selection cost / fused q/k/v micro checks, then the compiled fp8 +
              top-k model (previous best vs tuned), a profile of one forward, whole turbo sampling
+             ``--p3 base,amax2,ropetab,both,base2`` (perf3, unmeasured opt-ins): kernel micro checks of the
+             two-stage fp8 amax (GELU + quantize at the FFN2 input) and of the (cos, sin)-table RoPE (RMSNorm +
+             RoPE of q), then the compiled fp8 + top-k model once per listed config (flex options as --p2-fixed's
+             "tuned"), each with forward time, error vs dense bf16 and whole turbo sampling; profile of the last
   turboc     compiled blocks only: fp8+sparse at 720p/480p (top-k 0.15 and 0.10), turbo, bf16 sparse 720p, and a
              noise floor (output change for a one-bf16-rounding input perturbation)
 
@@ -754,7 +758,8 @@ def section_perf2():
     from steadydancer_turbo.steadydancer import accel
     from steadydancer_turbo.steadydancer import sparse_attention as spa
     from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-    from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear, convert_linears_to_fp8, quantize_tensorwise
+    from steadydancer_turbo.steadydancer.fp8_linear import (FP8Linear, convert_linears_to_fp8, quantize_tensorwise,
+                                                          set_tensorwise_amax)
     from steadydancer_turbo.steadydancer.fused_qkv import fuse_qkv, unfuse_qkv
     from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 
@@ -767,7 +772,9 @@ def section_perf2():
     qkv_wins = False
     HOPPER_TUNED = {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": True, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
                     "num_stages": 3}  # fastest of run 4's flex micro check (6.47 vs 7.38 ms at top-k 0.10)
-    if DEV == "cuda" and not ARGS.p2_fixed:
+    if ARGS.p3:
+        perf3_micro(L, g)
+    if DEV == "cuda" and not ARGS.p2_fixed and not ARGS.p3:
         q, k, v = (torch.randn(1, L, HEADS, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
         idx = spa.select_kv_blocks(q, k, cfg_sp)
         ref = None
@@ -855,11 +862,13 @@ def section_perf2():
     nk = math.ceil(L / 128)
     kf = max(1, int(topk * nk)) / nk
 
-    def config(label, opts, qkv, ffn2_rowwise=False, need_s=45):
+    def config(label, opts, qkv, ffn2_rowwise=False, need_s=45, amax2=False, ropetab=False):
         if not have_time(need_s):
             return
         try:
             spa.set_flex_kernel_options(opts)
+            set_tensorwise_amax("two_stage" if amax2 else "flat")  # perf3: bit-identical amax, other reduction
+            model.rope_real_tables = ropetab                       # perf3: fp32 (cos, sin) tables as freqs
             (fuse_qkv if qkv else unfuse_qkv)(model)
             for blk in model.blocks:  # per-token scale for the GELU output: one fused pass instead of two
                 blk.ffn[2].act_scaling = "rowwise" if ffn2_rowwise else "tensor"
@@ -894,6 +903,18 @@ def section_perf2():
             record(section="profile", what=label, kernel=e.key[:90], ms=e.device_time_total / 1e3, calls=e.count,
                    share=e.device_time_total / max(total, 1))
 
+    if ARGS.p3:  # perf3 opt-ins, each against the same model and inputs (base first and, if listed, last)
+        p3 = {"base": {}, "base2": {}, "amax2": {"amax2": True}, "ropetab": {"ropetab": True},
+              "both": {"amax2": True, "ropetab": True}}
+        names = [n for n in ARGS.p3.split(",") if n]
+        for i, name in enumerate(names):
+            config(f"p3_{name}", HOPPER_TUNED if DEV == "cuda" else base_opts, False, need_s=45 if i == 0 else 35,
+                   **p3[name])
+        profile("p3_" + names[-1])
+        set_tensorwise_amax("flat")
+        del model, inp, dense
+        free_cuda()
+        return
     if ARGS.p2_fixed:  # second run: flex options fixed (no micro), FFN2 input scaled per token
         config("tuned+ffn2row", HOPPER_TUNED, False, True)
         config("base", base_opts, False, need_s=18)  # recompile with warm caches: ~8 s (run 4)
@@ -905,6 +926,55 @@ def section_perf2():
         config("+".join(["tuned"] * tuned + ["qkv"] * qkv), best_opts, qkv)
     profile("best")
     del model, inp, dense
+    free_cuda()
+
+
+def perf3_micro(L, g):
+    """Kernel-level checks of the perf3 opt-ins at the 480p shapes, each compiled alone (dynamic=False):
+    GELU(tanh) + per-tensor fp8 quantization of the FFN2 input [L, 13824] with the flat vs the two-stage amax
+    (outputs must be bit-identical), and RMSNorm + RoPE of q [1, L, 40, 128] with the complex-freqs real path vs
+    the (cos, sin) tables (rel. L2 between them: 0 up to FMA contraction). ms = median of 10, after 2 warm-ups."""
+    from steadydancer_turbo.steadydancer import fp8_linear as F8
+    from steadydancer_turbo.steadydancer.model import rope_apply, rope_freqs, rope_tables
+    from steadydancer_turbo.steadydancer.ops import RMSNorm
+
+    if not have_time(60):
+        return
+    try:
+        h = torch.randn(L, FFN, device=DEV, dtype=torch.bfloat16, generator=g) * 3
+        outs = {}
+        for how, fn in (("flat", F8.quantize_per_tensor), ("two_stage", F8.quantize_tensorwise_two_stage)):
+            cq = torch.compile(lambda t, fn=fn: fn(F.gelu(t, approximate="tanh")), dynamic=False)
+            t, _, outs[how] = cuda_time(lambda: cq(h), 10, warmup=2)
+            gb = (h.numel() * 2 + h.numel()) / 1e9  # read bf16 once + write fp8 once (the floor)
+            record(section="micro", what=f"p3_gelu_quant_ffn2_{how}", ms=median(t) * 1e3,
+                   floor_gb=gb, tb_s_vs_floor=gb / median(t) / 1e3)
+        (a8, as_), (b8, bs) = outs["flat"], outs["two_stage"]
+        record(section="micro", what="p3_gelu_quant_bit_identical",
+               equal=bool(torch.equal(a8.view(torch.uint8), b8.view(torch.uint8)) and torch.equal(as_, bs)))
+        del h, outs, a8, b8
+        free_cuda()
+        lh, lw = latent_hw("480p")
+        freqs = rope_freqs((FRAMES // 4 + 1 + 2, lh // 2, lw // 2), HD, device=DEV)
+        assert freqs.shape[0] == L, (freqs.shape, L)
+        tabs = rope_tables(freqs)
+        norm = RMSNorm(D).to(DEV, torch.bfloat16)
+        x = torch.randn(1, L, D, device=DEV, dtype=torch.bfloat16, generator=g)
+        shape = (1, L, HEADS, HD)
+        ro = {}
+        for how, fr in (("complex_real", freqs), ("tables", tabs)):
+            cr = torch.compile(lambda t, f: rope_apply(norm(t).view(shape), f, torch.bfloat16, torch.float32,
+                                                       real=True), dynamic=False)
+            t, _, ro[how] = cuda_time(lambda: cr(x, fr), 10, warmup=2)
+            gb = 2 * x.numel() * 2 / 1e9
+            record(section="micro", what=f"p3_rmsnorm_rope_q_{how}", ms=median(t) * 1e3, floor_gb=gb,
+                   tb_s_vs_floor=gb / median(t) / 1e3)
+        record(section="micro", what="p3_rope_tables_vs_real", rel_l2=rel_l2(ro["tables"], ro["complex_real"]),
+               equal=bool(torch.equal(ro["tables"], ro["complex_real"])))
+        del x, ro, tabs, freqs
+    except Exception as e:
+        record(section="micro", what="p3_micro", error=repr(e)[:500], tb=traceback.format_exc()[-2000:])
+        log(traceback.format_exc())
     free_cuda()
 
 
@@ -956,6 +1026,8 @@ def main():
     ap.add_argument("--topk", type=float, default=0.15)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--p2-fixed", action="store_true", help="perf2: skip the micro checks; tuned+ffn2row, then base")
+    ap.add_argument("--p3", default="", help="perf2 section, perf3 opt-ins: comma list of configs to time "
+                    "(base, amax2, ropetab, both, base2), after their kernel micro checks; skips perf2's micro")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; sections that would overrun are skipped")
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script itself (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (smoke test)")
