@@ -168,6 +168,8 @@ class _ModelCache:
             self.loras = ()
             if loras:
                 self._apply_loras(loras)
+            log.info("SteadyDancer: LoRAs changed: re-applied on the loaded model (no reload), %d LoRA(s)",
+                     len(loras))
         else:
             log.info("SteadyDancer: LoRA list changed and the old LoRAs were merged into float weights; "
                      "reloading the model")

@@ -32,6 +32,8 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora_switch")
     sd = U.state_dict(U.reference_model())
     U.write_fp8(sd, d / "fp8.safetensors", layout="kijai")
+    import gguf
+    U.write_gguf(sd, d / "q.gguf", [gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q8_0])
     U.write_safetensors(sd, d / "f32.safetensors")
     # lora_tensors: block Linears (fp8 -> runtime patch) + bias / modulation / norm diffs and head.head
     # (float in an fp8 file -> merged)
@@ -41,7 +43,7 @@ def files(tmp_path_factory):
     bad = d / "other_model.safetensors"
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 1536),
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(1536, 4)}, str(bad))
-    return dict(d=d, fp8=str(d / "fp8.safetensors"), f32=str(d / "f32.safetensors"), a=str(a), b=str(b),
+    return dict(d=d, fp8=str(d / "fp8.safetensors"), gguf=str(d / "q.gguf"), f32=str(d / "f32.safetensors"), a=str(a), b=str(b),
                 blocks=str(blocks), bad=str(bad))
 
 
@@ -84,8 +86,9 @@ def assert_same_state(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_fp8_strength_change_and_removal_without_reload(files, loads):
-    fp8, a, b = files["fp8"], files["a"], files["b"]
+@pytest.mark.parametrize("fmt", ["fp8", "gguf"])
+def test_quantized_strength_change_and_removal_without_reload(files, loads, fmt):
+    fp8, a, b = files[fmt], files["a"], files["b"]
     ref_base = fresh(fp8, ())
     ref_a05 = fresh(fp8, [(a, 0.5)])
     ref_ab = fresh(fp8, [(a, -0.8), (b, 1.3)])
