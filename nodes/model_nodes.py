@@ -1,7 +1,8 @@
 """Model loader and LoRA nodes.
 
 STEADYDANCER_MODEL is a ``SteadyDancerModelHandle``: a recipe (file, load options, LoRA list) plus the loaded
-module, kept in a one-slot process cache so a second run, or a LoRA change, does not always re-read 16-33 GB.
+module, kept in a one-slot process cache so a second run, or a LoRA change, does not always re-read 16-33 GB
+(a changed/removed LoRA or strength is undone in place where exact: see ``_ModelCache._switch_loras``).
 The loader node loads eagerly (a missing/broken file fails on the loader node); LoRA nodes only add to the recipe
 (chainable, never mutate the loaded module in place); the sampler materializes the recipe.
 """
@@ -23,6 +24,10 @@ log = logging.getLogger("steadydancer_turbo")
 
 WEIGHT_STORAGE = list(STORAGE_MODES)
 COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]  # names the loader maps to torch dtypes
+# CPU RAM allowed for copies of the float weights a LoRA is merged into, so a LoRA change can be undone without
+# re-reading the model file. fp8/GGUF models: only biases, norms, modulations and non-block layers are merged
+# (well under this); a bf16 model with a LoRA on every block Linear would need ~28 GB: it reloads instead.
+LORA_UNDO_RAM_BYTES = 2 << 30
 
 
 def attention_choices() -> list:
@@ -122,16 +127,12 @@ class _ModelCache:
         key = (handle.path, handle.options.load_key())
         with self.lock, self.using():
             if self.module is not None and self.key == key:
-                n = len(self.loras)
-                if self.loras == handle.loras:
+                if self.loras != handle.loras:
+                    self._switch_loras(handle.loras)
+                if self.module is not None:  # None: the LoRA change needs a fresh load
                     apply_speed_options(self.module, handle.options)
                     return self.module
-                if handle.loras[:n] == self.loras:  # only LoRAs added at the end: apply just those
-                    loader.apply_loras(self.module, list(handle.loras[n:]))
-                    self.loras = handle.loras
-                    apply_speed_options(self.module, handle.options)
-                    return self.module
-            self.clear()  # different file/options, or LoRAs removed/changed: merged weights need a fresh load
+            self.clear()  # different file/options, or a LoRA change that cannot be undone exactly
             o = handle.options
             device = device or cb.torch_device()
             cb.free_memory(_expected_bytes(handle.path, o), device)
@@ -146,11 +147,52 @@ class _ModelCache:
                 fp8_matmul=bool(o.fp8_matmul),
                 attention=o.attention_backend(),
             )
+            # cached before the LoRAs: a bad LoRA file then costs no reload once it is fixed
+            self.key, self.loras, self.module = key, (), module
             if handle.loras:
-                loader.apply_loras(module, list(handle.loras))
+                self._apply_loras(handle.loras)
             apply_speed_options(module, o)
-            self.key, self.loras, self.module = key, handle.loras, module
             return module
+
+    def _switch_loras(self, loras: tuple) -> None:
+        """Bring the cached module from ``self.loras`` to ``loras`` without re-reading the base file when
+        possible: LoRAs added at the end are just applied; any other change removes all LoRAs (runtime
+        patches dropped, merged float weights restored from their recorded originals) and applies the new
+        list. Where merged float weights were not recorded (too large), the cache is cleared: fresh load."""
+        from ..steadydancer import lora
+        n = len(self.loras)
+        if loras[:n] == self.loras:
+            self._apply_loras(loras[n:])
+        elif lora.can_remove_loras(self.module):
+            lora.remove_loras(self.module)
+            self.loras = ()
+            if loras:
+                self._apply_loras(loras)
+            log.info("SteadyDancer: LoRAs changed: re-applied on the loaded model (no reload), %d LoRA(s)",
+                     len(loras))
+        else:
+            log.info("SteadyDancer: LoRA list changed and the old LoRAs were merged into float weights; "
+                     "reloading the model")
+            self.clear()
+
+    def _apply_loras(self, extra: tuple) -> None:
+        """Apply ``extra`` on top of ``self.loras``. On failure the module is left with no half-applied recipe:
+        a bad file is refused before anything changes; any later error removes all LoRAs (or, where that is
+        not exact, drops the cached module so the next run reloads)."""
+        from ..steadydancer import loader, lora
+        from ..steadydancer.checkpoint import CheckpointError
+        try:
+            loader.apply_loras(self.module, list(extra), undo_limit_bytes=LORA_UNDO_RAM_BYTES)
+        except CheckpointError:
+            raise  # validation: raised before the module was changed, self.loras still describes it
+        except BaseException:
+            if lora.can_remove_loras(self.module):
+                lora.remove_loras(self.module)
+                self.loras = ()
+            else:
+                self.clear()
+            raise
+        self.loras = self.loras + tuple(extra)
 
     @contextlib.contextmanager
     def using(self):

@@ -19,6 +19,14 @@ rounding back to the stored dtype). fp8 / GGUF layers keep their stored bytes an
 Keys that match no weight are reported in ONE warning; a file that matches nothing, or whose shapes
 do not fit the model, raises :class:`~.checkpoint.CheckpointError` naming the file - before anything
 is changed.
+
+Undo (``remove_loras``): runtime patches are simply dropped (``clear_patches``). A merged float weight can
+be restored exactly only from a copy of its value before the first merge: ``apply_loras(...,
+undo_limit_bytes=N)`` keeps such copies (in CPU RAM) while all of them together fit in ``N`` bytes. On fp8 /
+GGUF models the float targets are biases, norms, modulations and the few non-block layers (small); on a
+bf16 model a LoRA over every block Linear would need a second copy of the model, so past the limit no copies
+are kept and ``can_remove_loras`` says False (the caller reloads the file instead). Restoring the copy gives
+the bit-identical base weight, so ``remove_loras`` + ``apply_loras(new)`` equals a fresh load + ``apply_loras(new)``.
 """
 from __future__ import annotations
 
@@ -138,11 +146,74 @@ def _plan(path, strength, model, targets, module_names):
     return ops, unmatched
 
 
+_UNDO_ATTR = "_sd_lora_undo"
+
+
+def _undo_state(model: nn.Module) -> dict:
+    st = getattr(model, _UNDO_ATTR, None)
+    if st is None:
+        # originals: official param key -> CPU copy of the float value before the first merge.
+        # exact: every change applied since load is in ``originals`` or a runtime patch.
+        st = {"originals": {}, "exact": True}
+        object.__setattr__(model, _UNDO_ATTR, st)  # plain attribute, not a submodule/buffer
+    return st
+
+
+def can_remove_loras(model: nn.Module) -> bool:
+    """True when ``remove_loras`` can restore the exact base weights (no un-recorded merge happened)."""
+    return _undo_state(model)["exact"]
+
+
 @torch.no_grad()
-def apply_loras(model: nn.Module, loras) -> nn.Module:
+def remove_loras(model: nn.Module) -> nn.Module:
+    """Undo every LoRA applied to ``model``: drop all runtime patches, restore the recorded float weights.
+
+    Raises ``RuntimeError`` (changing nothing) when a merge was not recorded (see ``can_remove_loras``).
+    """
+    st = _undo_state(model)
+    if not st["exact"]:
+        raise RuntimeError("LoRAs were merged into float weights without keeping the originals; reload the model")
+    targets = _targets(model)
+    for mod in model.modules():
+        if isinstance(mod, _Patched) and mod._patches:
+            mod.clear_patches()
+    for tkey, orig in st["originals"].items():
+        t = targets[tkey]
+        p = getattr(t.module, t.name)
+        p.data.copy_(orig.to(p.device))
+    st["originals"].clear()
+    return model
+
+
+def _record_originals(model, plans, limit) -> None:
+    """Keep CPU copies of the float weights these plans will merge into (first merge only), within ``limit``."""
+    st = _undo_state(model)
+    if not st["exact"]:
+        return
+    new = {}
+    for ops in plans:
+        for _, tkey, t, _, scale in ops:
+            if scale != 0.0 and not t.quant and tkey not in st["originals"]:
+                new[tkey] = t
+    if not new:
+        return
+    have = sum(v.numel() * v.element_size() for v in st["originals"].values())
+    need = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in new.values())
+    if have + need > limit:
+        st["exact"] = False
+        st["originals"].clear()  # useless now: free the RAM
+        return
+    for tkey, t in new.items():
+        st["originals"][tkey] = getattr(t.module, t.name).detach().to("cpu", copy=True)
+
+
+@torch.no_grad()
+def apply_loras(model: nn.Module, loras, undo_limit_bytes: int = 0) -> nn.Module:
     """Apply ``[(path, strength), ...]`` to ``model`` in order (stackable); returns the model.
 
     All files are validated before the first one is applied, so a bad file leaves the model untouched.
+    ``undo_limit_bytes``: RAM allowed for copies of merged float weights, so ``remove_loras`` can undo them
+    (runtime patches on fp8/GGUF layers need none).
     """
     loras = [(p, float(s)) for p, s in loras]
     targets = _targets(model)
@@ -156,6 +227,7 @@ def apply_loras(model: nn.Module, loras) -> nn.Module:
             warnings.warn(f"{path}: {len(unmatched)} LoRA keys match no weight of the model and were ignored: "
                           f"{sorted(unmatched)}", LoraKeyWarning, stacklevel=2)
         plans.append(ops)
+    _record_originals(model, plans, int(undo_limit_bytes))
     for ops in plans:
         for kind, tkey, t, tensors, scale in ops:
             if scale == 0.0:
