@@ -267,6 +267,7 @@ class SteadyDancerDiT(nn.Module):
         self.rope_real_tables = False
         self._compute_dtype: Optional[torch.dtype] = None
         self._rope_cache = None
+        self._rope_tables_cache = None  # (freqs it was built from, (cos, sin)); see block_freqs
         dim, p = cfg.dim, cfg.patch_size
 
         # token embeddings
@@ -352,7 +353,7 @@ class SteadyDancerDiT(nn.Module):
         freqs = self.rope(grid, device)
         if not (self.rope_real_tables and self.rope_dtype == torch.float32):
             return freqs
-        cache = getattr(self, "_rope_tables_cache", None)
+        cache = self._rope_tables_cache
         if cache is None or cache[0] is not freqs:
             cache = self._rope_tables_cache = (freqs, rope_tables(freqs))
         return cache[1]
