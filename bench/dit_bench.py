@@ -19,7 +19,8 @@ Sections (``--sections``, in order):
              fp8+sparse, turbo); fp8 "twins" of every block Linear sit next to the bf16 ones so any order works
   perf2      turbo target: flex options / selection cost / fused q/k/v micro checks, then the compiled fp8 +
              top-k model (previous best vs tuned), a profile of one forward, whole turbo sampling
-             ``--p3 base,amax2,ropetab,both,base2`` (perf3, unmeasured opt-ins): kernel micro checks of the
+             ``--p3 base,amax2,ropetab,both,base2`` (perf3, run 6; ``lib``/``lib2``/``libtuned`` = the library's
+             defaults since run 6, flex "auto" or tuned tiles; ``--turbo-reps N``): kernel micro checks of the
              two-stage fp8 amax (GELU + quantize at the FFN2 input) and of the (cos, sin)-table RoPE (RMSNorm +
              RoPE of q), then the compiled fp8 + top-k model once per listed config (flex options as --p2-fixed's
              "tuned"), each with forward time, error vs dense bf16 and whole turbo sampling; profile of the last
@@ -863,12 +864,14 @@ def section_perf2():
     kf = max(1, int(topk * nk)) / nk
 
     def config(label, opts, qkv, ffn2_rowwise=False, need_s=45, amax2=False, ropetab=False):
+        """amax2 / ropetab: True / False force the perf3 forms on / off (runs 4-6 used off = the old base);
+        None leaves the library's defaults (two-stage amax and RoPE tables since run 6)."""
         if not have_time(need_s):
             return
         try:
             spa.set_flex_kernel_options(opts)
-            set_tensorwise_amax("two_stage" if amax2 else "flat")  # perf3: bit-identical amax, other reduction
-            model.rope_real_tables = ropetab                       # perf3: fp32 (cos, sin) tables as freqs
+            set_tensorwise_amax() if amax2 is None else set_tensorwise_amax("two_stage" if amax2 else "flat")
+            model.rope_real_tables = True if ropetab is None else ropetab
             (fuse_qkv if qkv else unfuse_qkv)(model)
             for blk in model.blocks:  # per-token scale for the GELU output: one fused pass instead of two
                 blk.ffn[2].act_scaling = "rowwise" if ffn2_rowwise else "tensor"
@@ -881,8 +884,8 @@ def section_perf2():
             variant = f"fp8_sparse{topk}_compiled_{label}"
             run_ours_variant(model, variant, "480p", inp, dense, ARGS.reps, kf, warmup=0)
             with torch.no_grad():
-                t, peak, (xo, how) = cuda_time(lambda: turbo_sample(model, inp), 1, warmup=0)
-            record(section="turbo", model="ours", variant=f"turbo4_{variant}", res="480p", s=t[0],
+                t, peak, (xo, how) = cuda_time(lambda: turbo_sample(model, inp), ARGS.turbo_reps, warmup=0)
+            record(section="turbo", model="ours", variant=f"turbo4_{variant}", res="480p", s=median(t), times=t,
                    peak_gib=peak / 2**30, sampler=how, finite=bool(torch.isfinite(xo).all()))
         except Exception as e:
             record(section="model", model="ours", variant=label, res="480p", error=repr(e)[:500],
@@ -904,14 +907,19 @@ def section_perf2():
                    share=e.device_time_total / max(total, 1))
 
     if ARGS.p3:  # perf3 opt-ins, each against the same model and inputs (base first and, if listed, last)
+        tuned = HOPPER_TUNED if DEV == "cuda" else base_opts
+        # base/amax2/ropetab/both: run 6's comparison (run 4's tuned flex tiles); lib/lib2: the library's own
+        # defaults (flex "auto" = USE_TMA on Hopper, two-stage amax, RoPE tables); libtuned: those + tuned tiles
         p3 = {"base": {}, "base2": {}, "amax2": {"amax2": True}, "ropetab": {"ropetab": True},
-              "both": {"amax2": True, "ropetab": True}}
+              "both": {"amax2": True, "ropetab": True}, "lib": {"opts": "auto", "amax2": None, "ropetab": None},
+              "lib2": {"opts": "auto", "amax2": None, "ropetab": None}, "libtuned": {"amax2": None, "ropetab": None}}
         names = [n for n in ARGS.p3.split(",") if n]
         for i, name in enumerate(names):
-            config(f"p3_{name}", HOPPER_TUNED if DEV == "cuda" else base_opts, False, need_s=45 if i == 0 else 35,
-                   **p3[name])
+            kw = dict(p3[name])
+            config(f"p3_{name}", kw.pop("opts", tuned), False, need_s=45 if i == 0 else 35, **kw)
         profile("p3_" + names[-1])
-        set_tensorwise_amax("flat")
+        set_tensorwise_amax()
+        spa.set_flex_kernel_options("auto")
         del model, inp, dense
         free_cuda()
         return
@@ -1025,6 +1033,7 @@ def main():
     ap.add_argument("--dense-backend", default="sdpa_cudnn")
     ap.add_argument("--topk", type=float, default=0.15)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--turbo-reps", type=int, default=1, help="timed whole 4-step turbo runs per config")
     ap.add_argument("--p2-fixed", action="store_true", help="perf2: skip the micro checks; tuned+ffn2row, then base")
     ap.add_argument("--p3", default="", help="perf2 section, perf3 opt-ins: comma list of configs to time "
                     "(base, amax2, ropetab, both, base2), after their kernel micro checks; skips perf2's micro")

@@ -9,11 +9,13 @@
                                                    # modulation, RoPE, GELU, residuals; first call compiles)
 
 Measured on one H100 (torch 2.11, bench/perf_notes.md), 832x480x81 + 2 reference frames, one forward:
-eager bf16 3.95 s; compiled 3.29 s; fp8 + compiled 2.83 s; fp8 + top-k 0.15 + compiled 1.40 s (0.10: 1.29 s).
+eager bf16 3.95 s; compiled 3.29 s; fp8 + compiled 2.83 s; fp8 + top-k 0.15 + compiled 1.40 s (0.10: 1.22 s with
+the RoPE tables and two-stage fp8 amax of run 6; 4 turbo steps 4.93 s).
 
 ``compile_blocks`` also switches RoPE to its real-valued fp32 form (``model.rope_dtype = torch.float32``):
 inductor does not generate code for complex tensors, so the official float64-complex rotation would stay
-unfused. The two forms agree to ~1e-7 relative before the cast to bf16.
+unfused. The blocks then get fp32 (cos, sin) tables (``model.rope_real_tables``, default on), which agree with
+the float64 rotation to ~1e-7 relative before the cast to bf16.
 """
 
 from __future__ import annotations

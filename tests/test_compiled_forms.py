@@ -1,5 +1,5 @@
-"""Opt-in forms for the compiled turbo path (bench/perf_notes.md "Next run"): the two-stage per-tensor amax of
-the fp8 activation quantizer and the (cos, sin)-table RoPE. Both must be exactly the functions they replace."""
+"""Forms the compiled path uses (bench/perf_notes.md run 6): the two-stage per-tensor amax of the fp8 activation
+quantizer and the (cos, sin)-table RoPE. Both must be exactly the functions they replace."""
 
 import pytest
 import torch
@@ -58,14 +58,15 @@ def test_two_stage_amax_all_zero_input_uses_the_floor_scale():
 
 def test_set_tensorwise_amax_switches_the_activation_quantizer_and_back():
     x = _inputs((16, 32), torch.bfloat16, seed=1)
+    assert F8._EAGER["tensor"] is F8.quantize_tensorwise_two_stage  # the default since run 6
+    a8, a_s = F8.quantize_tensorwise(x)
     try:
-        F8.set_tensorwise_amax("two_stage")
-        assert F8._EAGER["tensor"] is F8.quantize_tensorwise_two_stage
-        a8, a_s = F8.quantize_tensorwise(x)
-    finally:
         F8.set_tensorwise_amax("flat")
-    assert F8._EAGER["tensor"] is F8.quantize_per_tensor
-    b8, b_s = F8.quantize_tensorwise(x)
+        assert F8._EAGER["tensor"] is F8.quantize_per_tensor
+        b8, b_s = F8.quantize_tensorwise(x)
+    finally:
+        F8.set_tensorwise_amax()
+    assert F8._EAGER["tensor"] is F8.quantize_tensorwise_two_stage
     assert torch.equal(_bytes(a8), _bytes(b8)) and torch.equal(a_s, b_s)
     with pytest.raises(ValueError):
         F8.set_tensorwise_amax("rowwise")
@@ -108,7 +109,7 @@ def test_rope_tables_are_bit_identical_to_the_real_fp32_path():
     assert torch.equal(tab, real)
 
 
-def test_model_rope_real_tables_is_opt_in_and_keeps_the_forward():
+def test_model_rope_real_tables_only_on_the_fp32_path_and_keeps_the_forward():
     torch.manual_seed(0)
     cfg = SteadyDancerConfig.tiny()
     m = SteadyDancerDiT(cfg).requires_grad_(False)
@@ -119,15 +120,18 @@ def test_model_rope_real_tables_is_opt_in_and_keeps_the_forward():
               y=torch.randn(b, 20, f, h, w), cond=torch.randn(b, 16, f, h, w), ref_x=torch.randn(b, 36, 1, h, w),
               ref_c=torch.randn(b, 16, 1, h, w))
     grid = (f + 2, h // 2, w // 2)
-    assert not m.rope_real_tables and torch.is_complex(m.block_freqs(grid, "cpu"))
-    m.rope_real_tables = True  # ignored while rope_dtype is the official float64
+    assert m.rope_real_tables  # on by default, but ignored while rope_dtype is the official float64
     assert torch.is_complex(m.block_freqs(grid, "cpu"))
     with torch.no_grad():
         ref = m(**kw)
         m.rope_dtype = torch.float32
         assert isinstance(m.block_freqs(grid, "cpu"), tuple)
         out = m(**kw)
+        m.rope_real_tables = False  # the complex fp32 rotation: the same numbers in eager
+        assert torch.is_complex(m.block_freqs(grid, "cpu"))
+        out_c = m(**kw)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, out_c, rtol=1e-6, atol=1e-7)
 
 
 def _compiled(fn, **kw):
