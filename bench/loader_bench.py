@@ -197,6 +197,11 @@ def child(spec):
     res = {"rss_before": _status()["VmRSS"]}
     t = time.perf_counter()
     m = load_steadydancer(spec["path"], device=dev, block_swap=spec["swap"], fp8_matmul=spec.get("fp8mm", False))
+    if spec.get("turbo_topk"):  # the Model Loader node's turbo settings: top-k sparse self-attention + compile
+        from steadydancer_turbo.steadydancer import accel
+        accel.use_attention(m, accel.sparse(float(spec["turbo_topk"])))
+        if cuda:
+            accel.compile_blocks(m, fullgraph=False)  # as nodes/model_nodes.apply_speed_options does
     sync()
     res["load_s"] = time.perf_counter() - t
     st = _status()
@@ -222,6 +227,21 @@ def child(spec):
             if i:
                 times.append(time.perf_counter() - t)
             del out
+    if spec.get("turbo_topk"):  # whole 4-step rCM sampling, DiT only (as bench/dit_bench.py's turbo rows)
+        from steadydancer_turbo.steadydancer.conditioning import SteadyDancerConditioning
+        from steadydancer_turbo.turbo.rcm import sample_rcm
+        c = SteadyDancerConditioning(context=inp["context"], context_null=inp["context"], clip_fea=inp["clip_fea"],
+                                     clip_fea_c=inp["clip_fea_c"], y=inp["y"], cond_pos=inp["cond"],
+                                     ref_x=inp["ref_x"], ref_c=inp["ref_c"])
+        res["turbo4_s"] = []
+        with torch.no_grad():
+            for _ in range(2):
+                sync()
+                t = time.perf_counter()
+                xo = sample_rcm(m, c, seed=0, steps=4)
+                sync()
+                res["turbo4_s"].append(time.perf_counter() - t)
+        res["turbo4_finite"] = bool(torch.isfinite(xo).all())
     res["forward_s"] = sorted(times)[len(times) // 2]
     res["forward_all_s"] = times
     res["peak_vram"] = torch.cuda.max_memory_allocated(dev) if cuda else 0
@@ -247,7 +267,9 @@ def gib(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", default=DEFAULT_PLAN, help="format:swaps;... formats bf16, fp8, fp8mm (fp8 file, "
-                    f"torch._scaled_mm), q8_0, q4_k (default {DEFAULT_PLAN!r})")
+                    f"torch._scaled_mm), fp8turbo (fp8mm + --turbo-topk + compile + turbo timing), q8_0, q4_k (default {DEFAULT_PLAN!r})")
+    ap.add_argument("--turbo-topk", type=float, default=0.1, help="fp8turbo rows: the loader's fp8 matmul + top-k "
+                    "sparse self-attention + compiled blocks, then whole 4-step turbo sampling")
     ap.add_argument("--formats", help="shortcut: these formats with --swaps")
     ap.add_argument("--swaps", default="0", help="with --formats: block-swap settings")
     ap.add_argument("--layers", type=int, default=None, help="transformer blocks (default 40; tiny: 4)")
@@ -283,7 +305,7 @@ def main():
     files = {}
     try:
         for fmt, swaps in plan:
-            base = "fp8" if fmt == "fp8mm" else fmt
+            base = "fp8" if fmt in ("fp8mm", "fp8turbo") else fmt
             miss = missing_modules(base)
             if miss:
                 notes.append(f"{fmt}: skipped, missing Python packages {miss}")
@@ -306,7 +328,8 @@ def main():
                     notes.append(f"{fmt} swap {swap}: skipped, time budget used up")
                     continue
                 spec = dict(path=str(path), swap=swap, device=args.device, latent=latent, forwards=args.forwards,
-                            fp8mm=(fmt == "fp8mm"))
+                            fp8mm=fmt in ("fp8mm", "fp8turbo"),
+                            turbo_topk=args.turbo_topk if fmt == "fp8turbo" else None)
                 cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", json.dumps(spec)]
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
@@ -321,7 +344,9 @@ def main():
                 r.update(fmt=fmt, swap=swap, file=size)
                 rows.append(r)
                 print(f"{fmt:6s} swap {swap:2d}: load {r['load_s']:.1f} s, forward {r['forward_s']:.2f} s, "
-                      f"peak VRAM {gib(r['peak_vram']):.2f} GiB, peak RSS {gib(r['peak_rss']):.2f} GiB", flush=True)
+                      f"peak VRAM {gib(r['peak_vram']):.2f} GiB, peak RSS {gib(r['peak_rss']):.2f} GiB"
+                      + (f", turbo 4 steps {r['turbo4_s']} s (finite {r['turbo4_finite']})" if "turbo4_s" in r else ""),
+                      flush=True)
     finally:
         for path, _ in files.values():
             path.unlink(missing_ok=True)
@@ -348,6 +373,10 @@ def main():
         print(line)
     print("- host RSS includes the process baseline (Python, torch, CUDA context: ~0.3 GiB on CPU, more with "
           "CUDA); peak during load is VmHWM right after load_steadydancer returns")
+    for r in rows:
+        if "turbo4_s" in r:
+            print(f"- {r['fmt']} swap {r['swap']}: whole 4-step turbo sampling (DiT only, top-k {args.turbo_topk}, "
+                  f"compiled) {', '.join(f'{x:.3f}' for x in r['turbo4_s'])} s, finite output: {r['turbo4_finite']}")
     for n in notes:
         print("- " + n)
     if L != 40:
