@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import importlib
 import json
 import math
 import os
@@ -187,6 +186,24 @@ def randomize_(model: nn.Module, seed: int = 0):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
+
+
+def random_model(make) -> nn.Module:
+    """``make()`` built directly on the bench device in bf16, in eval mode, frozen, with ``randomize_``'s weights."""
+    with bf16_params_on(DEV):
+        model = make()
+    model.eval().requires_grad_(False)
+    randomize_(model, seed=0)
+    return model
+
+
+def ours_model() -> nn.Module:
+    """The SteadyDancer DiT the ours/turboc/perf2 sections time: full 14B (or tiny), SDPA, random bf16 weights."""
+    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+
+    cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
+    return random_model(lambda: SteadyDancerDiT(cfg, attention="sdpa"))
 
 
 # ----------------------------------------------------------------------------------------------------- FLOPs
@@ -391,14 +408,10 @@ def section_diffusers():
     from diffusers import WanTransformer3DModel
 
     t0 = time.time()
-    with bf16_params_on(DEV):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HD,
-                                      in_channels=36, out_channels=16, text_dim=TEXT_DIM, freq_dim=FREQ_DIM,
-                                      ffn_dim=FFN, num_layers=LAYERS, cross_attn_norm=True,
-                                      qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280,
-                                      added_kv_proj_dim=D, rope_max_seq_len=1024)
-    model.eval().requires_grad_(False)
-    randomize_(model, seed=0)
+    model = random_model(lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HD, in_channels=36, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=FREQ_DIM, ffn_dim=FFN, num_layers=LAYERS, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=D, rope_max_seq_len=1024))
     sync()
     nparams = sum(p.numel() for p in model.parameters())
     log(f"diffusers model built in {time.time() - t0:.1f}s, {nparams / 1e9:.3f} B params, "
@@ -517,15 +530,9 @@ def turbo_sample(model, inp, steps=4, seed=0):
 
 def section_ours():
     from steadydancer_turbo.steadydancer import accel
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 
     t0 = time.time()
-    cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
-    with bf16_params_on(DEV):
-        model = SteadyDancerDiT(cfg, attention="sdpa")
-    model.eval().requires_grad_(False)
-    randomize_(model, seed=0)
+    model = ours_model()
     sync()
     nparams = sum(p.numel() for p in model.parameters())
     log(f"ours built in {time.time() - t0:.1f}s, {nparams / 1e9:.3f} B params, "
@@ -672,15 +679,9 @@ def section_turboc():
     sparse at 720p, against eager dense references of this run, plus a bf16 noise floor (same model, input
     perturbed by one bf16 rounding) to read the random-weight errors against."""
     from steadydancer_turbo.steadydancer import accel
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
     from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 
-    cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
-    with bf16_params_on(DEV):
-        model = SteadyDancerDiT(cfg, attention="sdpa")
-    model.eval().requires_grad_(False)
-    randomize_(model, seed=0)
+    model = ours_model()
     g = torch.Generator(device=DEV).manual_seed(7)
     inputs = {res: ours_inputs(res, g) for res in ARGS.res}
     twins = {}
@@ -758,11 +759,9 @@ def section_perf2():
                    where the micro check found the fused GEMM faster (each part's share: the micro numbers)."""
     from steadydancer_turbo.steadydancer import accel
     from steadydancer_turbo.steadydancer import sparse_attention as spa
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
     from steadydancer_turbo.steadydancer.fp8_linear import (FP8Linear, convert_linears_to_fp8, quantize_tensorwise,
                                                           set_tensorwise_amax)
     from steadydancer_turbo.steadydancer.fused_qkv import fuse_qkv, unfuse_qkv
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
 
     topk = ARGS.topk
     g = torch.Generator(device=DEV).manual_seed(5)
@@ -843,12 +842,8 @@ def section_perf2():
         free_cuda()
 
     # ------------------------------------------------------------------ the model
-    cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
     t0 = time.time()
-    with bf16_params_on(DEV):
-        model = SteadyDancerDiT(cfg, attention="sdpa")
-    model.eval().requires_grad_(False)
-    randomize_(model, seed=0)
+    model = ours_model()
     gi = torch.Generator(device=DEV).manual_seed(7)
     inp = ours_inputs("480p", gi)
     with torch.no_grad():

@@ -114,13 +114,14 @@ def rope_apply(x: torch.Tensor, freqs: torch.Tensor, out_dtype: torch.dtype,
 
     Done in ``chunk``-token slices: elementwise, so bit-identical to one pass, with bounded float64 memory.
 
-    ``rope_dtype=torch.float32`` (opt-in, e.g. ``accel.compile_blocks``) rotates in complex64, or, with
-    ``real`` (default: exactly when tracing for torch.compile, since inductor generates no code for complex
-    tensors), as (x0 c - x1 s, x0 s + x1 c) in fp32 real tensors that compile fuses with the RMSNorm before it.
+    ``rope_dtype=torch.float32`` (opt-in, e.g. ``accel.compile_blocks``, which passes the tables above unless
+    ``model.rope_real_tables`` is off) with complex ``freqs`` rotates in complex64, or, with ``real`` (default:
+    exactly when tracing for torch.compile, since inductor generates no code for complex tensors), as
+    (x0 c - x1 s, x0 s + x1 c) in fp32 real tensors that compile fuses with the RMSNorm before it.
     Both agree with the float64 rotation to ~1e-7 relative, far below the bf16 rounding that follows.
     """
     b, l, n, d = x.shape
-    if isinstance(freqs, tuple):  # (cos, sin) tables from rope_tables(): the opt-in compiled fp32 form
+    if isinstance(freqs, tuple):  # (cos, sin) tables from rope_tables(): the compiled fp32 form (default)
         cos, sin = freqs
         xf = x.to(torch.float32)
         return (xf * cos + rope_pair_swap(xf) * sin).to(out_dtype)
