@@ -120,8 +120,10 @@ def test_full_fetch_then_present_files_are_skipped(hub, tmp_path):
 
 
 def test_cut_connection_resumes_with_a_range_request(hub, tmp_path, monkeypatch):
-    from huggingface_hub import constants
+    from huggingface_hub import constants, file_download
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16384)     # 10 MB chunks on the real hub: files here are tiny
+    if hasattr(file_download, "DOWNLOAD_CHUNK_SIZE"):                # huggingface_hub < 1 imports it by name
+        monkeypatch.setattr(file_download, "DOWNLOAD_CHUNK_SIZE", 16384)
     f = fm.DIT_FP8
     hub.cut_once.add((f.repo, f.path))
     out = fm.fetch_missing(_entries(f), tmp_path)
@@ -297,10 +299,14 @@ def test_all_fetches_the_turbo_set_and_exit_codes(hub, tmp_path, monkeypatch, ca
     comfy = tmp_path / "ComfyUI"
     comfy.mkdir()
     monkeypatch.setenv("HF_HUB_ENABLE_HF_TRANSFER", "1")
-    code, out, _ = _run(["--comfyui", str(comfy), "--all"], capsys)
-    assert code == 0 and f"{len(fm.known_files())} file(s) written" in out
-    if int(fm._hub().__version__.split(".")[0]) >= 1:
+    code, out, err = _run(["--comfyui", str(comfy), "--all"], capsys)
+    if int(fm._hub().__version__.split(".")[0]) < 1 and importlib.util.find_spec("hf_transfer") is None:
+        assert code == 1 and "pip install hf_transfer" in err            # the old client would fail on it
+        monkeypatch.delenv("HF_HUB_ENABLE_HF_TRANSFER")
+        code, out, err = _run(["--comfyui", str(comfy), "--all"], capsys)
+    elif int(fm._hub().__version__.split(".")[0]) >= 1:
         assert "hf_transfer" in out                                      # said, not silently dropped
+    assert code == 0 and f"{len(fm.known_files())} file(s) written" in out
     for f in fm.known_files():
         assert (comfy / "models" / f.directory / f.name).is_file()
     hub.gated.add("MCG-NJU/SteadyDancer-GGUF")

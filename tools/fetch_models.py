@@ -34,6 +34,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 import urllib.parse
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ HUB = "https://huggingface.co"
 FOLDERS = ("diffusion_models", "loras", "text_encoders", "clip_vision", "vae", "dwpose")
 STATE_FILE = ".steadydancer-fetch.json"   # under models/: files already verified (size, mtime, sha256)
 DISK_MARGIN = 256 * 2**20                 # keep this much free beyond the downloads
+RETRIES = 5                               # resumes of one file after a dropped connection
 
 
 class FetchError(Exception):
@@ -220,14 +222,20 @@ def explain(e, what, token=None):
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return FetchError(f"{what}: the disk is full ({e}). Free some space and run again: the part already "
                           f"downloaded is kept and resumed.")
-    mod = type(e).__module__.split(".")[0]
-    if mod in ("requests", "httpx", "httpx2", "urllib3", "httpcore", "socket") or isinstance(
-            e, (ConnectionError, TimeoutError)):
+    if _is_network(e):
         return FetchError(f"{what}: cannot reach {_endpoint()} ({type(e).__name__}: {e}). Are you offline? Run again "
                           f"when the network is back: finished files are kept and the current one resumes.")
     if status:
         return FetchError(f"{what}: the hub answered HTTP {status} ({e}).")
     return FetchError(f"{what}: {type(e).__name__}: {e}")
+
+
+def _is_network(e):
+    """A connection / timeout / broken-stream error of requests (huggingface_hub < 1) or httpx (>= 1)."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return (type(e).__module__.split(".")[0] in ("requests", "httpx", "httpx2", "urllib3", "httpcore")
+            and getattr(getattr(e, "response", None), "status_code", None) is None)
 
 
 def list_folder(repo, folder="", revision="main", token=None, recursive=False):
@@ -452,19 +460,30 @@ def download(job, models_dir, state=None, token=None):
         part.unlink()
         have = 0
     what = f"{job.repo}:{job.path}"
-    try:
-        if job.size is None or have < job.size:
+    from huggingface_hub.utils import build_hf_headers
+    tries = RETRIES
+    while job.size is None or have < job.size:
+        try:
             with open(part, "ab") as f:
-                from huggingface_hub.utils import build_hf_headers
                 _http_get(job.url, f, have, build_hf_headers(token=token), job.size, job.name)
                 f.flush()
                 os.fsync(f.fileno())
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # noqa: BLE001 - translated for the user
-        if isinstance(e, OSError) and "Consistency check failed" in str(e):
-            raise FetchError(f"{what}: the download stopped early ({e}). Run again to resume.") from None
-        raise explain(e, what, token) from None
+            break
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - translated for the user
+            now = part.stat().st_size if part.is_file() else 0
+            if _is_network(e) and tries > 0:       # the connection dropped: resume from what the .part holds
+                print(f"connection lost after {_gib(now)}; resuming", file=sys.stderr, flush=True)
+                if now <= have:
+                    time.sleep(2)
+                have, tries = now, tries - 1
+                continue
+            if isinstance(e, OSError) and "Consistency check failed" in str(e):
+                raise FetchError(f"{what}: the download stopped early ({e}). Run again to resume.") from None
+            raise explain(e, what, token) from None
+        if job.size is None:
+            break
     got = part.stat().st_size
     if job.size is not None and got != job.size:
         raise FetchError(f"{what}: got {got} bytes, the hub says {job.size}. Run again to resume.")
