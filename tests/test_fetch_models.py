@@ -307,6 +307,7 @@ def test_all_fetches_the_turbo_set_and_exit_codes(hub, tmp_path, monkeypatch, ca
     elif int(fm._hub().__version__.split(".")[0]) >= 1:
         assert "hf_transfer" in out                                      # said, not silently dropped
     assert code == 0 and f"{len(fm.known_files())} file(s) written" in out
+    assert f"{fm.DIT_FP8.name}: 100% (0.3 MB of 0.3 MB)" in err        # progress as log lines without a terminal
     for f in fm.known_files():
         assert (comfy / "models" / f.directory / f.name).is_file()
     hub.gated.add("MCG-NJU/SteadyDancer-GGUF")
@@ -314,3 +315,6 @@ def test_all_fetches_the_turbo_set_and_exit_codes(hub, tmp_path, monkeypatch, ca
     assert code == 1 and "HF_TOKEN" in err and "Traceback" not in err
     code, _, err = _run(["--comfyui", str(comfy), "--variant", "int4"], capsys)
     assert code == 2
+    hub.gated.clear()
+    code, _, err = _run(["--comfyui", str(comfy), "--variant", "gguf:Q3_K_S"], capsys)
+    assert code == 2 and "Q8_0" in err

@@ -35,120 +35,32 @@ import re
 import shutil
 import sys
 import time
-import urllib.parse
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
-HUB = "https://huggingface.co"
-FOLDERS = ("diffusion_models", "loras", "text_encoders", "clip_vision", "vae", "dwpose")
 STATE_FILE = ".steadydancer-fetch.json"   # under models/: files already verified (size, mtime, sha256)
 DISK_MARGIN = 256 * 2**20                 # keep this much free beyond the downloads
 RETRIES = 5                               # resumes of one file after a dropped connection
 
 
-class FetchError(Exception):
-    """A download problem, with a message meant for the user (no traceback needed)."""
-
-
-class NotFound(FetchError):
-    """The repository has no such file (404)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HubFile:
-    """One file on the hub and the ComfyUI models/ subfolder it belongs in. ``source`` says where the repository
-    and file name were checked (model card, the repository's file list, or the commit that added it)."""
-    repo: str
-    path: str
-    directory: str
-    source: str
-    revision: str = "main"
-
-    @property
-    def name(self):
-        return self.path.rsplit("/", 1)[-1]
-
-    @property
-    def url(self):
-        return f"{HUB}/{self.repo}/resolve/{self.revision}/{self.path}"
-
-    def entry(self):
-        """The ``properties.models`` form of this file (what ComfyUI's missing-model dialog reads)."""
-        return {"name": self.name, "url": self.url, "directory": self.directory}
-
-
-# ------------------------------------------------------------------------------------------- the file table
-# The one list of download locations. The shipped workflows' properties.models and the README's model table
-# must agree with it (tests/test_fetch_models.py checks the workflows). The DWPose files come from the core's own
-# table (dwpose/models.py) so their URLs exist in one place only.
-DIT_FP8 = HubFile(
-    "Kijai/WanVideo_comfy_fp8_scaled", "SteadyDancer/Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ.safetensors",
-    "diffusion_models", "https://huggingface.co/Kijai/WanVideo_comfy_fp8_scaled/tree/main/SteadyDancer (16.4 GB)")
-TURBO_LORA = HubFile(
-    "Kijai/WanVideo_comfy", "Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors", "loras",
-    "https://huggingface.co/Kijai/WanVideo_comfy/tree/main/Lightx2v (738 MB, sha256 85c4a61c...)")
-ENCODERS = (
-    HubFile("Comfy-Org/Wan_2.1_ComfyUI_repackaged", "split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-            "text_encoders",
-            "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/tree/main/split_files/text_encoders (6.74 GB)"),
-    HubFile("Comfy-Org/Wan_2.1_ComfyUI_repackaged", "split_files/clip_vision/clip_vision_h.safetensors", "clip_vision",
-            "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged (split_files/clip_vision)"),
-    HubFile("Comfy-Org/Wan_2.1_ComfyUI_repackaged", "split_files/vae/wan_2.1_vae.safetensors", "vae",
-            "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/tree/main/split_files/vae (254 MB)"),
-)
-DWPOSE_SOURCE = ("https://huggingface.co/yzd-v/DWPose/commit/f7c16a3d45ad3783db41471848c80fbc281cabac "
-                 "(adds yolox_l.onnx and dw-ll_ucoco_384.onnx)")
-DWPOSE_DEFAULTS = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
-
-# DiT variants whose file is found in the repository's file list at run time (renamed or added files still
-# resolve; nothing here is a guessed name, each has its source):
-# - fp16: Kijai/WanVideo_comfy, folder SteadyDancer/, the *fp16.safetensors file there; its name has been
-#   Wan21_I2V_SteadyDancer_fp16.safetensors (https://huggingface.co/Kijai/WanVideo_comfy/discussions/110; the
-#   official README's GGUF note links https://huggingface.co/Kijai/WanVideo_comfy/tree/main/SteadyDancer).
-# - bf16: the official release https://huggingface.co/MCG-NJU/SteadyDancer-14B (diffusers-style
-#   diffusion_pytorch_model-0000N-of-00007.safetensors shards + index + config.json; the shard pages show 9.8 GB
-#   for 00002 and 6.08 GB for 00007, so about 65 GB: the sizes say fp32 storage). It lands in the folder
-#   diffusion_models/SteadyDancer-14B/.
-# - gguf[:QUANT]: https://huggingface.co/MCG-NJU/SteadyDancer-GGUF (official README, 2025-12-04: "converted from
-#   Kijai weight by ComfyUI-GGUF"); names seen in use: Wan21_I2V_SteadyDancer_fp16-Q6_K_fix_5d_tensor_from_
-#   fp8_e4m3fn_scaled_KJ.gguf and an older Wan21_I2V_SteadyDancer_fp16-Q5_K_M_fix_5d_tensor.gguf, which is why the
-#   quant is matched against the file list rather than spelled here.
-FP16_REPO, FP16_FOLDER, FP16_KNOWN = "Kijai/WanVideo_comfy", "SteadyDancer", "Wan21_I2V_SteadyDancer_fp16.safetensors"
-OFFICIAL_REPO, OFFICIAL_FOLDER = "MCG-NJU/SteadyDancer-14B", "SteadyDancer-14B"
-GGUF_REPO, GGUF_DEFAULT_QUANT = "MCG-NJU/SteadyDancer-GGUF", "Q4_K_M"
-VARIANTS = ("fp8", "fp16", "bf16", "gguf")
-_QUANT_RE = re.compile(r"(?<![A-Za-z0-9])(BF16|F16|F32|Q\d_K(?:_[SML])?|Q\d_[01]|Q\d_K|IQ\d_[A-Z]+)(?![A-Za-z0-9])",
-                       re.IGNORECASE)
-
-
-def dwpose_files():
-    """The default DWPose detector and estimator, from the core's table (dwpose/models.py, plain Python)."""
-    name = "_steadydancer_dwpose_models"
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "dwpose" / "models.py")
+def _load_table():
+    """tools/model_files.py (the file table), loaded by path so this works as a script and as an import."""
+    name = "_steadydancer_model_files"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("model_files.py"))
         mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod     # its dataclass looks the module up while the file executes
+        sys.modules[name] = mod         # its dataclasses look the module up while the file executes
         spec.loader.exec_module(mod)
-    out = []
-    for name in DWPOSE_DEFAULTS:
-        repo, revision, path = parse_hf_url(mod.MODEL_FILES[name].url)
-        out.append(HubFile(repo, path, mod.COMFY_MODEL_SUBFOLDER, DWPOSE_SOURCE, revision))
-    return tuple(out)
+    return sys.modules[name]
 
 
-def known_files():
-    """Every fixed file of the table (the DiT variants resolved at run time are not in it)."""
-    return (DIT_FP8, TURBO_LORA) + ENCODERS + dwpose_files()
-
-
-def parse_hf_url(url):
-    """``https://huggingface.co/<owner>/<repo>/resolve/<rev>/<path>`` -> (repo, revision, path)."""
-    u = urllib.parse.urlparse(url)
-    parts = [urllib.parse.unquote(p) for p in u.path.strip("/").split("/")]
-    if u.scheme not in ("http", "https") or len(parts) < 5 or parts[2] != "resolve":
-        raise FetchError(f"not a Hugging Face file URL (https://huggingface.co/<repo>/resolve/<rev>/<file>): {url}")
-    return "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-
+_t = _load_table()
+FetchError, NotFound, BadChoice = _t.FetchError, _t.NotFound, _t.BadChoice
+HubFile, parse_hf_url = _t.HubFile, _t.parse_hf_url
+HUB, FOLDERS, DIT_FP8, TURBO_LORA, ENCODERS = _t.HUB, _t.FOLDERS, _t.DIT_FP8, _t.TURBO_LORA, _t.ENCODERS
+dwpose_files, known_files = _t.dwpose_files, _t.known_files
+FP16_REPO, FP16_FOLDER, FP16_KNOWN = _t.FP16_REPO, _t.FP16_FOLDER, _t.FP16_KNOWN
+OFFICIAL_REPO, OFFICIAL_FOLDER = _t.OFFICIAL_REPO, _t.OFFICIAL_FOLDER
+GGUF_REPO, GGUF_DEFAULT_QUANT, VARIANTS, QUANT_RE = _t.GGUF_REPO, _t.GGUF_DEFAULT_QUANT, _t.VARIANTS, _t.QUANT_RE
 
 # ------------------------------------------------------------------------------------------------ jobs
 @dataclasses.dataclass
@@ -174,10 +86,9 @@ class Job:
 
 def _hub():
     try:
-        import huggingface_hub  # noqa: F401
+        import huggingface_hub
     except ImportError:
         raise FetchError("huggingface_hub is not installed: <python> -m pip install 'huggingface_hub>=0.23.2'") from None
-    import huggingface_hub
     return huggingface_hub
 
 
@@ -258,7 +169,7 @@ def resolve_variant(variant, token=None, revision="main"):
     kind, _, arg = (variant or "fp8").partition(":")
     kind = kind.strip().lower()
     if kind not in VARIANTS or (arg and kind != "gguf"):
-        raise FetchError(f"unknown variant {variant!r}: use fp8, fp16, bf16, gguf or gguf:QUANT (e.g. gguf:Q4_K_M)")
+        raise BadChoice(f"unknown variant {variant!r}: use fp8, fp16, bf16, gguf or gguf:QUANT (e.g. gguf:Q4_K_M)")
     if kind == "fp8":
         return [job_for(DIT_FP8)]
     if kind == "fp16":
@@ -279,14 +190,14 @@ def resolve_variant(variant, token=None, revision="main"):
     want = (arg or GGUF_DEFAULT_QUANT).strip()
     by_quant = {}
     for p, s in files:
-        m = _QUANT_RE.search(p.rsplit("/", 1)[-1])
+        m = QUANT_RE.search(p.rsplit("/", 1)[-1])
         if m:
             by_quant.setdefault(m.group(1).upper(), []).append((p, s))
     exact = [(p, s) for p, s in files if p.rsplit("/", 1)[-1] == want]
     chosen = exact or by_quant.get(want.upper(), [])
     if not chosen:
         avail = ", ".join(f"{q} ({_gib(max(s or 0 for _, s in v))})" for q, v in sorted(by_quant.items())) or "none"
-        raise FetchError(f"no {want} GGUF file in {HUB}/{GGUF_REPO}. Available quants: {avail}. "
+        raise BadChoice(f"no {want} GGUF file in {HUB}/{GGUF_REPO}. Available quants: {avail}. "
                          f"Use --variant gguf:QUANT, or gguf:<exact file name>.")
     chosen.sort(key=lambda ps: ps[0])
     if len(chosen) > 1:
@@ -339,6 +250,8 @@ def file_digest(path, etag, label=None):
     """sha256 of the file (LFS etag), or git's blob sha1 when the etag is 40 hex digits (small non-LFS files)."""
     from huggingface_hub.utils import tqdm
     size = os.path.getsize(path)
+    if size >= 64 * 2**20 and not sys.stderr.isatty():
+        print(f"  checking the sha256 of {label or path} ({_gib(size)})", file=sys.stderr, flush=True)
     h = hashlib.sha1(b"blob %d\0" % size) if etag and len(etag) == 40 else hashlib.sha256()
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"checking {label or path}",
                                      disable=size < 64 * 2**20, leave=False) as bar:
@@ -444,6 +357,27 @@ def describe(jobs, models_dir, out=None):
 
 
 # ------------------------------------------------------------------------------------------------ download
+class _LogProgress:
+    """Progress as log lines (every 10%) for a start script's log, where tqdm's bars stay hidden (no terminal).
+    Wraps the .part file object; everything else goes to the file."""
+
+    def __init__(self, f, have, total, name):
+        self._f, self._done, self._total, self._name = f, have, total, name
+        self._next = (have * 10 // total + 1) if total else 11
+
+    def write(self, chunk):
+        n = self._f.write(chunk)
+        self._done += len(chunk)
+        if self._total and self._done * 10 // self._total >= self._next:
+            self._next = self._done * 10 // self._total + 1
+            print(f"  {self._name}: {100 * self._done // self._total}% ({_gib(self._done)} of {_gib(self._total)})",
+                  file=sys.stderr, flush=True)
+        return n
+
+    def __getattr__(self, attr):
+        return getattr(self._f, attr)
+
+
 def _http_get(url, fileobj, resume_size, headers, expected_size, name):
     """huggingface_hub's own streaming download (progress bar, retries that resume with a Range header)."""
     from huggingface_hub.file_download import http_get
@@ -465,7 +399,8 @@ def download(job, models_dir, state=None, token=None):
     while job.size is None or have < job.size:
         try:
             with open(part, "ab") as f:
-                _http_get(job.url, f, have, build_hf_headers(token=token), job.size, job.name)
+                sink = f if sys.stderr.isatty() else _LogProgress(f, have, job.size, job.name)
+                _http_get(job.url, sink, have, build_hf_headers(token=token), job.size, job.name)
                 f.flush()
                 os.fsync(f.fileno())
             break
@@ -643,7 +578,7 @@ def main(argv=None, out=None):
         written = fetch(jobs, models_dir, token=args.token, dry_run=args.dry_run, out=out)
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if str(e).startswith("unknown variant") else 1
+        return 2 if isinstance(e, BadChoice) else 1
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written under a final name; the part already downloaded is kept in a "
               "hidden .part file and the same command resumes it.", file=sys.stderr)
