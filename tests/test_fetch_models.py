@@ -183,6 +183,18 @@ def test_existing_file_that_differs_is_replaced(hub, tmp_path):
     assert target.read_bytes() == _repos()[f.repo][f.path]
 
 
+def test_stale_part_of_an_older_version_is_dropped_and_foreign_urls_refused(hub, tmp_path):
+    f = fm.ENCODERS[2]
+    stale = tmp_path / f.directory / f".{f.name}.0123456789abcdef.part"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old version bytes")
+    fm.fetch_missing(_entries(f), tmp_path)
+    assert not stale.exists() and not _hidden(tmp_path)
+    with pytest.raises(fm.FetchError, match="not a Hugging Face file URL"):
+        fm.fetch_missing([{"name": "x.safetensors", "directory": "loras",
+                           "url": "https://civitai.com/a/b/resolve/main/x.safetensors"}], tmp_path)
+
+
 def test_404_names_the_file_and_lists_the_folder(hub, tmp_path):
     entry = {"name": "Wan21_SteadyDancer_fp8_OLD.safetensors", "directory": "diffusion_models",
              "url": "https://huggingface.co/Kijai/WanVideo_comfy_fp8_scaled/resolve/main/SteadyDancer/"

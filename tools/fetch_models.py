@@ -389,6 +389,9 @@ def download(job, models_dir, state=None, token=None):
     """Fetch one planned job to its .part file, check size and hash, then rename it to the final name."""
     target, part = job.target(models_dir), job.partial(models_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.part"):   # parts of an older version of this file
+        if stale != part:
+            stale.unlink()
     have = part.stat().st_size if part.is_file() else 0
     if job.size is not None and have > job.size:
         part.unlink()

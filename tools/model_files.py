@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
 import re
 import sys
@@ -120,6 +121,8 @@ def parse_hf_url(url):
     """``https://huggingface.co/<owner>/<repo>/resolve/<rev>/<path>`` -> (repo, revision, path)."""
     u = urllib.parse.urlparse(url)
     parts = [urllib.parse.unquote(p) for p in u.path.strip("/").split("/")]
-    if u.scheme not in ("http", "https") or len(parts) < 5 or parts[2] != "resolve":
+    hosts = {"huggingface.co", "www.huggingface.co", "hf.co",
+             urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or HUB).hostname}
+    if u.scheme not in ("http", "https") or u.hostname not in hosts or len(parts) < 5 or parts[2] != "resolve":
         raise FetchError(f"not a Hugging Face file URL (https://huggingface.co/<repo>/resolve/<rev>/<file>): {url}")
     return "/".join(parts[:2]), parts[3], "/".join(parts[4:])
