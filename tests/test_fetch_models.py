@@ -298,6 +298,12 @@ def test_environment_toggles_and_flags(hub, tmp_path, monkeypatch, capsys):
     code, out, _ = _run(["--models-dir", str(tmp_path), "--dry-run", "--turbo", "--no-dwpose",
                          "--variant", "fp8"], capsys)
     assert code == 0 and fm.TURBO_LORA.name in out and "yolox_l.onnx" not in out and fm.DIT_FP8.name in out
+    monkeypatch.delenv("ENABLE_STEADYDANCER")                     # a variant alone still asks for the DiT
+    code, out, _ = _run(["--models-dir", str(tmp_path), "--dry-run"], capsys)
+    assert code == 0 and GGUF_NAMES[2] in out and fm.ENCODERS[0].name not in out
+    monkeypatch.setenv("ENABLE_STEADYDANCER", "false")
+    code, out, _ = _run(["--models-dir", str(tmp_path), "--dry-run"], capsys)
+    assert code == 0 and GGUF_NAMES[2] not in out and "yolox_l.onnx" in out
     monkeypatch.setenv("ENABLE_TURBO", "maybe")
     code, _, err = _run(["--models-dir", str(tmp_path), "--dry-run"], capsys)
     assert code == 2 and "ENABLE_TURBO" in err

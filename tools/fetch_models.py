@@ -503,8 +503,10 @@ def selection(args, env=None):
     """What to fetch, from the flags, then the environment: (variant or None, turbo, dwpose, encoders)."""
     env = os.environ if env is None else env
     steady = _truthy_env("ENABLE_STEADYDANCER", env)
-    variant = args.variant or (env.get("STEADYDANCER_VARIANT") or "").strip() or None
-    want_dit = bool(args.variant or args.all or steady)
+    env_variant = (env.get("STEADYDANCER_VARIANT") or "").strip() or None
+    variant = args.variant or env_variant
+    # a variant named in the environment asks for the DiT unless ENABLE_STEADYDANCER says false
+    want_dit = bool(args.variant or args.all or steady or (steady is None and env_variant))
 
     def pick(flag, env_name):
         if flag is not None:
