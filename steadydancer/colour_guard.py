@@ -6,8 +6,8 @@ blended per frame with the windows' fusion weights (``context_windows.pixel_weig
 frame), so nothing jumps at window borders. ``strength`` blends between no correction (0) and the full one
 (1). The scale is clamped to [1/``max_gain``, ``max_gain``] so a nearly flat window cannot blow up.
 
-Cost: two passes over the frames (statistics, then the correction) in chunks of ``chunk`` frames, float64
-statistics; one output tensor the size of the input (the input is left unchanged).
+Cost: two passes over the frames (statistics, then the correction) in chunks of ``chunk`` frames, about 7 s
+for 481 frames at 832x480 on 2 CPU cores; one output tensor the size of the input (the input is unchanged).
 """
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ MAX_GAIN = 2.0
 
 
 def _stats(images: torch.Tensor, chunk: int):
-    """Per-channel (mean, std) in float64 over all pixels of ``images`` [N,H,W,C]."""
+    """Per-channel (mean, std) over all pixels of ``images`` [N,H,W,C]: float32 sums per chunk (torch's pairwise
+    summation), accumulated in float64."""
     c = images.shape[-1]
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     n = 0
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.float64).reshape(-1, c)
-        s += x.sum(0).cpu()
-        s2 += (x * x).sum(0).cpu()
+        x = images[i:i + chunk].to(torch.float32).reshape(-1, c)
+        s += x.sum(0).double().cpu()
+        s2 += (x * x).sum(0).double().cpu()
         n += x.shape[0]
     mean = s / n
     var = (s2 / n - mean * mean).clamp(min=0)
