@@ -1,4 +1,5 @@
-"""Colour-drift guard (steadydancer/colour_guard.py) against float64 statistics computed by hand (numpy)."""
+"""Long-video node layer: the colour-drift guard (steadydancer/colour_guard.py) against float64 statistics computed
+by hand (numpy), the Context Windows node, and the length limits of the nodes that set the frame count."""
 from __future__ import annotations
 
 import importlib
@@ -97,3 +98,18 @@ def test_context_node_converts_pixel_frames_and_notes_adjustments(monkeypatch):
         node.build(17, 20, "linear", "freenoise", 0)
     with pytest.raises(ValueError, match="anchor"):
         node.build(81, 8, "linear", "freenoise", 12)
+
+
+def test_frame_count_nodes_accept_30_seconds_and_adjust_non_4n_plus_1():
+    from steadydancer_turbo.nodes.common import adjust_length
+
+    resample = pack.NODE_CLASS_MAPPINGS["SteadyDancerResampleFrames"].INPUT_TYPES()["required"]["max_frames"][1]
+    length = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"].INPUT_TYPES()["required"]["length"][1]
+    assert resample["max"] >= 481 and length["max"] >= 481
+    assert adjust_length(481) == (481, None)
+    n, note = adjust_length(483)
+    assert n == 481 and "483" in note and "481" in note
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerResampleFrames"]()
+    images = torch.zeros(500, 2, 2, 3)
+    out, fps, count = node.resample(images, 16.0, 16.0, 0, True)
+    assert count == 497 and out.shape[0] == 497
