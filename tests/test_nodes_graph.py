@@ -239,6 +239,12 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
     model = out[_ids(api, "SteadyDancerLoraLoader")[0]][0]
     bundle = out[_ids(api, "SteadyDancerConditioning")[0]][0]
 
+    # 1 check before sampling, then one per finished step: stop after step 2
+    assert _forwards_until_interrupt(monkeypatch, model, bundle, 3) == 2
+
+
+def _forwards_until_interrupt(monkeypatch, model, bundle, stop_at_check, **sample_kw):
+    """DiT forwards the turbo sampler node runs before ``cb.check_interrupt`` raises on its stop_at_check-th call."""
     class Interrupted(Exception):
         pass
 
@@ -246,7 +252,7 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
 
     def check():
         calls["check"] += 1
-        if calls["check"] == 3:  # 1 check before sampling, then one per finished step: stop after step 2
+        if calls["check"] == stop_at_check:
             raise Interrupted()
 
     monkeypatch.setattr(cb, "check_interrupt", check)
@@ -254,10 +260,11 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
     h = module.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
     try:
         with pytest.raises(Interrupted):
-            pack.NODE_CLASS_MAPPINGS["SteadyDancerTurboSampler"]().sample(model, bundle, 1, 4, "shift", 5.0, 200.0, "sde")
+            pack.NODE_CLASS_MAPPINGS["SteadyDancerTurboSampler"]().sample(model, bundle, 1, 4, "shift", 5.0, 200.0, "sde",
+                                                                          **sample_kw)
     finally:
         h.remove()
-    assert calls["forward"] == 2
+    return calls["forward"]
 
 
 def test_loader_speed_options_switch_without_reload(models, monkeypatch):
@@ -360,24 +367,5 @@ def test_long_graph_interrupt_stops_within_one_window_pass(models, monkeypatch):
     model = out[_ids(api, "SteadyDancerLoraLoader")[0]][0]
     bundle = out[_ids(api, "SteadyDancerConditioning")[0]][0]
     ctx = out[_ids(api, "SteadyDancerContextOptions")[0]][0]
-
-    class Interrupted(Exception):
-        pass
-
-    calls = {"check": 0, "forward": 0}
-
-    def check():
-        calls["check"] += 1
-        if calls["check"] == 3:  # 1 check before sampling, then one per window pass: stop after window 2 of step 1
-            raise Interrupted()
-
-    monkeypatch.setattr(cb, "check_interrupt", check)
-    module = model.materialize()
-    h = module.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
-    try:
-        with pytest.raises(Interrupted):
-            pack.NODE_CLASS_MAPPINGS["SteadyDancerTurboSampler"]().sample(model, bundle, 1, 4, "shift", 5.0, 200.0, "sde",
-                                                                          context=ctx)
-    finally:
-        h.remove()
-    assert calls["forward"] == 2
+    # 1 check before sampling, then one per window pass (3 windows per step): stop after window 2 of step 1
+    assert _forwards_until_interrupt(monkeypatch, model, bundle, 3, context=ctx) == 2
