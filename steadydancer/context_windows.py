@@ -288,7 +288,11 @@ class ContextWindowModel:
         for name in ("y", "cond"):
             if kw[name].shape[2] != T:
                 raise ValueError(f"{name} has {kw[name].shape[2]} frames, the latent {T}")
-        if self.options.batch_windows and len(self.windows) > 1:
+        if len(self.windows) == 1:  # fits one window: the plain call, unchanged
+            out = self.model(x, timestep, *args)
+            self._done(x.shape[0])
+            return out
+        if self.options.batch_windows:
             return self._batched(x, timestep, kw)
         out = None
         prev = None  # (start, x slice, v) of the previous window, for anchoring

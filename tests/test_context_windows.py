@@ -364,3 +364,15 @@ def test_windowed_turbo_ode_matches_an_independent_loop():
                 v[:, :, a:b] += w[k, a:b].float().view(1, 1, -1, 1, 1) * vk
             x = x - (s[i] - s[i + 1]) * v.double()
     torch.testing.assert_close(ours, x.float(), rtol=0, atol=1e-6)
+
+
+def test_wrapper_on_a_one_window_length_is_the_plain_call():
+    """Code that wraps the model without asking ``plan`` first (e.g. a guider) still gets the plain call."""
+    model, cfg = _tiny_dit()
+    cond = make_cond(frames=17, lat_h=2, lat_w=2, text_dim=cfg.text_dim, clip_dim=cfg.clip_dim,
+                     clip_tokens=cfg.clip_tokens, text_len=(4, 3))
+    args = [cond.model_kwargs()[k] for k in KWARG_ORDER]
+    x = torch.randn(1, 16, 5, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([700])
+    with torch.no_grad():
+        assert torch.equal(cw.ContextWindowModel(model, cw.ContextOptions(), 5)(x, t, *args), model(x, t, *args))

@@ -180,6 +180,45 @@ def test_interrupt_during_sampling_stops_within_one_step(comfy):
     assert state["t_end"] - state["t"] < 4 * delay + 6.0          # generous: a busy 2-core box
 
 
+def test_interrupt_during_long_sampling_stops_within_one_window_pass(comfy):
+    """Long workflow, 4 windows per step (17 frames = 5 latent, 5-frame windows overlapping by 4): after
+    /interrupt at most the window pass in flight finishes; no further DiT call starts."""
+    _ready(comfy)
+    comfy.need("lora")
+    prompt = small(api_workflow("steadydancer-long"), W, H, 17, steps=4)
+    (ctx,) = nodes_of(prompt, "SteadyDancerContextOptions")
+    prompt[ctx]["inputs"].update(window_frames=5, overlap_frames=4)
+    loader, sampler = _loader(prompt), _sampler(prompt)
+    prompt[loader]["inputs"]["model_name"] = "tiny_steadydancer_slow.safetensors"   # own cache entry
+    log = comfy.base / "temp" / "forward_calls_long.txt"
+    log.write_text("")
+    delay = 0.4
+    prompt["900"] = {"class_type": "SDTestSlowModel",
+                     "inputs": {"model": [loader, 0], "seconds_per_call": delay, "log_file": str(log)}}
+    (lora,) = nodes_of(prompt, "SteadyDancerLoraLoader")
+    prompt[lora]["inputs"]["model"] = ["900", 0]
+    state = {}
+
+    def on_event(t, d):
+        if t == "progress" and str(d.get("node")) == sampler and d["value"] >= 2 and "t" not in state:
+            state["t"] = time.time()
+            state["value"], state["max"] = d["value"], d["max"]
+            comfy.client.interrupt()
+        if t == "execution_interrupted":
+            state["t_end"] = time.time()
+
+    with pytest.raises(run_workflow.RunError, match="interrupted"):
+        comfy.run(prompt, on_event=on_event, timeout=300)
+    assert "t" in state, "no sampler progress was seen"
+    assert state["max"] == 4 * 4                                  # the bar counts window passes: steps x windows
+    calls = [float(x) for x in log.read_text().split()]
+    after = [c for c in calls if c >= state["t"]]
+    print(f"interrupt at window pass {state['value']}/{state['max']}: {len(calls) - len(after)} DiT calls before, "
+          f"{len(after)} after, stopped {state['t_end'] - state['t']:.2f} s later")
+    assert len(after) <= 1, (len(after), calls)
+    assert len(calls) < 8, "the sampler ran on after the interrupt"
+
+
 def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys):
     """The README's run command against the running server, with a user's image and video."""
     _ready(comfy)
