@@ -260,8 +260,10 @@ class ContextWindowModel:
 
     @property
     def frames_per_call(self) -> int:
-        """Latent frames the wrapped model sees per forward (for memory estimates)."""
-        return self.options.window
+        """Latent frames the wrapped model sees per forward (for memory estimates): one window, or all of them
+        with ``batch_windows``."""
+        n = len(self.windows) if self.options.batch_windows else 1
+        return min(self.frames, self.options.window) * n
 
     def __getattr__(self, name):  # config, compute_dtype, ... of the wrapped model
         if name == "model":
