@@ -270,10 +270,11 @@ class ContextWindowModel:
             raise AttributeError(name)
         return getattr(self.model, name)
 
-    def _weight(self, k: int, device) -> torch.Tensor:
-        key = (k, str(device))
+    def _weight(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        """Window k's weights [1,1,L,1,1] rounded once from float64 to the output's dtype, on its device."""
+        key = (k, str(like.device), like.dtype)
         if key not in self._w_dev:
-            self._w_dev[key] = self.weights[k].to(device=device, dtype=torch.float32).view(1, 1, -1, 1, 1)
+            self._w_dev[key] = self.weights[k].to(device=like.device, dtype=like.dtype).view(1, 1, -1, 1, 1)
         return self._w_dev[key]
 
     def _done(self, rows: int) -> None:
@@ -314,7 +315,7 @@ class ContextWindowModel:
                             kw["ref_c"])
             if out is None:
                 out = torch.zeros((*vk.shape[:2], T, *vk.shape[3:]), dtype=vk.dtype, device=vk.device)
-            out[:, :, s:e] += self._weight(k, vk.device).to(vk.dtype) * vk
+            out[:, :, s:e] += self._weight(k, vk) * vk
             prev = (s, xk, vk) if a else None
             del vk
             self._done(x.shape[0])
@@ -329,7 +330,7 @@ class ContextWindowModel:
                        cat(kw["cond"]), rep(kw["ref_x"]), rep(kw["ref_c"]))
         out = torch.zeros((R, v.shape[1], x.shape[2], *v.shape[3:]), dtype=v.dtype, device=v.device)
         for k, (s, e) in enumerate(self.windows):
-            out[:, :, s:e] += self._weight(k, v.device).to(v.dtype) * v[k * R:(k + 1) * R]
+            out[:, :, s:e] += self._weight(k, v) * v[k * R:(k + 1) * R]
         self._done(R * n)
         return out
 
