@@ -50,8 +50,10 @@ def build(args):
     t = time.time()
     model = dit_bench.random_model(lambda: SteadyDancerDiT(cfg, attention="sdpa"))
     cuda = args.device == "cuda"
-    if cuda:
-        accel.optimize(model, fp8=not args.no_fp8, sparse_topk=args.topk or None, compile=not args.no_compile)
+    if cuda:  # accel.optimize's fp8 mode (per-tensor scale, fast accumulation); compile as the Model Loader does it
+        accel.optimize(model, fp8=not args.no_fp8, sparse_topk=args.topk or None, compile=False)
+        if not args.no_compile:
+            accel.compile_blocks(model, fullgraph=False)
     log(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params) in {time.time() - t:.1f} s;"
         f" fp8={cuda and not args.no_fp8} topk={args.topk if cuda else None} compile={cuda and not args.no_compile}")
     return model, cfg
