@@ -1,6 +1,7 @@
 """ComfyUI V1 node classes (thin adapters over the core packages). Ids are prefixed ``SteadyDancer``."""
 from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
+from .context_nodes import SteadyDancerColourGuard, SteadyDancerContextOptions
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
 from .sampler_nodes import SteadyDancerSampler, SteadyDancerTurboSampler
@@ -17,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerConditioning": SteadyDancerConditioning,
     "SteadyDancerSampler": SteadyDancerSampler,
     "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
+    "SteadyDancerContextOptions": SteadyDancerContextOptions,
+    "SteadyDancerColourGuard": SteadyDancerColourGuard,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,4 +31,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerConditioning": "SteadyDancer Conditioning",
     "SteadyDancerSampler": "SteadyDancer Sampler (official)",
     "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",
+    "SteadyDancerContextOptions": "SteadyDancer Context Windows (long video)",
+    "SteadyDancerColourGuard": "SteadyDancer Colour Guard (long video)",
 }

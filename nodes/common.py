@@ -15,6 +15,7 @@ from ..steadydancer.latents import LATENT_CHANNELS, VAE_STRIDE
 CATEGORY = "SteadyDancer"
 MODEL_TYPE = "STEADYDANCER_MODEL"
 COND_TYPE = "STEADYDANCER_CONDITIONING"
+CONTEXT_TYPE = "STEADYDANCER_CONTEXT"  # steadydancer.context_windows.ContextOptions
 POSE_TYPE = "POSE_KEYPOINT"  # the type comfyui_controlnet_aux and others use: list of per-frame OpenPose dicts
 
 VAE_STRIDE_T = VAE_STRIDE[0]

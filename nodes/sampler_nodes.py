@@ -8,14 +8,30 @@ from __future__ import annotations
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, COND_TYPE, MODEL_TYPE, tooltip
+from .common import CATEGORY, COND_TYPE, CONTEXT_TYPE, MODEL_TYPE, tooltip
 from .model_nodes import _CACHE, offload, on_device
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
-    """Shared plumbing: load/place the model, progress + previews + interrupt per step, offload after."""
+def _windows(bundle, context, unique_id):
+    """Number of context windows for this conditioning (1 = the plain path), with a note for long videos
+    sampled without windows."""
+    from ..steadydancer import context_windows as cw
+
+    T = bundle.cond.latent_shape[1]
+    wins = cw.plan(context, T)
+    if wins is None and context is None and T > cw.DEFAULT_WINDOW:
+        cb.node_message(unique_id, f"{bundle.length} frames run as one window (the model was trained on 81); connect "
+                                   "a SteadyDancer Context Windows node for long videos.")
+    return len(wins) if wins else 1
+
+
+def _run(handle, bundle, steps_total, sample_fn, unique_id=None, window_passes=None):
+    """Shared plumbing: load/place the model, progress + previews + interrupt per step, offload after.
+
+    ``window_passes``: with context windows, the total number of window passes (DiT passes x windows); the
+    progress bar then counts window passes and Cancel is checked after every one (within one window pass)."""
     from ..steadydancer import latents
 
     if handle is None or not hasattr(handle, "materialize"):
@@ -24,23 +40,31 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
         raise ValueError("conditioning: connect the SteadyDancer Conditioning output")
     cb.check_interrupt()
     device = cb.torch_device()
-    pbar = cb.Progress(steps_total)
+    pbar = cb.Progress(window_passes or steps_total)
     previewer = cb.wan21_previewer(device)
 
     def callback(step, total, x0):
         cb.check_interrupt()  # raised here, the sampler stops after this step
-        pbar.update_absolute(step + 1, preview=cb.preview_image(previewer, x0))
+        preview = cb.preview_image(previewer, x0)
+        pbar.update_absolute(pbar.current if window_passes else step + 1, preview=preview)
+
+    def window_callback(passes):
+        pbar.update(passes)
+        cb.check_interrupt()  # raised here, the sampler stops after this window pass
 
     with _CACHE.using():  # ComfyUI's memory hooks leave the model alone while it samples
         module = handle.materialize(device)
         on_device(module, device)
         try:
-            x = sample_fn(module, bundle.cond, device, callback)
+            x = sample_fn(module, bundle.cond, device, callback, window_callback)
         finally:
             if handle.options.offload_after:
                 offload(module)
     samples = latents.denormalize(x.float()).to(cb.intermediate_device())
     return ({"samples": samples},)
+
+
+CONTEXT_INPUT = (CONTEXT_TYPE, tooltip("Optional: context windows for long videos (SteadyDancer Context Windows node)."))
 
 
 class _SamplerNode:
@@ -79,11 +103,12 @@ class SteadyDancerSampler(_SamplerNode):
                                                        default=0.4, min=0.0, max=1.0, step=0.01)),
                 "solver": (["unipc", "euler"], tooltip("unipc = the official solver; euler = plain flow Euler.", default="unipc")),
             },
+            "optional": {"context": CONTEXT_INPUT},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model, conditioning, seed, steps, shift, text_guidance, pose_guidance, pose_guidance_start,
-               pose_guidance_end, solver, unique_id=None):
+               pose_guidance_end, solver, context=None, unique_id=None):
         from ..steadydancer import sampling
 
         if pose_guidance != 0 and not conditioning.cond.has_negative_pose:
@@ -93,11 +118,14 @@ class SteadyDancerSampler(_SamplerNode):
         guidance = sampling.Guidance(float(text_guidance), float(pose_guidance), float(pose_guidance_start),
                                      float(pose_guidance_end))
 
-        def fn(module, cond, device, callback):
+        def fn(module, cond, device, callback, window_callback):
             return sampling.sample_official(module, cond, seed=int(seed), steps=int(steps), shift=float(shift),
-                                            guidance=guidance, solver=solver, callback=callback, device=device)
+                                            guidance=guidance, solver=solver, callback=callback, device=device,
+                                            context=context, window_callback=window_callback)
 
-        return _run(model, conditioning, int(steps), fn, unique_id)
+        n = _windows(conditioning, context, unique_id)
+        passes = sampling.count_passes(int(steps), guidance) * n if n > 1 else None
+        return _run(model, conditioning, int(steps), fn, unique_id, passes)
 
 
 class SteadyDancerTurboSampler(_SamplerNode):
@@ -125,14 +153,17 @@ class SteadyDancerTurboSampler(_SamplerNode):
                 "mode": (["sde", "ode"], tooltip("sde: re-noise each step (TurboDiffusion default, more robust); "
                                                  "ode: Euler (sharper, less robust).", default="sde")),
             },
+            "optional": {"context": CONTEXT_INPUT},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def sample(self, model, conditioning, seed, steps, schedule, shift, sigma_max, mode, unique_id=None):
+    def sample(self, model, conditioning, seed, steps, schedule, shift, sigma_max, mode, context=None, unique_id=None):
         from ..turbo import rcm
 
-        def fn(module, cond, device, callback):
+        def fn(module, cond, device, callback, window_callback):
             return rcm.sample_rcm(module, cond, seed=int(seed), steps=int(steps), sigma_max=float(sigma_max),
-                                  mode=mode, schedule=schedule, shift=float(shift), callback=callback, device=device)
+                                  mode=mode, schedule=schedule, shift=float(shift), callback=callback, device=device,
+                                  context=context, window_callback=window_callback)
 
-        return _run(model, conditioning, int(steps), fn, unique_id)
+        n = _windows(conditioning, context, unique_id)
+        return _run(model, conditioning, int(steps), fn, unique_id, int(steps) * n if n > 1 else None)

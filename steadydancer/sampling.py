@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import context_windows as cw
 from .conditioning import KWARG_ORDER, SteadyDancerConditioning, concat_kwargs
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -154,6 +155,7 @@ def _estimate_pass_bytes(model, cond: SteadyDancerConditioning, itemsize: int) -
     dim = int(getattr(cfg, "dim", 5120))
     ffn = int(getattr(cfg, "ffn_dim", 13824))
     _, T, h, w = cond.latent_shape
+    T = min(T, int(getattr(model, "frames_per_call", T)))  # a context-window wrapper runs W frames per forward
     tokens = (T + 2) * (h // 2) * (w // 2) * cond.batch_size
     # peak activations of one block: FFN hidden + q/k/v/o + residual stream, with some slack
     return int(tokens * (ffn + 6 * dim) * itemsize * 1.5)
@@ -207,6 +209,8 @@ def sample_official(
     batch_passes: Union[bool, str] = "auto",
     model_dtype: Optional[torch.dtype] = None,
     device=None,
+    context: Optional[cw.ContextOptions] = None,
+    window_callback: Optional[Callable[[int], None]] = None,
 ) -> torch.Tensor:
     """Run the official SteadyDancer sampler and return the final (normalized) latent, float32
     [B, 16, T, h, w] on ``device``.
@@ -221,6 +225,11 @@ def sample_official(
     pipeline feeds fp32 VAE latents into its autocast-bf16 DiT; ``SteadyDancerDiT`` casts per op to its own
     ``compute_dtype`` (pre-casting would round e.g. the pose latent before its fp32 ``cond + temporal +
     spatial`` sum, unlike the official).
+
+    ``context``: context windows for long videos (steadydancer/context_windows.py); a length that fits one
+    window takes the plain path unchanged. With several windows every pass runs on every window (DiT passes
+    per step = windows x passes), the initial noise is ``cw.initial_window_noise`` and
+    ``window_callback(passes)`` runs after each window forward.
     """
     if solver not in ("unipc", "euler"):
         raise ValueError("solver must be 'unipc' or 'euler'")
@@ -233,8 +242,12 @@ def sample_official(
 
     B = cond.batch_size
     shape = (B, *cond.latent_shape)
+    windowed = cw.plan(context, shape[2]) is not None
+    if windowed:
+        model = cw.ContextWindowModel(model, context, shape[2], B, window_callback)
     if noise is None:
-        latent = initial_noise(shape, seed, device)
+        latent = (cw.initial_window_noise(shape, seed, context, device) if windowed
+                  else initial_noise(shape, seed, device))
     else:
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != {shape}")

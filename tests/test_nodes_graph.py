@@ -239,6 +239,12 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
     model = out[_ids(api, "SteadyDancerLoraLoader")[0]][0]
     bundle = out[_ids(api, "SteadyDancerConditioning")[0]][0]
 
+    # 1 check before sampling, then one per finished step: stop after step 2
+    assert _forwards_until_interrupt(monkeypatch, model, bundle, 3) == 2
+
+
+def _forwards_until_interrupt(monkeypatch, model, bundle, stop_at_check, **sample_kw):
+    """DiT forwards the turbo sampler node runs before ``cb.check_interrupt`` raises on its stop_at_check-th call."""
     class Interrupted(Exception):
         pass
 
@@ -246,7 +252,7 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
 
     def check():
         calls["check"] += 1
-        if calls["check"] == 3:  # 1 check before sampling, then one per finished step: stop after step 2
+        if calls["check"] == stop_at_check:
             raise Interrupted()
 
     monkeypatch.setattr(cb, "check_interrupt", check)
@@ -254,10 +260,11 @@ def test_interrupt_stops_within_one_step(models, monkeypatch):
     h = module.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
     try:
         with pytest.raises(Interrupted):
-            pack.NODE_CLASS_MAPPINGS["SteadyDancerTurboSampler"]().sample(model, bundle, 1, 4, "shift", 5.0, 200.0, "sde")
+            pack.NODE_CLASS_MAPPINGS["SteadyDancerTurboSampler"]().sample(model, bundle, 1, 4, "shift", 5.0, 200.0, "sde",
+                                                                          **sample_kw)
     finally:
         h.remove()
-    assert calls["forward"] == 2
+    return calls["forward"]
 
 
 def test_loader_speed_options_switch_without_reload(models, monkeypatch):
@@ -292,3 +299,73 @@ def test_loader_speed_options_switch_without_reload(models, monkeypatch):
     if not torch.cuda.is_available():
         assert notes and "fp8_matmul ignored" in notes[0]
     mn._CACHE.clear()
+
+
+LONG = 25  # the fake driving video gives 26 frames at 16 fps -> 25 (4n+1) = 7 latent frames
+
+
+def _long_api(models, window=9, overlap=4, strength=1.0):
+    api = prepare("steadydancer-long", models)
+    for nid in _ids(api, "SteadyDancerResampleFrames"):
+        api[nid]["inputs"]["max_frames"] = 161          # the shipped default: all 26 frames, trimmed to 25
+    (ctx,) = _ids(api, "SteadyDancerContextOptions")
+    api[ctx]["inputs"].update(window_frames=window, overlap_frames=overlap)
+    (guard,) = _ids(api, "SteadyDancerColourGuard")
+    api[guard]["inputs"]["strength"] = strength
+    return api
+
+
+def test_long_graph_runs_every_window_and_keeps_the_exact_frame_count(models, monkeypatch):
+    """The shipped long graph with 9-frame windows (3 latent) overlapping by 4 frames: 7 latent frames ->
+    windows (0,3) (2,5) (4,7); every turbo step runs the tiny DiT once per window, progress counts window
+    passes, and the saved video has exactly the 25 resampled frames, colour-guarded."""
+    api = _long_api(models)
+    core = FakeCore()
+    bars = []
+    real = cb.Progress
+
+    class Spy(real):
+        def __init__(self, total):
+            super().__init__(total)
+            bars.append(self)
+
+    monkeypatch.setattr(cb, "Progress", Spy)
+    seen = {}
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            seen["kwargs"] = kwargs
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(rcm, "sample_rcm", spy(rcm.sample_rcm))
+    out = run_graph(api, core)
+    bundle, w, h, n = out[_ids(api, "SteadyDancerConditioning")[0]]
+    assert n == LONG
+    opts = seen["kwargs"]["context"]
+    assert (opts.window, opts.overlap) == (3, 1) and opts.windows(7) == [(0, 3), (2, 5), (4, 7)]
+    samples = out[_ids(api, "SteadyDancerTurboSampler")[0]][0]["samples"]
+    assert samples.shape == (1, 16, 7, H // 8, W // 8) and torch.isfinite(samples).all()
+    steps = api[_ids(api, "SteadyDancerTurboSampler")[0]]["inputs"]["steps"]
+    (bar,) = [b for b in bars if b.total == steps * 3]
+    assert bar.current == bar.total
+    (frames, fps), = core.saved
+    assert frames.shape == (LONG, H, W, 3) and fps == 16
+    decoded = core.vae.decode(samples)
+    assert not torch.equal(frames, decoded)                      # the colour guard ran (strength 1)
+    ref = out[_ids(api, "SteadyDancerPoseRetarget")[0]][0]
+    torch.testing.assert_close(frames.double().mean((0, 1, 2)), ref.double().mean((0, 1, 2)), rtol=0, atol=0.08)
+
+
+def test_long_graph_interrupt_stops_within_one_window_pass(models, monkeypatch):
+    api = _long_api(models)
+    core = FakeCore()
+    sampler_id = _ids(api, "SteadyDancerTurboSampler")[0]
+    pre = {k: v for k, v in api.items() if k != sampler_id and api[k]["class_type"] not in
+           ("VAEDecode", "CreateVideo", "SaveVideo", "SteadyDancerColourGuard")}
+    out = run_graph(pre, core)
+    model = out[_ids(api, "SteadyDancerLoraLoader")[0]][0]
+    bundle = out[_ids(api, "SteadyDancerConditioning")[0]][0]
+    ctx = out[_ids(api, "SteadyDancerContextOptions")[0]][0]
+    # 1 check before sampling, then one per window pass (3 windows per step): stop after window 2 of step 1
+    assert _forwards_until_interrupt(monkeypatch, model, bundle, 3, context=ctx) == 2

@@ -410,3 +410,9 @@ def test_missing_dwpose_file_is_found_through_models_dwpose_and_is_exit_4(tmp_pa
     assert "'yolox_l.onnx' is not in models/dwpose/" in err and "dw-ll_ucoco_384" not in err
     assert "https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx" in err
     assert fake.prompts == []                                       # refused before queueing
+
+
+def test_long_is_a_shipped_workflow_name():
+    api, ui = rw.resolve_workflow("long")
+    assert api == rw.API_DIR / "steadydancer-long.json" and ui == rw.WORKFLOW_DIR / "steadydancer-long.json"
+    assert any(v["class_type"] == "SteadyDancerContextOptions" for v in rw.load_prompt(api).values())

@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ROOT / "tests" / "data" / "object_info_core_subset.json"
 UI_DIR = ROOT / "example_workflows"
 API_DIR = ROOT / "workflows_api"
-WORKFLOWS = ["steadydancer-dance", "steadydancer-turbo"]
+WORKFLOWS = ["steadydancer-dance", "steadydancer-turbo", "steadydancer-long"]
 UI_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
@@ -312,7 +312,7 @@ def test_model_loaders_carry_download_entries(name, info):
         seen += models
     top = ui.get("models", [])
     assert sorted(map(json.dumps, top)) == sorted(set(map(json.dumps, seen)))
-    if name.endswith("turbo"):
+    if name.endswith(("turbo", "long")):
         assert any(m["name"].startswith("lightx2v_I2V_14B_480p_cfg_step_distill") for m in seen)
 
 
@@ -348,6 +348,27 @@ def test_dwpose_download_urls_match_the_core_model_table(name):
         for m in n["properties"].get("models", []):
             if m["directory"] == "dwpose":
                 assert m["url"] == models.MODEL_FILES[m["name"]].url
+
+
+def test_long_graph_windows_the_turbo_sampler_at_161_frames():
+    """The long workflow: turbo sampler + LoRA, 161 frames on Resample Frames (Conditioning takes them all), a
+    Context Windows node (81 / 16 frames) on the sampler and on the Colour Guard (off: strength 0) that sits
+    between VAE Decode and Create Video."""
+    api = json.loads((API_DIR / "steadydancer-long.json").read_text())
+    by = {}
+    for k, v in api.items():
+        by.setdefault(v["class_type"], []).append(k)
+    (resample,), (cond,), (sampler,) = by["SteadyDancerResampleFrames"], by["SteadyDancerConditioning"], \
+        by["SteadyDancerTurboSampler"]
+    assert api[resample]["inputs"]["max_frames"] == 161 and api[cond]["inputs"]["length"] == 0
+    (ctx,), (guard,), (decode,), (create,) = by["SteadyDancerContextOptions"], by["SteadyDancerColourGuard"], \
+        by["VAEDecode"], by["CreateVideo"]
+    c = api[ctx]["inputs"]
+    assert (c["window_frames"], c["overlap_frames"], c["anchor_frames"]) == (81, 16, 0)
+    assert api[sampler]["inputs"]["context"] == [ctx, 0] and api[guard]["inputs"]["context"] == [ctx, 0]
+    assert api[guard]["inputs"]["images"] == [decode, 0] and api[create]["inputs"]["images"] == [guard, 0]
+    assert api[guard]["inputs"]["strength"] == 0.0
+    assert by.get("SteadyDancerLoraLoader")
 
 
 if __name__ == "__main__":

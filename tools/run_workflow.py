@@ -634,12 +634,12 @@ class ComfyServer:
 
 # ------------------------------------------------------------------------------------------------ the command
 def resolve_workflow(name):
-    """(API prompt path, UI workflow path or None) for 'turbo', 'dance' or a file path.
+    """(API prompt path, UI workflow path or None) for 'turbo', 'dance', 'long' or a file path.
 
     The shipped API twins live in ``workflows_api/<name>.json`` next to the UI files in
     ``example_workflows/<name>.json`` (kept apart so ComfyUI's template browser lists only the UI files).
     """
-    short = {"turbo": "steadydancer-turbo", "dance": "steadydancer-dance"}.get(name)
+    short = {"turbo": "steadydancer-turbo", "dance": "steadydancer-dance", "long": "steadydancer-long"}.get(name)
     p = pathlib.Path(name)
     if short is None and p.is_file():
         ui = WORKFLOW_DIR / p.name
@@ -649,7 +649,7 @@ def resolve_workflow(name):
         if cand.is_file():
             ui = WORKFLOW_DIR / f"{short}.json"
             return cand, (ui if ui.is_file() else None)
-    raise RunError(f"no workflow {name!r}: give 'turbo', 'dance' or a path to an API-format JSON "
+    raise RunError(f"no workflow {name!r}: give 'turbo', 'dance', 'long' or a path to an API-format JSON "
                    f"(looked in {API_DIR})", 2)
 
 
@@ -661,7 +661,8 @@ def load_prompt(path):
         raise RunError(f"{path}: not a readable workflow JSON ({e})", 2)
     if "nodes" in data and "links" in data:
         twin = API_DIR / path.name
-        short = {"steadydancer-turbo.json": "turbo", "steadydancer-dance.json": "dance"}.get(path.name)
+        short = {"steadydancer-turbo.json": "turbo", "steadydancer-dance.json": "dance",
+                 "steadydancer-long.json": "long"}.get(path.name)
         if twin.is_file():
             use = (f"`{short}` (or {twin})" if short else str(twin))
         else:
@@ -825,7 +826,7 @@ def run(args, out=None):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workflow", help="'turbo', 'dance', or a path to an API-format workflow JSON")
+    p.add_argument("workflow", help="'turbo', 'dance', 'long', or a path to an API-format workflow JSON")
     p.add_argument("--image", help="reference image (the person to animate)")
     p.add_argument("--video", help="driving dance video")
     p.add_argument("--output", "-o", default="steadydancer.mp4", help="where to save the video (file or folder)")

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..steadydancer import context_windows as cw
 from ..steadydancer.conditioning import KWARG_ORDER, SteadyDancerConditioning
 from ..steadydancer.sampling import shift_sigmas
 
@@ -128,6 +129,8 @@ def sample_rcm(
     device=None,
     text: str = "pos",
     pose: str = "pos",
+    context: Optional[cw.ContextOptions] = None,
+    window_callback: Optional[Callable[[int], None]] = None,
 ) -> torch.Tensor:
     """Few-step sampling with one DiT pass per step (no CFG). Returns the final latent, float32
     [B, 16, T, h, w] on ``device``.
@@ -138,6 +141,11 @@ def sample_rcm(
     step, float32 x0); an exception in it propagates after that step. ``model_dtype``: if given, x (kept in
     float64) and the conditioning are cast to it for the model, as TurboDiffusion feeds its net bf16 x;
     default None passes float32 (``SteadyDancerDiT`` casts per op to its compute dtype).
+
+    ``context``: context windows for long videos (steadydancer/context_windows.py); a length that fits one
+    window takes the plain path unchanged. With several windows each step runs the DiT once per window, every
+    noise draw (initial and SDE) is a ``cw.WindowNoise`` draw (its first window = the plain draw) and
+    ``window_callback(1)`` runs after each window forward.
     """
     if mode not in ("sde", "ode"):
         raise ValueError("mode must be 'sde' or 'ode'")
@@ -159,7 +167,12 @@ def sample_rcm(
     shape = (B, *cond.latent_shape)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if cw.plan(context, shape[2]) is not None:
+        model = cw.ContextWindowModel(model, context, shape[2], B, window_callback)
+        draw = cw.WindowNoise(shape, gen, context, seed)
+    else:
+        draw = lambda: torch.randn(shape, generator=gen, dtype=torch.float32)  # noqa: E731
+    noise = draw()
     kwargs = cond.to(device=device, dtype=model_dtype).model_kwargs(text, pose)
     args = [kwargs[k] for k in KWARG_ORDER]
     s_dev = s.to(device)
@@ -175,7 +188,7 @@ def sample_rcm(
             if mode == "ode":
                 x = x - (t_cur - t_next) * v
             else:
-                fresh = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+                fresh = draw().to(device)
                 x = (1 - t_next) * x0 + t_next * fresh  # t_next*fresh is float32, as TurboDiffusion
             if callback is not None:
                 callback(i, n, x0.float())

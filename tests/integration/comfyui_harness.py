@@ -28,7 +28,7 @@ PACK_FOLDER = "ComfyUI-SteadyDancer-Turbo"
 FIXTURE_FOLDER = "steadydancer_test_fixtures"
 API_DIR = PACK_ROOT / "workflows_api"
 UI_DIR = PACK_ROOT / "example_workflows"
-WORKFLOWS = ("steadydancer-dance", "steadydancer-turbo")
+WORKFLOWS = ("steadydancer-dance", "steadydancer-turbo", "steadydancer-long")
 
 
 def _load(name, path):

@@ -13,7 +13,7 @@ from comfyui_harness import WORKFLOWS, api_workflow, models, nodes_of, run_workf
 
 W, H, LENGTH = 64, 96, 9
 TARGET_FPS = 12.0      # the driving fixture is 20 frames at 16 fps: 15 frames at 12 fps, trimmed to LENGTH
-STEPS = {"steadydancer-dance": 3, "steadydancer-turbo": 4}
+STEPS = {"steadydancer-dance": 3, "steadydancer-turbo": 4, "steadydancer-long": 4}
 
 
 def _ready(comfy):
@@ -34,7 +34,7 @@ def _sampler(prompt):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
     _ready(comfy)
-    if name.endswith("turbo"):
+    if name.endswith(("turbo", "long")):
         comfy.need("lora")
     prompt = small(api_workflow(name), W, H, LENGTH, steps=STEPS[name])
     (resample,) = nodes_of(prompt, "SteadyDancerResampleFrames")
@@ -50,6 +50,29 @@ def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
     sampler = _sampler(prompt)
     steps = [d for t, d in events if t == "progress" and str(d.get("node")) == sampler]
     assert steps and steps[-1]["value"] == steps[-1]["max"], steps
+
+
+def test_long_workflow_runs_windows_to_a_video_with_the_exact_frame_count(comfy):
+    """The long workflow with 9-frame windows overlapping by 4 frames on the 17-frame fixture (5 latent frames:
+    windows (0,3) (2,5)): the sampler's progress counts window passes (steps x 2), the Colour Guard runs, and the
+    video has exactly 17 frames."""
+    _ready(comfy)
+    comfy.need("lora")
+    frames, steps = 17, 2
+    prompt = small(api_workflow("steadydancer-long"), W, H, frames, steps=steps)
+    (ctx,) = nodes_of(prompt, "SteadyDancerContextOptions")
+    prompt[ctx]["inputs"].update(window_frames=9, overlap_frames=4)
+    (guard,) = nodes_of(prompt, "SteadyDancerColourGuard")
+    prompt[guard]["inputs"]["strength"] = 0.5
+    hist, events = comfy.run(prompt, timeout=900)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    videos = [f for f in run_workflow.output_files(hist) if f["filename"].endswith((".mp4", ".webm", ".mkv"))]
+    assert len(videos) == 1, run_workflow.output_files(hist)
+    n, w, h, _ = models.video_info(comfy.output_path(videos[0]))
+    assert (n, w, h) == (frames, W, H)
+    sampler = _sampler(prompt)
+    bar = [d for t, d in events if t == "progress" and str(d.get("node")) == sampler]
+    assert bar and bar[-1]["max"] == steps * 2 and bar[-1]["value"] == bar[-1]["max"], bar
 
 
 def test_lora_strength_change_reuses_the_loaded_model(comfy):
@@ -155,6 +178,45 @@ def test_interrupt_during_sampling_stops_within_one_step(comfy):
     assert len(after) <= 3, (len(after), per_step)
     assert len(calls) < 2 * 8, "the sampler ran (nearly) all 8 steps"
     assert state["t_end"] - state["t"] < 4 * delay + 6.0          # generous: a busy 2-core box
+
+
+def test_interrupt_during_long_sampling_stops_within_one_window_pass(comfy):
+    """Long workflow, 4 windows per step (17 frames = 5 latent, 5-frame windows overlapping by 4): after
+    /interrupt at most the window pass in flight finishes; no further DiT call starts."""
+    _ready(comfy)
+    comfy.need("lora")
+    prompt = small(api_workflow("steadydancer-long"), W, H, 17, steps=4)
+    (ctx,) = nodes_of(prompt, "SteadyDancerContextOptions")
+    prompt[ctx]["inputs"].update(window_frames=5, overlap_frames=4)
+    loader, sampler = _loader(prompt), _sampler(prompt)
+    prompt[loader]["inputs"]["model_name"] = "tiny_steadydancer_slow.safetensors"   # own cache entry
+    log = comfy.base / "temp" / "forward_calls_long.txt"
+    log.write_text("")
+    delay = 0.4
+    prompt["900"] = {"class_type": "SDTestSlowModel",
+                     "inputs": {"model": [loader, 0], "seconds_per_call": delay, "log_file": str(log)}}
+    (lora,) = nodes_of(prompt, "SteadyDancerLoraLoader")
+    prompt[lora]["inputs"]["model"] = ["900", 0]
+    state = {}
+
+    def on_event(t, d):
+        if t == "progress" and str(d.get("node")) == sampler and d["value"] >= 2 and "t" not in state:
+            state["t"] = time.time()
+            state["value"], state["max"] = d["value"], d["max"]
+            comfy.client.interrupt()
+        if t == "execution_interrupted":
+            state["t_end"] = time.time()
+
+    with pytest.raises(run_workflow.RunError, match="interrupted"):
+        comfy.run(prompt, on_event=on_event, timeout=300)
+    assert "t" in state, "no sampler progress was seen"
+    assert state["max"] == 4 * 4                                  # the bar counts window passes: steps x windows
+    calls = [float(x) for x in log.read_text().split()]
+    after = [c for c in calls if c >= state["t"]]
+    print(f"interrupt at window pass {state['value']}/{state['max']}: {len(calls) - len(after)} DiT calls before, "
+          f"{len(after)} after, stopped {state['t_end'] - state['t']:.2f} s later")
+    assert len(after) <= 1, (len(after), calls)
+    assert len(calls) < 8, "the sampler ran on after the interrupt"
 
 
 def test_run_command_queues_uploads_and_saves_the_video(comfy, tmp_path, capsys):
