@@ -218,7 +218,7 @@ def test_server_down_is_exit_code_3(capsys, tmp_path):
 class FakeComfy:
     """aiohttp server with ComfyUI's routes and websocket messages (incl. binary preview frames)."""
 
-    def __init__(self, fail=False, hold=False, dwpose_files=None, mid_run=None, models_dir=None):
+    def __init__(self, fail=False, hold=False, dwpose_files=None, mid_run=None, models_dir=None, late=0.0):
         self.fail, self.prompts, self.uploads = fail, [], {}
         self.hold, self.running, self.interrupts, self.deleted = hold, False, [], []
         self.dwpose_files = dwpose_files
@@ -226,6 +226,7 @@ class FakeComfy:
         # "drop" (only the websocket closes; the prompt runs on)
         self.mid_run, self.finished, self.restarted, self.dead = mid_run, False, False, False
         self.models_dir = models_dir          # UNETLike's combo lists models_dir/diffusion_models
+        self.late = late                      # seconds between the history entry and the final message
         self.port = rw.free_port()
         self.ready = threading.Event()
         self.clients, self.transports = {}, {}
@@ -359,6 +360,7 @@ class FakeComfy:
             return
         if self.fail:
             self.finished, self.running = True, False
+            await asyncio.sleep(self.late)
             await sock.send_json({"type": "execution_error", "data": {
                 "prompt_id": pid, "node_id": "2", "node_type": "UNETLike", "exception_type": "ValueError",
                 "exception_message": "model.safetensors is not a SteadyDancer DiT"}})
@@ -420,6 +422,26 @@ def test_run_uploads_follows_the_websocket_and_saves_the_video(tmp_path, capsys,
     else:
         assert rc == 0, err
         assert out.read_bytes() == b"MP4DATA" * 10000
+
+
+def test_the_last_messages_are_read_when_history_shows_the_end_first(monkeypatch):
+    """ComfyUI writes the history entry before its message queue reaches the socket: a /history poll that sees
+    the end must still deliver the execution_error (or _interrupted) event to on_event."""
+    pytest.importorskip("aiohttp")
+    monkeypatch.setattr(sys.modules["comfy_client"], "POLL_S", 0.1)
+    fake = FakeComfy(fail=True, late=0.4).serve()
+    client = rw.ComfyClient(f"http://127.0.0.1:{fake.port}", timeout=10)
+    seen = []
+    try:
+        ws = client.websocket()
+        pid = client.queue(_prompt())
+        with pytest.raises(rw.RunError, match="node 2 .UNETLike. failed: ValueError: model.safetensors is not a"):
+            rw.wait_for_prompt(client, ws, pid, on_event=lambda t, d: seen.append(t), timeout=20)
+        ws.close()
+    finally:
+        client.close()
+        fake.close()
+    assert seen[-1] == "execution_error", seen
 
 
 def _run_fake(tmp_path, fake, prompt):

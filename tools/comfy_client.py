@@ -336,6 +336,7 @@ class WebSocket:
 
 
 # ------------------------------------------------------------------------------------------ waiting for a run
+POLL_S = 5.0      # with no websocket message for this long, ask /history (a message may have been missed)
 BINARY_TEXT = 3   # ComfyUI's BinaryEventTypes.TEXT: the text a node shows on itself (PromptServer.send_progress_text)
 
 
@@ -413,23 +414,31 @@ def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0, grace=
     """
     deadline = time.monotonic() + timeout
     ours = False              # our prompt is the one running (node texts carry no prompt id)
+    final = None              # history says it ended: read what the websocket still has, then finish
+    final_by = 0.0
     while True:
-        left = deadline - time.monotonic()
+        now = time.monotonic()
+        left = deadline - now
+        if final is not None and now >= final_by:
+            return _finish(final, prompt_id)
         if left <= 0:
             raise RunError(f"timed out after {timeout:.0f} s waiting for prompt {prompt_id}")
         try:
-            kind, msg = ws.recv(timeout=min(left, 5.0))
+            kind, msg = ws.recv(timeout=max(0.01, min(left, POLL_S) if final is None else final_by - now))
         except TimeoutError:
+            if final is not None:
+                return _finish(final, prompt_id)
             # a message can be missed if the run finished before the socket was open: poll history
             try:
                 h = client.history(prompt_id)
             except ServerUnreachable:
                 h = recover(client, ws, prompt_id, "GET /history got no answer", grace)
             if _done(h):
-                return _finish(h, prompt_id)
+                # the server writes history before its message queue reaches the socket: take those first
+                final, final_by = h, time.monotonic() + 1.0
             continue
         except ConnectionClosed as e:
-            h = recover(client, ws, prompt_id, str(e), grace)
+            h = final or recover(client, ws, prompt_id, str(e), grace)
             if h is not None:
                 return _finish(h, prompt_id)
             continue
