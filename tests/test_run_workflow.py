@@ -444,11 +444,11 @@ def test_the_last_messages_are_read_when_history_shows_the_end_first(monkeypatch
     assert seen[-1] == "execution_error", seen
 
 
-def _run_fake(tmp_path, fake, prompt):
+def _run_fake(tmp_path, fake, prompt, *extra):
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(prompt))
     return rw.main([str(wf), "--server", f"http://127.0.0.1:{fake.port}", "--output", str(tmp_path / "o.mp4"),
-                    "--timeout", "20"])
+                    "--timeout", "20", *extra])
 
 
 def test_ctrl_c_interrupts_our_prompt_on_the_server(tmp_path, capsys, monkeypatch):
@@ -534,10 +534,7 @@ def test_a_server_that_dies_or_restarts_mid_run_is_exit_3_with_a_clear_message(t
     pytest.importorskip("aiohttp")
     fake = FakeComfy(mid_run=mid_run).serve()
     try:
-        wf = tmp_path / "wf.json"
-        wf.write_text(json.dumps(_prompt()))
-        rc = rw.main([str(wf), "--server", f"http://127.0.0.1:{fake.port}", "--output", str(tmp_path / "o.mp4"),
-                      "--timeout", "30", "--server-grace", "1.5"])
+        rc = _run_fake(tmp_path, fake, _prompt(), "--server-grace", "1.5")
         err = capsys.readouterr().err
     finally:
         fake.close()
@@ -808,3 +805,31 @@ def test_models_root_from_comfyuis_folder_paths():
              "custom_nodes": ["/srv/ComfyUI/custom_nodes"], "vae": ["/srv/ComfyUI/models/vae", "/mnt/extra/vae"]}
     assert rw.models_root(paths) == pathlib.Path("/srv/ComfyUI/models")
     assert rw.models_root(None) is None and rw.models_root({}) is None
+
+
+def test_a_real_ctrl_c_while_waiting_on_the_websocket_interrupts_our_prompt(tmp_path):
+    """SIGINT arrives while the main thread waits for the client's event-loop thread: the wait stops, and our
+    prompt is interrupted through the same client."""
+    pytest.importorskip("aiohttp")
+    import signal
+    import subprocess
+    fake = FakeComfy(hold=True).serve()
+    try:
+        wf = tmp_path / "wf.json"
+        wf.write_text(json.dumps(_prompt()))
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "run_workflow.py"), str(wf), "--server",
+                                 f"http://127.0.0.1:{fake.port}", "--output", str(tmp_path / "o.mp4")],
+                                stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "UNETLike: 3/3" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        fake.close()
+    err = "".join(lines) + rest
+    assert proc.returncode == 130, err
+    assert "cancelled (prompt p1: interrupted it on the server)" in err and "Traceback" not in err, err
+    assert fake.interrupts == [{"prompt_id": "p1"}]

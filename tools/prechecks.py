@@ -79,7 +79,8 @@ def check_video(path):
                     return
             raise RunError(f"--video {path}: no frame could be decoded (empty or truncated video)", 2)
         except av.FFmpegError as e:
-            raise RunError(f"--video {path}: not a video file this command can read ({e})", 2) from None
+            why = getattr(e, "strerror", None) or str(e)          # without PyAV's "[Errno -1094995529]"
+            raise RunError(f"--video {path}: not a video file this command can read ({why})", 2) from None
     try:
         import cv2
     except ImportError:

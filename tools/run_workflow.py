@@ -316,6 +316,8 @@ def run(args, out=None):
     settings, notes = inference_settings(args)
     for n in notes:
         print(f"note: {n}", file=out, flush=True)
+    for n in apply_inference_settings(prompt, settings):
+        print(n, file=out, flush=True)
 
     server, keep_log, log_path = None, False, None
     if args.comfyui:
@@ -335,8 +337,6 @@ def run(args, out=None):
         image_name = client.upload(args.image) if args.image else None
         video_name = client.upload(args.video) if args.video else None
         set_media_inputs(prompt, image_name, video_name)
-        for n in apply_inference_settings(prompt, settings):
-            print(n, file=out, flush=True)
         apply_overrides(prompt, args.set)
         if args.seed is not None:
             randomize_seeds(prompt, args.seed)
