@@ -833,3 +833,12 @@ def test_a_real_ctrl_c_while_waiting_on_the_websocket_interrupts_our_prompt(tmp_
     assert proc.returncode == 130, err
     assert "cancelled (prompt p1: interrupted it on the server)" in err and "Traceback" not in err, err
     assert fake.interrupts == [{"prompt_id": "p1"}]
+
+
+def test_every_shipped_api_twin_has_a_short_name():
+    names = rw.shipped_workflows()
+    assert list(names)[:2] == ["turbo", "dance"]
+    for short, stem in names.items():
+        api, ui = rw.resolve_workflow(short)
+        assert api == rw.API_DIR / f"{stem}.json" and ui == rw.WORKFLOW_DIR / f"{stem}.json"
+        assert all("class_type" in n for n in rw.load_prompt(api).values())

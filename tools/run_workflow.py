@@ -67,13 +67,25 @@ TURBO_ENV_STEPS = (4, 8)           # the toggle's range (the original start-up s
 
 
 # ------------------------------------------------------------------------------------------------ the graph
+def shipped_workflows():
+    """{short name: file stem} of the shipped API twins ``workflows_api/steadydancer-<short>.json``, turbo first."""
+    names = {p.stem[len("steadydancer-"):]: p.stem for p in API_DIR.glob("steadydancer-*.json")}
+    order = {"turbo": 0, "dance": 1}
+    return dict(sorted(names.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
+
+
+def _names(sep=", ", quote="'"):
+    return sep.join(f"{quote}{n}{quote}" for n in shipped_workflows()) or f"{quote}turbo{quote}"
+
+
 def resolve_workflow(name):
-    """(API prompt path, UI workflow path or None) for 'turbo', 'dance' or a file path.
+    """(API prompt path, UI workflow path or None) for a shipped workflow's short name ('turbo', 'dance' ...)
+    or a file path.
 
     The shipped API twins live in ``workflows_api/<name>.json`` next to the UI files in
     ``example_workflows/<name>.json`` (kept apart so ComfyUI's template browser lists only the UI files).
     """
-    short = {"turbo": "steadydancer-turbo", "dance": "steadydancer-dance"}.get(name)
+    short = shipped_workflows().get(name)
     p = pathlib.Path(name)
     if short is None and p.is_file():
         ui = WORKFLOW_DIR / p.name
@@ -83,7 +95,7 @@ def resolve_workflow(name):
         if cand.is_file():
             ui = WORKFLOW_DIR / f"{short}.json"
             return cand, (ui if ui.is_file() else None)
-    raise RunError(f"no workflow {name!r}: give 'turbo', 'dance' or a path to an API-format JSON "
+    raise RunError(f"no workflow {name!r}: give {_names()} or a path to an API-format JSON "
                    f"(looked in {API_DIR})", 2)
 
 
@@ -95,12 +107,12 @@ def load_prompt(path):
         raise RunError(f"{path}: not a readable workflow JSON ({e})", 2)
     if "nodes" in data and "links" in data:
         twin = API_DIR / path.name
-        short = {"steadydancer-turbo.json": "turbo", "steadydancer-dance.json": "dance"}.get(path.name)
+        short = {stem: n for n, stem in shipped_workflows().items()}.get(path.stem)
         if twin.is_file():
             use = (f"`{short}` (or {twin})" if short else str(twin))
         else:
-            use = (f"`turbo` / `dance` for the shipped workflows (their API twins are {API_DIR}/<same name>.json), "
-                   f"or export yours with Workflow > Export (API) in ComfyUI")
+            use = (f"{_names(' / ', '`')} for the shipped workflows (their API twins are "
+                   f"{API_DIR}/<same name>.json), or export yours with Workflow > Export (API) in ComfyUI")
         raise RunError(f"{path} is a UI-format workflow; this command needs an API-format prompt: use {use}", 2)
     data = data.get("prompt", data)
     return data
@@ -406,7 +418,8 @@ def run(args, out=None):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workflow", help="'turbo', 'dance', or a path to an API-format workflow JSON")
+    p.add_argument("workflow", help=f"{_names()} (workflows_api/steadydancer-<name>.json), or a path to an "
+                                    f"API-format workflow JSON")
     p.add_argument("--image", help="reference image (the person to animate)")
     p.add_argument("--video", help="driving dance video")
     p.add_argument("--output", "-o", default="steadydancer.mp4", help="where to save the video (file or folder)")

@@ -183,7 +183,8 @@ def test_fifty_prompts_leave_the_server_healthy_and_its_memory_flat(comfy):
     assert q["queue_running"] == [] and q["queue_pending"] == [], q
     print(f"{N_PROMPTS} prompts in {took:.1f} s; server RSS {rss / 2**20:.0f} MiB after the first, "
           f"{rss_end / 2**20:.0f} MiB after the last"
-          + (f"; GPU used {vram / 2**20:.0f} -> {vram_end / 2**20:.0f} MiB" if vram is not None else "; the server runs on the CPU: no VRAM to check (COMFYUI_TEST_GPU=1 runs it on the GPU)"))
+          + (f"; GPU used {vram / 2**20:.0f} -> {vram_end / 2**20:.0f} MiB" if vram is not None
+             else "; the server runs on the CPU: no VRAM to check (COMFYUI_TEST_GPU=1 runs it on the GPU)"))
     assert abs(rss_end - rss) <= TOLERANCE * rss, f"server RSS {rss} -> {rss_end} bytes; per prompt:\n{table}"
     if vram is not None:
         assert abs(vram_end - vram) <= TOLERANCE * vram, f"GPU used {vram} -> {vram_end} bytes; per prompt:\n{table}"
