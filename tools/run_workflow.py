@@ -3,643 +3,89 @@
 
     python tools/run_workflow.py turbo --image person.png --video dance.mp4 --output out.mp4 \
         [--server http://127.0.0.1:8188 | --comfyui /path/to/ComfyUI [--python /path/to/python]] \
-        [--set NODE_ID.input=value ...]
+        [--turbo-steps N] [--guide-scale X] [--fetch-missing [--models-dir DIR]] [--set NODE_ID.input=value ...]
 
 ``turbo`` / ``dance`` name the API twins ``workflows_api/steadydancer-turbo.json`` / ``...-dance.json``; a
 path to any API-format prompt works too. The reference image goes into the graph's ``LoadImage`` node and the
-driving video into its ``LoadVideo`` node, after both are uploaded through ``/upload/image`` (ComfyUI stores
-any uploaded file in ``input/``; the image is checked to be one first). Before queueing, every file name the
-graph asks for is checked against the server's ``/object_info`` lists, and the DWPose files against
-``GET /models/dwpose`` (the pose node lists the default names even when absent), so a missing model is reported
-with its folder and, for the files the pack knows, the download URL instead of failing mid-run. Progress, and
-the notes nodes show on themselves (size / length adjustments), come from the ``/ws`` websocket.
+driving video into its ``LoadVideo`` node, after both are checked here (the image opened with PIL, the video's
+first frame decoded with PyAV or OpenCV) and uploaded through ``/upload/image``. Before queueing, every file
+name the graph asks for is checked against the server's ``/object_info`` lists, and the DWPose files against
+``GET /models/dwpose``, so a missing model is reported with its folder and download URL (or, with
+``--fetch-missing``, downloaded by tools/fetch_models.py) instead of failing mid-run. Progress, and the notes
+nodes show on themselves (size / length adjustments, warnings), come from the ``/ws`` websocket; a server
+that dies or restarts mid-run is reported as such (exit 3).
 
-Standard library only (urllib + a minimal RFC 6455 websocket client; PIL for the image check when present), so
-it runs with any Python >= 3.9, including ComfyUI's own interpreter.
+Runs with ComfyUI's own Python (it has aiohttp, which the client uses; PIL / PyAV for the local checks).
+The pieces: tools/comfy_client.py (HTTP + websocket), tools/comfy_server.py (--comfyui), tools/prechecks.py.
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import mimetypes
+import math
 import os
 import pathlib
-import socket
-import struct
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-import uuid
+from collections import Counter
 
-PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKFLOW_DIR = PACK_ROOT / "example_workflows"
+TOOLS = pathlib.Path(__file__).resolve().parent
+if str(TOOLS) not in sys.path:              # the sibling modules, also when this file is loaded by path
+    sys.path.insert(0, str(TOOLS))
+
+from comfy_client import (ComfyClient, PromptRejected, RunError, ServerLost, ServerUnreachable,  # noqa: E402,F401
+                          free_port, output_files, progress_printer, progress_text, wait_for_prompt)
+from comfy_server import ComfyServer, comfy_python  # noqa: E402,F401
+from prechecks import (MODEL_EXTS, VIDEO_EXTS, WORKFLOW_DIR, check_image, check_inputs,  # noqa: E402,F401
+                       check_video, describe_missing, find_inputs, known_models, models_from_ui_workflow,
+                       reachable)
+
+PACK_ROOT = TOOLS.parent
 API_DIR = PACK_ROOT / "workflows_api"
-VIDEO_EXTS = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v"}
-MODEL_EXTS = (".safetensors", ".gguf", ".onnx", ".pt", ".pth", ".ckpt", ".bin", ".sft")
 EXIT_CODES = """exit codes:
   0    the video was saved
   1    the run failed on the server (the failing node and its message are printed)
-  2    bad usage or input (unknown workflow, UI-format JSON, --image not an image, --video not a video ...)
-  3    server unreachable, or --comfyui could not start one (with a --cpu hint when the log shows no GPU)
-  4    a model file is missing on the server (file, folder and download URL printed)
+  2    bad usage or input (unknown workflow, UI-format JSON, --image not an image, --video not a video,
+       a bad TURBO_STEPS / STEADYDANCER_GUIDE_SCALE value ...)
+  3    server unreachable, --comfyui could not start one (with a --cpu hint when the log shows no GPU),
+       or the server died / restarted while our prompt was queued or running
+  4    a model file is missing on the server (file, folder and download URL printed), or
+       --fetch-missing could not download it
   5    the server rejected the prompt (validation errors per node printed)
-  130  cancelled with Ctrl-C (our prompt is interrupted, or removed from the queue)"""
+  130  cancelled with Ctrl-C (our prompt is interrupted, or removed from the queue)
 
+environment (defaults that the flags override; --set overrides both):
+  TURBO_STEPS=4..8            steps of the turbo sampler (--turbo-steps)
+  STEADYDANCER_GUIDE_SCALE=X  text guidance of the official sampler (--guide-scale)
+  TURBO_GUIDE_SCALE           reported as ignored unless 1: the distilled few-step path runs without CFG
+  COMFYUI_PYTHON              with --comfyui: the Python that runs ComfyUI"""
 
-class RunError(Exception):
-    """A failure with a message meant for the user, and the process exit code."""
+TURBO_SAMPLER, OFFICIAL_SAMPLER = "SteadyDancerTurboSampler", "SteadyDancerSampler"
+TURBO_ENV_STEPS = (4, 8)           # the toggle's range (the original start-up scripts' 4..8); the node takes 1-8
 
-    def __init__(self, message, code=1):
-        super().__init__(message)
-        self.code = code
 
+# ------------------------------------------------------------------------------------------------ the graph
+def shipped_workflows():
+    """{short name: file stem} of the shipped API twins ``workflows_api/steadydancer-<short>.json``, turbo first."""
+    names = {p.stem[len("steadydancer-"):]: p.stem for p in API_DIR.glob("steadydancer-*.json")}
+    order = {"turbo": 0, "dance": 1}
+    return dict(sorted(names.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])))
 
-class ServerUnreachable(RunError):
-    def __init__(self, url, why):
-        super().__init__(
-            f"cannot reach ComfyUI at {url} ({why}). Is the server running? Start it with "
-            f"`python main.py --listen 127.0.0.1 --port 8188` in your ComfyUI folder, or pass "
-            f"--comfyui /path/to/ComfyUI to let this command start one.", code=3)
 
+def _names(sep=", ", quote="'"):
+    return sep.join(f"{quote}{n}{quote}" for n in shipped_workflows()) or f"{quote}turbo{quote}"
 
-class PromptRejected(RunError):
-    def __init__(self, body):
-        self.body = body
-        err = body.get("error", {}) if isinstance(body, dict) else {}
-        lines = [f"ComfyUI rejected the prompt: {err.get('message', body)}"]
-        for node_id, ne in (body.get("node_errors") or {}).items():
-            for e in ne.get("errors", []):
-                lines.append(f"  node {node_id} ({ne.get('class_type')}): {e.get('message')}: {e.get('details')}")
-        super().__init__("\n".join(lines), code=5)
 
-
-# --------------------------------------------------------------------------------------------- HTTP client
-class ComfyClient:
-    def __init__(self, base_url, timeout=30.0):
-        self.base = base_url.rstrip("/")
-        self.timeout = timeout
-        self.client_id = uuid.uuid4().hex
-
-    def _open(self, req):
-        try:
-            return urllib.request.urlopen(req, timeout=self.timeout)
-        except urllib.error.HTTPError:
-            raise
-        except (urllib.error.URLError, ConnectionError, socket.timeout) as e:
-            raise ServerUnreachable(self.base, getattr(e, "reason", e))
-
-    def get_json(self, path):
-        with self._open(urllib.request.Request(self.base + path)) as r:
-            return json.loads(r.read())
-
-    def get_bytes(self, path):
-        with self._open(urllib.request.Request(self.base + path)) as r:
-            return r.read()
-
-    def post_json(self, path, obj):
-        data = json.dumps(obj).encode()
-        req = urllib.request.Request(self.base + path, data=data, headers={"Content-Type": "application/json"})
-        with self._open(req) as r:
-            raw = r.read()
-            return json.loads(raw) if raw else None
-
-    def alive(self):
-        try:
-            self.get_json("/system_stats")
-            return True
-        except (RunError, urllib.error.HTTPError, json.JSONDecodeError):
-            return False
-
-    def upload(self, path, overwrite=True):
-        """Upload a file into the server's input/ folder; returns the name to put in LoadImage/LoadVideo."""
-        path = pathlib.Path(path)
-        boundary = uuid.uuid4().hex
-        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        parts = [
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\n{'true' if overwrite else 'false'}\r\n".encode(),
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"type\"\r\n\r\ninput\r\n".encode(),
-            (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
-             f"Content-Type: {ctype}\r\n\r\n").encode() + path.read_bytes() + b"\r\n",
-            f"--{boundary}--\r\n".encode(),
-        ]
-        req = urllib.request.Request(self.base + "/upload/image", data=b"".join(parts),
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        try:
-            with self._open(req) as r:
-                resp = json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise RunError(f"uploading {path} failed: HTTP {e.code} {e.read()[:200]!r}", code=2)
-        name = resp["name"]
-        return f"{resp['subfolder']}/{name}" if resp.get("subfolder") else name
-
-    def queue(self, prompt, extra_data=None):
-        body = {"prompt": prompt, "client_id": self.client_id}
-        if extra_data:
-            body["extra_data"] = extra_data
-        try:
-            resp = self.post_json("/prompt", body)
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                parsed = json.loads(raw)
-            except json.JSONDecodeError:
-                raise RunError(f"POST /prompt failed: HTTP {e.code} {raw[:300]!r}")
-            raise PromptRejected(parsed)
-        return resp["prompt_id"]
-
-    def history(self, prompt_id):
-        return self.get_json(f"/history/{prompt_id}").get(prompt_id)
-
-    def interrupt(self, prompt_id=None):
-        self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
-
-    def cancel(self, prompt_id):
-        """Stop our prompt only: interrupt it when it runs, remove it when it waits in the queue.
-        Returns what was done, for the user."""
-        q = self.get_json("/queue")
-        ids = lambda items: {item[1] for item in items if len(item) > 1}     # (number, prompt_id, prompt, ...)
-        if prompt_id in ids(q.get("queue_running", [])):
-            self.interrupt(prompt_id)
-            return "interrupted it on the server"
-        if prompt_id in ids(q.get("queue_pending", [])):
-            self.post_json("/queue", {"delete": [prompt_id]})
-            return "removed it from the server's queue"
-        return "it was no longer queued or running"
-
-    def model_files(self, folder):
-        """File names the server has in a model folder (GET /models/<folder>), or None when it has no such
-        folder (older ComfyUI, or the pack did not register it)."""
-        try:
-            return self.get_json(f"/models/{urllib.parse.quote(folder)}")
-        except urllib.error.HTTPError:
-            return None
-
-    def object_info(self, node_class=None):
-        return self.get_json("/object_info" + (f"/{node_class}" if node_class else ""))
-
-    def view(self, filename, subfolder="", type_="output"):
-        q = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type_})
-        return self.get_bytes(f"/view?{q}")
-
-    def websocket(self):
-        return WebSocket.connect(self.base, f"/ws?clientId={self.client_id}", timeout=self.timeout)
-
-
-# ------------------------------------------------------------------------------- minimal websocket (RFC 6455)
-class WebSocket:
-    """Client side of RFC 6455, enough for ComfyUI's /ws: text and binary frames, ping/pong, close."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self._buf = b""
-
-    @classmethod
-    def connect(cls, base_url, path, timeout=30.0):
-        u = urllib.parse.urlparse(base_url)
-        if u.scheme == "https":
-            raise RunError("https servers are not supported by the built-in websocket client; use http://", 2)
-        host, port = u.hostname, u.port or 80
-        try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise ServerUnreachable(base_url, e)
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        ws = cls(sock)
-        head = ws._read_until(b"\r\n\r\n")
-        if b" 101 " not in head.split(b"\r\n", 1)[0]:
-            raise RunError(f"websocket handshake failed: {head[:200]!r}")
-        return ws
-
-    def _read_until(self, marker):
-        while marker not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            self._buf += chunk
-        head, self._buf = self._buf.split(marker, 1)
-        return head
-
-    def _read_exact(self, n):
-        while len(self._buf) < n:
-            chunk = self.sock.recv(max(65536, n - len(self._buf)))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            self._buf += chunk
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def _send(self, opcode, payload=b""):
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + masked)
-
-    def recv(self, timeout=None):
-        """Next message: ("text", str) or ("binary", bytes); raises socket.timeout / ConnectionError."""
-        self.sock.settimeout(timeout)
-        message, kind = b"", None
-        while True:
-            b0, b1 = self._read_exact(2)
-            fin, opcode, n = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
-            if n == 126:
-                n = struct.unpack(">H", self._read_exact(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._read_exact(8))[0]
-            mask = self._read_exact(4) if b1 & 0x80 else None
-            payload = self._read_exact(n)
-            if mask:
-                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-            if opcode == 0x9:          # ping
-                self._send(0xA, payload)
-                continue
-            if opcode == 0xA:          # pong
-                continue
-            if opcode == 0x8:          # close
-                raise ConnectionError("websocket closed by server")
-            if opcode in (0x1, 0x2):
-                kind = "text" if opcode == 0x1 else "binary"
-            message += payload
-            if fin:
-                return (kind, message.decode("utf-8")) if kind == "text" else (kind, message)
-
-    def close(self):
-        try:
-            self._send(0x8, struct.pack(">H", 1000))
-        except OSError:
-            pass
-        self.sock.close()
-
-
-# ------------------------------------------------------------------------------------------ waiting for a run
-def wait_for_prompt(client, ws, prompt_id, on_event=None, timeout=3600.0):
-    """Follow a queued prompt over the websocket until it ends; returns its /history entry.
-
-    ``on_event(type, data)`` sees every JSON message for this prompt, and ("progress_text", {"node", "text"})
-    for the texts nodes show on themselves while it runs (our nodes' size/length adjustments, for example). Raises RunError with the node's message
-    when the run fails and RunError("interrupted") when it was interrupted.
-    """
-    deadline = time.monotonic() + timeout
-    ours = False              # our prompt is the one running (node texts carry no prompt id)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RunError(f"timed out after {timeout:.0f} s waiting for prompt {prompt_id}")
-        try:
-            kind, msg = ws.recv(timeout=min(left, 5.0))
-        except socket.timeout:
-            # a message can be missed if the run finished before the socket was open: poll history
-            h = client.history(prompt_id)
-            if h and h.get("status", {}).get("completed") is not None and h["status"].get("status_str") in ("success", "error"):
-                return _finish(h, prompt_id)
-            continue
-        if kind != "text":
-            note = progress_text(msg)     # other binary frames are latent previews
-            if note and ours and on_event:
-                on_event("progress_text", {"node": note[0], "text": note[1], "prompt_id": prompt_id})
-            continue
-        m = json.loads(msg)
-        t, data = m.get("type"), m.get("data", {})
-        if data.get("prompt_id") not in (None, prompt_id):
-            ours = False if t in ("execution_start", "executing") else ours
-            continue
-        if data.get("prompt_id") == prompt_id:
-            ours = t not in ("execution_success", "execution_error", "execution_interrupted")
-        if on_event:
-            on_event(t, data)
-        if t == "execution_error":
-            raise RunError(
-                f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                f"{data.get('exception_type', '')}: {str(data.get('exception_message', '')).strip()}")
-        if t == "execution_interrupted":
-            raise RunError(f"the run was interrupted (node {data.get('node_id')} {data.get('node_type')})")
-        if t == "execution_success" or (t == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id):
-            for _ in range(50):
-                h = client.history(prompt_id)
-                if h:
-                    return _finish(h, prompt_id)
-                time.sleep(0.1)
-            raise RunError(f"prompt {prompt_id} finished but has no history entry")
-
-
-BINARY_TEXT = 3   # ComfyUI's BinaryEventTypes.TEXT: the text a node shows on itself (PromptServer.send_progress_text)
-
-
-def progress_text(frame):
-    """(node id, text) of a binary 'progress text' frame: event 3, node-id length (u32 BE), node id, UTF-8 text."""
-    if len(frame) < 8 or struct.unpack(">I", frame[:4])[0] != BINARY_TEXT:
-        return None
-    n = struct.unpack(">I", frame[4:8])[0]
-    if len(frame) < 8 + n:
-        return None
-    return frame[8:8 + n].decode("utf-8", "replace"), frame[8 + n:].decode("utf-8", "replace")
-
-
-def _finish(h, prompt_id):
-    status = h.get("status", {})
-    if status.get("status_str") == "error":
-        for name, data in status.get("messages", []):
-            if name == "execution_error":
-                raise RunError(f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
-                               f"{data.get('exception_type', '')}: {str(data.get('exception_message', '')).strip()}")
-        raise RunError(f"prompt {prompt_id} failed: {status}")
-    return h
-
-
-def output_files(history_entry):
-    """Every file a run wrote, as dicts with filename/subfolder/type (video savers report under 'images')."""
-    files = []
-    for node_out in history_entry.get("outputs", {}).values():
-        for key in ("videos", "images", "gifs", "video"):
-            for f in node_out.get(key, []) or []:
-                if isinstance(f, dict) and "filename" in f:
-                    files.append(f)
-    return files
-
-
-def progress_printer(prompt, stream=None):
-    stream = stream or sys.stderr
-    titles = {nid: (n.get("_meta", {}).get("title") or n["class_type"]) for nid, n in prompt.items()}
-
-    def on_event(t, data):
-        if t == "executing" and data.get("node") is not None:
-            print(f"[{data['node']}] {titles.get(str(data['node']), '?')}", file=stream, flush=True)
-        elif t == "progress":
-            v, mx = data.get("value", 0), data.get("max", 0)
-            bar = "#" * int(30 * v / max(mx, 1))
-            print(f"    {titles.get(str(data.get('node')), '')}: {v}/{mx} [{bar:<30}]", file=stream, flush=True)
-        elif t == "progress_text" and data.get("text"):
-            print(f"    note from {titles.get(str(data.get('node')), data.get('node'))}: {data['text']}",
-                  file=stream, flush=True)
-        elif t == "execution_cached" and data.get("nodes"):
-            print(f"(cached: {', '.join(map(str, data['nodes']))})", file=stream, flush=True)
-    return on_event
-
-
-# ------------------------------------------------------------------------------------- model-file pre-check
-def _combo_options(spec):
-    """Options of a combo input spec from /object_info (V1 ``[[...]]`` or V3 ``["COMBO", {"options": [...]}]``)."""
-    if not isinstance(spec, (list, tuple)) or not spec:
-        return None
-    if isinstance(spec[0], list):
-        return spec[0]
-    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
-        return spec[1].get("options")
-    return None
-
-
-def models_from_ui_workflow(ui_path):
-    """{file name: {"url", "directory"}} from the UI workflow's ``properties.models`` entries."""
-    out = {}
-    try:
-        wf = json.loads(pathlib.Path(ui_path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return out
-    for node in wf.get("nodes", []):
-        for m in (node.get("properties") or {}).get("models", []) or []:
-            if isinstance(m, dict) and m.get("name"):
-                out[m["name"]] = m
-    for m in wf.get("models", []) or []:
-        if isinstance(m, dict) and m.get("name"):
-            out.setdefault(m["name"], m)
-    return out
-
-
-def reachable(prompt, object_info):
-    """Ids of the nodes ComfyUI will validate and run: output nodes and everything they depend on."""
-    todo = [nid for nid, n in prompt.items()
-            if object_info.get(n["class_type"], {}).get("output_node") or n["class_type"] not in object_info]
-    seen = set()
-    while todo:
-        nid = todo.pop()
-        if nid in seen or nid not in prompt:
-            continue
-        seen.add(nid)
-        for v in prompt[nid].get("inputs", {}).values():
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) and isinstance(v[1], int):
-                todo.append(str(v[0]))
-    return seen
-
-
-# ComfyUI model folder of the file inputs of the usual loaders: (node class, input) first, then the input name.
-LOADER_FOLDERS = {
-    ("UNETLoader", "unet_name"): "diffusion_models",
-    ("SteadyDancerModelLoader", "model_name"): "diffusion_models",
-    ("LoraLoader", "lora_name"): "loras",
-    ("LoraLoaderModelOnly", "lora_name"): "loras",
-    ("SteadyDancerLoraLoader", "lora_name"): "loras",
-    ("VAELoader", "vae_name"): "vae",
-    ("CLIPLoader", "clip_name"): "text_encoders",
-    ("DualCLIPLoader", "clip_name1"): "text_encoders",
-    ("DualCLIPLoader", "clip_name2"): "text_encoders",
-    ("CLIPVisionLoader", "clip_name"): "clip_vision",
-    ("SteadyDancerPoseExtract", "detector"): "dwpose",
-    ("SteadyDancerPoseExtract", "estimator"): "dwpose",
-    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
-}
-INPUT_FOLDERS = {"unet_name": "diffusion_models", "lora_name": "loras", "vae_name": "vae",
-                 "ckpt_name": "checkpoints", "control_net_name": "controlnet", "clip_name1": "text_encoders",
-                 "clip_name2": "text_encoders", "upscale_model": "upscale_models"}
-# Folders whose combos list the default file names even when the file is absent (our pose node does, so the
-# node can answer a missing file with its download link): their real content is asked of GET /models/<folder>.
-ALWAYS_LISTED_FOLDERS = ("dwpose",)
-
-
-def model_folder(class_type, input_name, hint=None):
-    """ComfyUI model folder (``diffusion_models``, ``loras`` ...) a file input reads from, or None."""
-    if hint and hint.get("directory"):
-        return hint["directory"]
-    return LOADER_FOLDERS.get((class_type, input_name)) or INPUT_FOLDERS.get(input_name)
-
-
-def known_models():
-    """{file name: {"name", "url", "directory"}} of every file the pack knows: the shipped UI workflows'
-    ``properties.models`` and the DWPose table (dwpose/models.py, the pack's one list of those URLs)."""
-    out = {}
-    for ui in sorted(WORKFLOW_DIR.glob("*.json")):
-        for name, m in models_from_ui_workflow(ui).items():
-            out.setdefault(name, m)
-    try:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("_sd_dwpose_models", PACK_ROOT / "dwpose" / "models.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        for name, f in mod.MODEL_FILES.items():
-            out.setdefault(name, {"name": name, "url": f.url, "directory": mod.COMFY_MODEL_SUBFOLDER})
-    except Exception:  # noqa: BLE001 - hints only
-        pass
-    return out
-
-
-def _present(value, files):
-    """Whether a file name is among a folder listing (sub-folder entries match by base name, as the pose
-    node also finds comfyui_controlnet_aux's ``ckpts/<repo>/`` downloads)."""
-    base = value.replace("\\", "/").rsplit("/", 1)[-1]
-    return any(f == value or f.replace("\\", "/").rsplit("/", 1)[-1] == base for f in files)
-
-
-def check_inputs(prompt, object_info, model_hints=None, folder_files=None):
-    """Problems found before queueing: unknown node types and file names that are not on the server.
-
-    Only nodes that will run are checked (like the server, which ignores nodes no output depends on).
-    ``folder_files(folder)`` -> the file names the server has in a model folder, or None when unknown
-    (GET /models/<folder>); it is asked about ``ALWAYS_LISTED_FOLDERS`` only."""
-    model_hints = model_hints or {}
-    problems, missing = [], {}      # (file, folder) -> [(node id, class, input)], one entry per file
-    live = reachable(prompt, object_info)
-    for nid, node in prompt.items():
-        if nid not in live:
-            continue
-        info = object_info.get(node["class_type"])
-        if info is None:
-            problems.append(f"node {nid}: node type {node['class_type']!r} is not installed on the server "
-                            f"(is the SteadyDancer Turbo pack in custom_nodes and did it import without errors?)")
-            continue
-        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
-        for name, value in node.get("inputs", {}).items():
-            if not isinstance(value, str):
-                continue
-            opts = _combo_options(specs.get(name))
-            if opts is None:
-                continue
-            hint = model_hints.get(value) or model_hints.get(value.replace("\\", "/").rsplit("/", 1)[-1]) or {}
-            folder = model_folder(node["class_type"], name, hint)
-            if value in opts:
-                files = folder_files(folder) if folder_files and folder in ALWAYS_LISTED_FOLDERS else None
-                if files is None or _present(value, files):
-                    continue
-            elif not value.lower().endswith(MODEL_EXTS):
-                problems.append(f"node {nid} ({node['class_type']}).{name}: {value!r} is not one of the allowed "
-                                f"values {opts[:8]}{'...' if len(opts) > 8 else ''}")
-                continue
-            missing.setdefault((value, folder, hint.get("url")), []).append(f"node {nid} ({node['class_type']}).{name}")
-    missing_models = []
-    for (value, folder, url), users in missing.items():
-        where = f"models/{folder}/" if folder else "the matching models/ folder"
-        missing_models.append(f"  {value!r} is not in {where} (needed by {', '.join(users)})"
-                              + (f"\n      download: {url}" if url else ""))
-    return problems, missing_models
-
-
-# ------------------------------------------------------------------------------------------ server process
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def comfy_python(comfyui_path, explicit=None):
-    if explicit:
-        return explicit
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    root = pathlib.Path(comfyui_path).resolve()
-    for cand in (root / "venv" / "bin" / "python", root / ".venv" / "bin" / "python",
-                 root.parent / "venv" / "bin" / "python", root.parent / "python_embeded" / "python.exe"):
-        if cand.exists():
-            return str(cand)
-    return sys.executable
-
-
-class ComfyServer:
-    """A ComfyUI server process started from a checkout (``main.py``), stopped by ``stop()``."""
-
-    def __init__(self, comfyui_path, port=None, base_directory=None, python=None, cpu=True, extra_args=(),
-                 log_path=None):
-        self.comfyui_path = pathlib.Path(comfyui_path).resolve()
-        if not (self.comfyui_path / "main.py").exists():
-            raise RunError(f"{self.comfyui_path} is not a ComfyUI checkout (no main.py)", code=2)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.python = comfy_python(self.comfyui_path, python)
-        self.args = [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port)]
-        if cpu:
-            self.args.append("--cpu")
-        if base_directory:
-            self.args += ["--base-directory", str(base_directory)]
-        self.args += list(extra_args)
-        self.log_path = pathlib.Path(log_path) if log_path else None
-        self.proc = None
-        self._log = None
-
-    def start(self, timeout=120.0):
-        if self.log_path:
-            self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, cwd=self.comfyui_path, stdout=self._log or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
-        client = ComfyClient(self.url, timeout=5)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                if self._log:
-                    self._log.close()
-                    self._log = None
-                raise RunError(f"ComfyUI exited with code {self.proc.returncode} during start-up"
-                               + (f"; see {self.log_path}" if self.log_path else "")
-                               + self.startup_hint(), code=3)
-            if client.alive():
-                return self
-            time.sleep(0.3)
-        self.stop()
-        raise RunError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s"
-                       + (f"; see {self.log_path}" if self.log_path else ""), code=3)
-
-    NO_GPU_SIGNS = ("Found no NVIDIA driver", "Torch not compiled with CUDA enabled", "No CUDA GPUs are available",
-                    "no CUDA-capable device", "CUDA driver initialization failed", "NVIDIA driver on your system is too old",
-                    "Failed to initialize NVML", "No HIP GPUs are available")
-
-    def startup_hint(self):
-        """A hint for a start-up failure, read from the server log."""
-        text = self.log_text()
-        if "--cpu" not in self.args and any(s.lower() in text.lower() for s in self.NO_GPU_SIGNS):
-            return ("\n  The log says there is no usable GPU / driver: add --cpu to run ComfyUI on the CPU "
-                    "(slow, but it works), or fix the NVIDIA driver / CUDA build of torch.")
-        tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
-        return ("\n  last lines of the log:\n    " + "\n    ".join(tail)) if tail else ""
-
-    def log_text(self):
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._log:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-# ------------------------------------------------------------------------------------------------ the command
 def resolve_workflow(name):
-    """(API prompt path, UI workflow path or None) for 'turbo', 'dance', 'long' or a file path.
+    """(API prompt path, UI workflow path or None) for a shipped workflow's short name ('turbo', 'dance' ...)
+    or a file path.
 
     The shipped API twins live in ``workflows_api/<name>.json`` next to the UI files in
     ``example_workflows/<name>.json`` (kept apart so ComfyUI's template browser lists only the UI files).
     """
-    short = {"turbo": "steadydancer-turbo", "dance": "steadydancer-dance", "long": "steadydancer-long"}.get(name)
+    short = shipped_workflows().get(name)
     p = pathlib.Path(name)
     if short is None and p.is_file():
         ui = WORKFLOW_DIR / p.name
@@ -649,7 +95,7 @@ def resolve_workflow(name):
         if cand.is_file():
             ui = WORKFLOW_DIR / f"{short}.json"
             return cand, (ui if ui.is_file() else None)
-    raise RunError(f"no workflow {name!r}: give 'turbo', 'dance', 'long' or a path to an API-format JSON "
+    raise RunError(f"no workflow {name!r}: give {_names()} or a path to an API-format JSON "
                    f"(looked in {API_DIR})", 2)
 
 
@@ -661,13 +107,12 @@ def load_prompt(path):
         raise RunError(f"{path}: not a readable workflow JSON ({e})", 2)
     if "nodes" in data and "links" in data:
         twin = API_DIR / path.name
-        short = {"steadydancer-turbo.json": "turbo", "steadydancer-dance.json": "dance",
-                 "steadydancer-long.json": "long"}.get(path.name)
+        short = {stem: n for n, stem in shipped_workflows().items()}.get(path.stem)
         if twin.is_file():
             use = (f"`{short}` (or {twin})" if short else str(twin))
         else:
-            use = (f"`turbo` / `dance` for the shipped workflows (their API twins are {API_DIR}/<same name>.json), "
-                   f"or export yours with Workflow > Export (API) in ComfyUI")
+            use = (f"{_names(' / ', '`')} for the shipped workflows (their API twins are "
+                   f"{API_DIR}/<same name>.json), or export yours with Workflow > Export (API) in ComfyUI")
         raise RunError(f"{path} is a UI-format workflow; this command needs an API-format prompt: use {use}", 2)
     data = data.get("prompt", data)
     return data
@@ -686,32 +131,6 @@ def apply_overrides(prompt, sets):
             prompt[nid]["inputs"][inp] = json.loads(value)
         except json.JSONDecodeError:
             prompt[nid]["inputs"][inp] = value
-
-
-IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-
-
-def check_image(path):
-    """Refuse a --image that is not an image before uploading it (the server would only fail mid-run, naming
-    its own copy). Uses PIL when this Python has it (what ComfyUI's LoadImage opens files with), else the
-    file's magic bytes."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        Image = None
-    if Image is not None:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            return
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise RunError(f"--image {path}: not an image file this server can open ({e})", 2)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if any(head.startswith(m) for m, _ in IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return
-    raise RunError(f"--image {path}: not an image file (PNG, JPEG, WEBP, GIF, BMP or TIFF expected)", 2)
 
 
 def set_media_inputs(prompt, image_name=None, video_name=None):
@@ -734,6 +153,167 @@ def randomize_seeds(prompt, seed):
                 n["inputs"][k] = seed
 
 
+def _env_number(env, name, kind):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise RunError(f"{name}={raw!r}: not a {'whole number' if kind is int else 'number'}", 2) from None
+    if not math.isfinite(value):
+        raise RunError(f"{name}={raw!r}: not a finite number", 2)
+    return value
+
+
+def inference_settings(args, env=None):
+    """{input: (value, where it came from)} for the sampler inputs the flags / environment set, and the notes
+    to print. A flag beats its environment variable."""
+    env = os.environ if env is None else env
+    settings, notes = {}, []
+    steps = _env_number(env, "TURBO_STEPS", int)
+    if steps is not None and not TURBO_ENV_STEPS[0] <= steps <= TURBO_ENV_STEPS[1]:
+        raise RunError(f"TURBO_STEPS={steps}: the turbo sampler's toggle takes {TURBO_ENV_STEPS[0]} to "
+                       f"{TURBO_ENV_STEPS[1]} steps (use --turbo-steps for 1-3)", 2)
+    if args.turbo_steps is not None:
+        if not 1 <= args.turbo_steps <= 8:
+            raise RunError(f"--turbo-steps {args.turbo_steps}: the turbo sampler takes 1 to 8 steps", 2)
+        settings["turbo_steps"] = (args.turbo_steps, "--turbo-steps")
+    elif steps is not None:
+        settings["turbo_steps"] = (steps, "TURBO_STEPS")
+    scale = _env_number(env, "STEADYDANCER_GUIDE_SCALE", float)
+    if args.guide_scale is not None:
+        if not math.isfinite(args.guide_scale):
+            raise RunError(f"--guide-scale {args.guide_scale}: not a finite number", 2)
+        settings["text_guidance"] = (args.guide_scale, "--guide-scale")
+    elif scale is not None:
+        settings["text_guidance"] = (scale, "STEADYDANCER_GUIDE_SCALE")
+    turbo_scale = env.get("TURBO_GUIDE_SCALE")
+    if turbo_scale is not None and turbo_scale.strip() != "":
+        try:
+            is_one = float(turbo_scale) == 1.0
+        except ValueError:
+            is_one = False
+        if not is_one:
+            notes.append(f"TURBO_GUIDE_SCALE={turbo_scale} is ignored: the turbo sampler runs the distilled few-step "
+                         f"path without CFG (one model pass per step; the step-distill LoRA has the guidance baked "
+                         f"in), so it has no guidance scale. Unset it or set it to 1 to silence this note.")
+    return settings, notes
+
+
+def apply_inference_settings(prompt, settings):
+    """Set the sampler inputs; returns the notes to print. A flag with no node to act on is an error (exit 2);
+    an environment default with none is a note."""
+    notes = []
+    targets = {"turbo_steps": (TURBO_SAMPLER, "steps", "the turbo sampler's steps"),
+               "text_guidance": (OFFICIAL_SAMPLER, "text_guidance", "the official sampler's text guidance")}
+    for key, (value, source) in settings.items():
+        class_type, inp, what = targets[key]
+        ids = [nid for nid, n in prompt.items() if n.get("class_type") == class_type]
+        if not ids:
+            why = (f"the workflow has no {class_type} node"
+                   + (" (the turbo sampler runs without CFG: there is no text guidance to set)"
+                      if key == "text_guidance" and any(n.get("class_type") == TURBO_SAMPLER for n in prompt.values())
+                      else ""))
+            if source.startswith("--"):
+                raise RunError(f"{source} sets {what}, but {why}", 2)
+            notes.append(f"{source}={value} is not used: {why}")
+            continue
+        for nid in ids:
+            prompt[nid]["inputs"][inp] = value
+        notes.append(f"{what}: {value} (from {source}, node {', '.join(ids)})")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------- --fetch-missing
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def models_root(folder_paths):
+    """The models/ folder from GET /internal/folder_paths (each kind's first path is models/<kind>)."""
+    parents = Counter(pathlib.Path(paths[0]).parent for kind, paths in (folder_paths or {}).items()
+                      if isinstance(paths, list) and paths and pathlib.Path(paths[0]).name == kind)
+    return parents.most_common(1)[0][0] if parents else None
+
+
+def find_models_dir(args, client, server):
+    """Where --fetch-missing writes: --models-dir, the started server's models/, or the models/ folder a server
+    on this machine reports; for a remote server, an error that says why."""
+    if args.models_dir:
+        d = pathlib.Path(args.models_dir).expanduser()
+        if not d.is_dir():
+            raise RunError(f"--models-dir {d}: no such folder", 2)
+        return d
+    if server is not None:
+        return server.models_dir
+    host = urllib.parse.urlparse(client.base).hostname
+    advice = ("pass --models-dir PATH (that server's models folder as this machine sees it, e.g. a mounted "
+              "volume), or run `python tools/fetch_models.py` on the server itself")
+    if host not in LOCAL_HOSTS:
+        raise RunError(f"--fetch-missing: the server {client.base} is not on this machine, so this command cannot "
+                       f"know where its models folder is: {advice}", 2)
+    root = models_root(client.folder_paths())
+    if root is None:
+        raise RunError(f"--fetch-missing: the server {client.base} did not say where its models folder is "
+                       f"(GET /internal/folder_paths): {advice}", 2)
+    if not root.is_dir():
+        raise RunError(f"--fetch-missing: the server's models folder {root} is not on this machine (a container "
+                       f"or another user's view?): {advice}", 2)
+    return root
+
+
+def fetch_missing_models(missing, models_dir, out):
+    """Download the missing files that have a known folder and URL through tools/fetch_models.py; returns the
+    paths written. FetchError -> exit 4."""
+    wanted = [{"name": m["name"], "directory": m["directory"], "url": m["url"]}
+              for m in missing if m["url"] and m["directory"]]
+    if not wanted:
+        return []
+    try:
+        import fetch_models
+    except ImportError as e:
+        raise RunError(f"--fetch-missing needs tools/fetch_models.py next to this command ({e})", 2) from None
+    print(f"fetching {len(wanted)} missing model file(s) into {models_dir}:", file=out, flush=True)
+    for m in wanted:
+        print(f"  {m['directory']}/{m['name']}  <- {m['url']}", file=out, flush=True)
+    try:
+        written = fetch_models.fetch_missing(wanted, pathlib.Path(models_dir), token=None, dry_run=False)
+    except fetch_models.FetchError as e:
+        raise RunError(f"--fetch-missing: {e}", 4) from None
+    for p in written or []:
+        print(f"  fetched {p}", file=out, flush=True)
+    return list(written or [])
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def precheck(client, prompt, ui_path):
+    """(problems, missing entries) of the prompt against the server (see prechecks.find_inputs)."""
+    hints = known_models()
+    hints.update(models_from_ui_workflow(ui_path) if ui_path else {})
+    listed = {}
+    return find_inputs(
+        prompt, client.object_info(), hints,
+        lambda folder: listed[folder] if folder in listed else listed.setdefault(folder, client.model_files(folder)))
+
+
+def missing_error(missing, fetched=None, models_dir=None):
+    """RunError (exit 4) listing the missing files; after --fetch-missing (``fetched`` = the paths written), why
+    they are still missing."""
+    text = "missing model file(s) on the server:\n" + "\n".join(describe_missing(m) for m in missing)
+    if fetched is None:
+        text += ("\nPut the files in those folders (or list them in extra_model_paths.yaml) and try again; "
+                 "ComfyUI re-reads the folders on every request. --fetch-missing downloads the ones with a URL.")
+        return RunError(text, code=4)
+    unknown = [m["name"] for m in missing if not (m["url"] and m["directory"])]
+    if unknown:
+        text += (f"\n--fetch-missing cannot download {', '.join(map(repr, unknown))}: no known download URL or "
+                 f"folder (the pack knows the files its workflows list); get them by hand.")
+    if len(unknown) < len(missing):
+        text += (f"\n--fetch-missing wrote {len(fetched)} file(s) into {models_dir}, but the server still does not "
+                 f"list them: is that the models folder this server reads?")
+    return RunError(text, code=4)
+
+
 def run(args, out=None):
     out = out or sys.stderr
     prompt_path, ui_path = resolve_workflow(args.workflow)
@@ -743,10 +323,15 @@ def run(args, out=None):
             raise RunError(f"{label} {f}: no such file", 2)
     if args.image:
         check_image(args.image)
-    if args.video and pathlib.Path(args.video).suffix.lower() not in VIDEO_EXTS:
-        raise RunError(f"--video {args.video}: not a video file ({', '.join(sorted(VIDEO_EXTS))})", 2)
+    if args.video:
+        check_video(args.video)
+    settings, notes = inference_settings(args)
+    for n in notes:
+        print(f"note: {n}", file=out, flush=True)
+    for n in apply_inference_settings(prompt, settings):
+        print(n, file=out, flush=True)
 
-    server, keep_log = None, False
+    server, keep_log, log_path = None, False, None
     if args.comfyui:
         log_path = args.server_log or os.path.join(tempfile.gettempdir(), f"comfyui-run-{os.getpid()}.log")
         server = ComfyServer(args.comfyui, port=args.port, base_directory=args.base_directory,
@@ -756,6 +341,7 @@ def run(args, out=None):
         url = server.url
     else:
         url = args.server
+    client = None
     try:
         client = ComfyClient(url, timeout=args.http_timeout)
         if not client.alive():
@@ -767,16 +353,15 @@ def run(args, out=None):
         if args.seed is not None:
             randomize_seeds(prompt, args.seed)
 
-        hints = known_models()
-        hints.update(models_from_ui_workflow(ui_path) if ui_path else {})
-        listed = {}
-        problems, missing = check_inputs(
-            prompt, client.object_info(), hints,
-            lambda folder: listed[folder] if folder in listed else listed.setdefault(folder, client.model_files(folder)))
+        problems, missing = precheck(client, prompt, ui_path)
+        if missing and args.fetch_missing:
+            models_dir = find_models_dir(args, client, server)
+            fetched = fetch_missing_models(missing, models_dir, out)
+            problems, missing = precheck(client, prompt, ui_path)
+            if missing:
+                raise missing_error(missing, fetched, models_dir)
         if missing:
-            raise RunError("missing model file(s) on the server:\n" + "\n".join(missing)
-                           + "\nPut the files in those folders (or list them in extra_model_paths.yaml) "
-                             "and try again; ComfyUI re-reads the folders on every request.", code=4)
+            raise missing_error(missing)
         if problems:
             raise RunError("the workflow does not fit this server:\n" + "\n".join(problems), code=2)
 
@@ -787,13 +372,13 @@ def run(args, out=None):
             print(f"queued {prompt_path.name} as {prompt_id}", file=out, flush=True)
             t0 = time.monotonic()
             hist = wait_for_prompt(client, ws, prompt_id, on_event=progress_printer(prompt, out),
-                                   timeout=args.timeout)
+                                   timeout=args.timeout, grace=args.server_grace)
         except KeyboardInterrupt:
             done = "no prompt was queued"
             if prompt_id:
                 try:
                     done = f"prompt {prompt_id}: " + client.cancel(prompt_id)
-                except (RunError, urllib.error.URLError, OSError, ValueError, KeyboardInterrupt) as e:
+                except (RunError, OSError, ValueError, KeyboardInterrupt) as e:
                     done = f"prompt {prompt_id}: could not cancel it ({e}); POST /interrupt to stop it"
             raise RunError(f"cancelled ({done})", 130) from None
         finally:
@@ -812,11 +397,18 @@ def run(args, out=None):
         print(f"done in {time.monotonic() - t0:.1f} s: {dest}", file=out, flush=True)
         return dest
     except RunError as e:
-        if server and e.code == 1 and not args.server_log:    # a node failed: its traceback is in the log
-            keep_log = True
+        if server and isinstance(e, (ServerLost, ServerUnreachable)):
+            time.sleep(0.2)                                   # let a dying process be reaped
+            how = server.exit_note()
+            if how:
+                e.args = (f"{e}\n  {how}",)
+        if server and (e.code == 1 or isinstance(e, (ServerLost, ServerUnreachable))) and not args.server_log:
+            keep_log = True                                   # a node failed / the server died: see its log
             e.args = (f"{e}\n  server log: {log_path}",)
         raise
     finally:
+        if client is not None:
+            client.close()
         if server:
             server.stop()
             if not args.server_log and not keep_log:
@@ -826,7 +418,8 @@ def run(args, out=None):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workflow", help="'turbo', 'dance', 'long', or a path to an API-format workflow JSON")
+    p.add_argument("workflow", help=f"{_names()} (workflows_api/steadydancer-<name>.json), or a path to an "
+                                    f"API-format workflow JSON")
     p.add_argument("--image", help="reference image (the person to animate)")
     p.add_argument("--video", help="driving dance video")
     p.add_argument("--output", "-o", default="steadydancer.mp4", help="where to save the video (file or folder)")
@@ -839,11 +432,22 @@ def build_parser():
     p.add_argument("--port", type=int, help="with --comfyui: port (default: a free one)")
     p.add_argument("--cpu", action="store_true", help="with --comfyui: run ComfyUI with --cpu (needed without an NVIDIA GPU / driver)")
     p.add_argument("--server-log", help="with --comfyui: write the server log here")
+    p.add_argument("--turbo-steps", type=int, metavar="N",
+                   help="steps of the turbo sampler, 1-8 (default: TURBO_STEPS, else the workflow's)")
+    p.add_argument("--guide-scale", type=float, metavar="X",
+                   help="text guidance (CFG) of the official sampler (default: STEADYDANCER_GUIDE_SCALE, else the "
+                        "workflow's); the turbo sampler has none")
+    p.add_argument("--fetch-missing", action="store_true",
+                   help="download the model files the pre-check finds missing (tools/fetch_models.py), then queue")
+    p.add_argument("--models-dir", help="with --fetch-missing: the server's models folder (needed for a remote "
+                                        "--server; default: asked of a server on this machine)")
     p.add_argument("--set", action="append", metavar="NODE.input=value",
                    help="override an input (value parsed as JSON when possible); repeatable")
     p.add_argument("--seed", type=int, help="set every seed input of the graph")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the run")
     p.add_argument("--http-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
+    # how long a server that dropped the websocket mid-run may take to answer again before it counts as gone
+    p.add_argument("--server-grace", type=float, default=15.0, help=argparse.SUPPRESS)
     return p
 
 

@@ -1,4 +1,5 @@
 """Session fixture ``comfy``: a real ComfyUI server with this pack (see comfyui_harness.py)."""
+import os
 import shutil
 
 import pytest
@@ -36,13 +37,19 @@ def comfy(tmp_path_factory):
         shutil.copyfile(shelf.built["vae"], base / "models" / "diffusion_models" / "some_other_model.safetensors")
 
     image, video = models.build_media(base / "input" / "reference.png", base / "input" / "dance.mp4")
-    server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=True,
+    # --cpu unless COMFYUI_TEST_GPU=1 (then the soak test also checks the GPU's memory)
+    on_gpu = os.environ.get("COMFYUI_TEST_GPU", "") not in ("", "0")
+    server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=not on_gpu,
                                       extra_args=["--database-url", "sqlite:///:memory:"],
                                       log_path=base / "server.log")
     server.start(timeout=240)
+    c = None
     try:
-        yield Comfy(server, base, shelf)
+        c = Comfy(server, base, shelf)
+        yield c
     finally:
+        if c is not None:
+            c.client.close()
         server.stop()
 
 
