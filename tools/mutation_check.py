@@ -78,6 +78,9 @@ MUTANTS = {
     "dwpose_presence_strict": (
         "keypoint presence test >= -> >", "dwpose/keypoints.py",
         "return (pts[..., 2] >= threshold)", "return (pts[..., 2] > threshold)", DWPOSE_TESTS),
+    "api_twin_value": (
+        "shipped API twin: a widget value edited by hand (steps 40 -> 30)", "workflows_api/steadydancer-dance.json",
+        '"steps": 40,', '"steps": 30,', ["tests/test_workflows.py"]),
     "sparse_topk_smallest": (
         "sparse attention: top-k keeps the smallest block scores", "steadydancer/sparse_attention.py",
         "idx = scores.topk(kept, dim=-1, sorted=False).indices",
