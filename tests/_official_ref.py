@@ -150,3 +150,34 @@ class AutocastConvEntry(TorchFunctionMode):
         if func in self._CONV:
             args, kwargs = _cast_floats(torch.bfloat16, args, kwargs)
         return func(*args, **kwargs)
+
+
+class ExactLowPrecisionMatmuls(TorchDispatchMode):
+    """bf16 / fp16 matmuls, convolutions and attention computed exactly (in float64) and rounded once to their
+    dtype, instead of by the CPU's own low-precision kernels, whose results depend on the instruction set
+    (AVX512-BF16 vs AVX2 differ by ~1 bf16 ulp in places, which a tiny DiT turns into ~5e-3 relative).
+    Used on *both* sides of a stored bf16 comparison, so the data made on one machine hold on any CPU;
+    the casts between ops (what the comparison is about) are untouched.
+    """
+
+    _MM = {"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "convolution", "_scaled_dot_product_flash_attention_for_cpu"}
+    _LOW = (torch.bfloat16, torch.float16)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        low = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in self._LOW]
+        if name not in self._MM or not low or (name.startswith("_scaled_dot") and (
+                kwargs.get("attn_mask") is not None or (len(args) > 4 and args[4]) or kwargs.get("is_causal"))):
+            return func(*args, **kwargs)
+        dt = low[0]
+        up = lambda a: a.double() if isinstance(a, torch.Tensor) and a.dtype in self._LOW else a  # noqa: E731
+        if name == "_scaled_dot_product_flash_attention_for_cpu":
+            q, k, v = (up(a) for a in args[:3])
+            scale = kwargs.get("scale") or 1.0 / q.shape[-1] ** 0.5
+            p = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)
+            out = (p @ v).to(dt)
+            lse = torch.logsumexp((q @ k.transpose(-1, -2)) * scale, dim=-1).float()
+            return out, lse
+        out = func(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+        return out.to(dt)

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from _official_ref import ExactLowPrecisionMatmuls
+
 from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
 from steadydancer_turbo.steadydancer.model import SteadyDancerDiT, build_meta, rope_apply
 from steadydancer_turbo.steadydancer.pose_modules import (
@@ -217,19 +219,20 @@ def test_layernorm2d_matches_official(width):
 # ---------------------------------------------------------------------- bf16: the official run's casts
 def test_bf16_casts_match_official_autocast_run(ours):
     """Official: bf16 weights + autocast(bf16) (emulated on CPU, tests/_official_ref.py), fp32 latents, bf16 text,
-    fp16 CLIP. Ours: bf16 weights, no autocast."""
+    fp16 CLIP. Ours: bf16 weights, no autocast. On both sides the bf16 matmuls / convs / attention are exact and
+    rounded once (ExactLowPrecisionMatmuls), so only the casts between ops can make a difference."""
     name = "bf16_f3h4w6"
     s = _sub(f"fwd.{name}.")
     ours16 = SteadyDancerDiT(CFG).to(torch.bfloat16)
     ours16.load_state_dict(ours.state_dict())
-    with torch.no_grad():
+    with torch.no_grad(), ExactLowPrecisionMatmuls():   # as the stored official run: CPU-independent bf16 math
         got = ours16(s["x"][None], torch.tensor([FORWARD[name]["t"]]), [s["ctx"].bfloat16()], s["clip"].half(),
                      s["clip_c"].half(), s["y"][None], s["cond"][None], s["ref_x"][None], s["ref_c"][None])[0]
     want = s["out_bf16_autocast"]
     err, bf16_noise = _rel(got, want), _rel(want, s["out_fp32"])
     print(f"bf16 vs official autocast run: rel err {err:.2e} (bf16 vs fp32: {bf16_noise:.2e})")
     assert bf16_noise > 1e-3          # the comparison really is in bf16
-    assert err < bf16_noise / 20      # 0 when made on the same CPU kind; one cast done differently gives ~noise/3
+    assert err < bf16_noise / 50      # 0 here; one cast done differently gives ~noise/3
 
 
 # ---------------------------------------------------------------------- live official code (optional)

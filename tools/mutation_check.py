@@ -43,6 +43,10 @@ MUTANTS = {
         "LayerNorm2D with unbiased variance", "steadydancer/pose_modules.py",
         "var = x.var(dim=1, keepdim=True, unbiased=False)",
         "var = x.var(dim=1, keepdim=True, unbiased=True)", DIT_TESTS),
+    "layernorm2d_fp32_in_bf16": (
+        "LayerNorm2D upcast to fp32 in a bf16 run (official: bf16 under autocast)", "steadydancer/pose_modules.py",
+        "        mean = x.mean(dim=1, keepdim=True)\n", "        x = x.float()\n        mean = x.mean(dim=1, keepdim=True)\n",
+        DIT_TESTS),
     "align_ffn_residual": (
         "alignment unit: FFN residual dropped", "steadydancer/pose_modules.py",
         "out = self.norm2(out + f)", "out = self.norm2(f)", DIT_TESTS),

@@ -16,7 +16,8 @@ Files written:
   module outputs, the alignment unit's output, the 68-channel input of patch_embedding_fuse (channel order),
   the token sequence entering block 0 (reference-frame token order) and block 0's q before/after rope_apply
   with the grid it was given (RoPE positions of the two reference frames). One sample is also run with bf16
-  weights under the emulated CUDA bf16 autocast of the official pipeline. Standalone parts with their own
+  weights under the emulated CUDA bf16 autocast of the official pipeline (bf16 matmuls, convolutions and
+  attention computed exactly and rounded once, so the numbers do not depend on the CPU's bf16 kernels). Standalone parts with their own
   weights: DYModule (spatial), the temporal Sequential, PoseRefNetNoBNV3 (alignment at width 32 / 4 heads,
   batch 1 as the official code assumes) and LayerNorm2D at two widths.
 - tests/data/official_unipc.safetensors: the official FlowUniPCMultistepScheduler's timesteps, sigmas and
@@ -40,6 +41,7 @@ import conftest  # noqa: E402,F401  (registers this checkout as ``steadydancer_t
 from _official_ref import (  # noqa: E402
     AutocastConvEntry,
     CudaAutocastBF16,
+    ExactLowPrecisionMatmuls,
     load_official_modules,
     load_official_scheduler,
     official_model,
@@ -174,13 +176,14 @@ def make_dit(mods, commit):
         off16 = official_model(md, cfg).to(torch.bfloat16)
         off16.load_state_dict(off.state_dict())
         s16 = dict(s, ctx=s["ctx"].bfloat16(), clip=s["clip"].half(), clip_c=s["clip_c"].half())
-        with AutocastConvEntry(), CudaAutocastBF16():
+        with ExactLowPrecisionMatmuls(), AutocastConvEntry(), CudaAutocastBF16():
             out16, _ = official_forward(md, off16, s16, ts, capture=False)
         out32, _ = official_forward(md, off, s, ts, capture=False)
         for k, v in {**s, "out_bf16_autocast": out16, "out_fp32": out32}.items():
             t[f"fwd.{name}.{k}"] = v.contiguous()
         samples[name] = dict(F=f, H=h, W=w, t=ts, text_tokens=n_txt, seed=seed,
-                             note="official bf16 weights under emulated CUDA autocast(bf16); bf16 text, fp16 CLIP")
+                             note="official bf16 weights under emulated CUDA autocast(bf16); bf16 text, fp16 CLIP; "
+                                  "bf16 matmuls/convs/attention exact then rounded (ExactLowPrecisionMatmuls)")
 
     # standalone parts, their own weights (the temporal Sequential is built as WanModel.__init__ builds it)
     torch.manual_seed(PART_SEEDS["spatial"])
