@@ -4,10 +4,11 @@
     python tools/mutation_check.py --list     # the table only
     python tools/mutation_check.py temporal_silu hsigmoid_scale
 
-Each mutant is a one-line source edit (``old`` must occur exactly once in ``file``; tests/test_mutation_table.py
+Each mutant is a small source edit (``old`` must occur exactly once in ``file``; tests/test_mutation_table.py
 checks that in the default suite, so the table cannot silently rot). For each, the tracked files are copied to
 a temporary folder, the edit is applied there (this checkout is never modified) and the listed test files run
-with the current Python (~2-5 s per mutant on one core). Not part of the default suite.
+with the current Python (about 5-20 s per mutant; all of them: ~4-6 min on a shared 2-core box). Not part
+of the default suite.
 """
 from __future__ import annotations
 
