@@ -2,8 +2,9 @@
 
 Algorithm (follows TurboDiffusion's SLA block selection, see docs/spec-turbo.md section 2):
 
-1. Mean-pool q over blocks of ``block_q`` tokens and k over blocks of ``block_k`` tokens, after subtracting the
-   per-head mean of k over all tokens ("smooth-k"; it removes the component that every query sees equally).
+1. Mean-pool q over blocks of ``block_q`` tokens and k over blocks of ``block_k`` tokens. (SLA also subtracts the
+   per-head mean of k first, "smooth-k"; that only shifts every score of a query block by the same q_i . mean_k,
+   so it cannot change which blocks that row keeps, and it is left out.)
 2. Score every (query block, key block) pair per head with the pooled dot product.
 3. Per query block keep the ``int(topk * num_k_blocks)`` best key blocks (at least 1).  Blocks that must always be
    attended (``force_diagonal``: the key blocks overlapping the query block's own tokens; ``keep_tail_tokens``: the
@@ -52,7 +53,6 @@ class SparseAttentionConfig:
     block_k: int = 128
     force_diagonal: bool = True
     keep_tail_tokens: int = 0   # always keep the key blocks that hold the last N tokens (reference frames)
-    smooth_k: bool = True
 
     def num_kept(self, num_k_blocks: int) -> int:
         return max(1, min(num_k_blocks, int(self.topk * num_k_blocks)))
@@ -78,16 +78,6 @@ def _pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return pooled.transpose(1, 2)
 
 
-def _mean_from_pooled(pooled: torch.Tensor, n: int, block: int) -> torch.Tensor:
-    """Mean over all n tokens from the block means [B, H, nblocks, D] (each full block weighs ``block`` tokens,
-    the last partial one its real count): the same value as a second pass over k, without re-reading k."""
-    nfull, rem = divmod(n, block)
-    total = pooled[:, :, :nfull].sum(dim=2) * block if nfull else 0
-    if rem:
-        total = total + pooled[:, :, nfull] * rem
-    return total / n
-
-
 def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseAttentionConfig) -> torch.Tensor:
     """Top-k key-block indices per (batch, head, query block): int32 [B, H, nq, K], ascending in the last dim."""
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
@@ -95,8 +85,6 @@ def select_kv_blocks(q: torch.Tensor, k: torch.Tensor, cfg: SparseAttentionConfi
     lq, lk = q.shape[1], k.shape[1]
     qp = _pool_blocks(q, cfg.block_q)  # [B,H,nq,D]
     kp = _pool_blocks(k, cfg.block_k)  # [B,H,nk,D]
-    if cfg.smooth_k:  # pooled(k - mean_k) == pooled(k) - mean_k: no centred copy of k needed
-        kp = kp - _mean_from_pooled(kp, lk, cfg.block_k).unsqueeze(2)
     scores = qp @ kp.transpose(-1, -2)  # [B,H,nq,nk] float32 (float64 if inputs are)
     nq, nk = scores.shape[-2], scores.shape[-1]
     forced = torch.zeros(nq, nk, dtype=torch.bool, device=scores.device)

@@ -73,3 +73,33 @@ class FakeDiT:
         assert text == "pos" or abs(row["ctx_sum"] - cond.context_null.double().sum().item()) < 1e-6
         pose = "pos" if abs(row["cond_sum"] - cond.cond_pos.double().sum().item()) < 1e-6 else "neg"
         return text, pose
+
+
+def official_loop(scheduler, timesteps, cond, noise, g_txt, g_pose, start=0.1, end=0.4):
+    """The official generate() loop around FakeDiT, one pass per forward, stepping ``scheduler`` (a diffusers-
+    style scheduler: the official FlowUniPCMultistepScheduler or diffusers' UniPC); returns per-step latents.
+    Written from the official generate_dancer / image2video_dancer loop, independent of our sampler."""
+    model = FakeDiT()
+    kw = {
+        "c": (cond.context, cond.cond_pos),
+        "ut": (cond.context_null, cond.cond_pos),
+        "up": (cond.context, cond.cond_neg),
+    }
+
+    def run(name, latent, t):
+        ctx, pose = kw[name]
+        return model(latent, t.view(1), ctx, cond.clip_fea, cond.clip_fea_c, cond.y, pose, cond.ref_x, cond.ref_c)
+
+    latent = noise.clone()
+    out = []
+    for idx, t in enumerate(timesteps):
+        e_c = run("c", latent, t)
+        e_ut = run("ut", latent, t)
+        if idx / len(timesteps) > start and idx / len(timesteps) < end:
+            e_up = run("up", latent, t)
+            noise_pred = e_ut + g_txt * (e_c - e_ut) + g_pose * (e_c - e_up)
+        else:
+            noise_pred = e_ut + g_txt * (e_c - e_ut)
+        latent = scheduler.step(noise_pred, t, latent, return_dict=False)[0]
+        out.append(latent)
+    return out

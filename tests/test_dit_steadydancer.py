@@ -75,15 +75,35 @@ def test_alignment_attention_is_torch_mha_with_batch_first_false_quirk(align):
 
 # ---------------------------------------------------------------------- whole model
 @pytest.mark.parametrize("f", [1, 2, 5])
-def test_reference_frames_do_not_leak_into_output_frames(model, f):
+def test_reference_frame_predictions_are_dropped_not_leaked(model, f):
+    """Official forward: the grid is F + 2 frames (video, reference image, first pose), and after the head it keeps
+    ``u[:, :F]``: the reference frames' own predictions never reach the output. Overwrite what the head produces
+    at the two reference frames' tokens: the output is bit-identical; overwrite one video frame's: exactly that
+    output frame changes. (How the video tokens depend on the reference frames through attention is checked
+    against the official model in test_dit_official_parity.py.)"""
     kw = _inputs(f=f)
     out = _run(model, **kw)
+    hw = (4 // 2) * (6 // 2)
+
+    def overwrite(lo, hi):
+        def hook(mod, args, o):
+            o = o.clone()
+            o[:, lo:hi] = torch.randn(o[:, lo:hi].shape) * 10
+            return o
+        return model.head.register_forward_hook(hook)
+
+    h = overwrite(f * hw, (f + 2) * hw)
+    try:
+        torch.testing.assert_close(_run(model, **kw), out, rtol=0, atol=0)
+    finally:
+        h.remove()
+    h = overwrite((f - 1) * hw, f * hw)                # the last video frame
+    try:
+        changed = (_run(model, **kw) - out).abs().amax(dim=(0, 1, 3, 4))   # per output frame
+    finally:
+        h.remove()
     assert out.shape == (1, 16, f, 4, 6)
-    # ...but they are attended to: the reference latents change the output
-    kw2 = dict(kw, ref_x=kw["ref_x"] + 1.0)
-    kw3 = dict(kw, ref_c=kw["ref_c"] + torch.cat([torch.ones(1, 16, 1, 4, 6), torch.zeros(1, 20, 1, 4, 6)], 1))
-    assert not torch.allclose(_run(model, **kw2), out, atol=1e-4)
-    assert not torch.allclose(_run(model, **kw3), out, atol=1e-4)
+    assert changed[-1] > 1.0 and (changed[:-1] == 0).all()
 
 
 def test_only_first_16_channels_of_ref_c_are_used(model):
@@ -153,12 +173,6 @@ def test_int_and_float_timesteps_agree_and_timestep_matters(model):
     b = _run(model, **dict(kw, timestep=torch.tensor([437.0])))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert (_run(model, **dict(kw, timestep=torch.tensor([438.0]))) - a).abs().max() > 1e-5
-
-
-def test_pose_latent_drives_output(model):
-    kw = _inputs()
-    out = _run(model, **kw)
-    assert (_run(model, **dict(kw, cond=kw["cond"] * 1.3)) - out).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------- dtype handling, module swapping, backends

@@ -122,5 +122,17 @@ def test_render_supersample_and_float():
 
 @pytest.mark.parametrize("method", ["bicubic", "area", "linear"])
 def test_resize_frame_methods(method):
+    """bicubic = PIL's (SteadyDancer's generate_dancer.py resizes its pose frames with PIL BICUBIC); the others
+    are OpenCV's interpolations."""
+    import cv2
+    from PIL import Image
+
     img = D.draw_pose(_person(), 400, 600)
-    assert D.resize_frame(img, 200, 300, method).shape == (300, 200, 3)
+    got = D.resize_frame(img, 200, 300, method)
+    if method == "bicubic":
+        want = np.asarray(Image.fromarray(img).resize((200, 300), Image.Resampling.BICUBIC))
+    else:
+        want = cv2.resize(img, (200, 300), interpolation={"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}[method])
+    assert got.shape == (300, 200, 3) and got.any()
+    np.testing.assert_array_equal(got, want)
+    assert D.resize_frame(img, 400, 600, method) is img      # same size: untouched

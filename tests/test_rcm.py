@@ -77,20 +77,25 @@ def test_shift_schedule_lightx2v():
 
 
 # --------------------------------------------------------------------------------------- sampling loop
-def _turbo_loop(cond, seed, steps, sigma_max, ode, model):
-    """TurboDiffusion's loop (wan2.2_i2v_infer.py) restated, with a CPU generator and our model signature."""
+def _turbo_loop(cond, seed, steps, sigma_max, ode, model, t_steps=None):
+    """TurboDiffusion's loop (wan2.2_i2v_infer.py) restated, with a CPU generator and our model signature.
+    ``t_steps`` replaces TurboDiffusion's rCM sigma list (e.g. the LightX2V shift list checked above); the net
+    then sees float32 ``1000 sigma`` (LightX2V) instead of TurboDiffusion's bf16-rounded value."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     shape = (1, *cond.latent_shape)
     init_noise = torch.randn(*shape, dtype=torch.float32, generator=gen)
-    mid_t = [1.5, 1.4, 1.0][: steps - 1]
-    t_steps = torch.tensor([math.atan(sigma_max), *mid_t, 0], dtype=torch.float64)
-    t_steps = torch.sin(t_steps) / (torch.cos(t_steps) + torch.sin(t_steps))
+    custom = t_steps is not None
+    if not custom:
+        mid_t = [1.5, 1.4, 1.0][: steps - 1]
+        t_steps = torch.tensor([math.atan(sigma_max), *mid_t, 0], dtype=torch.float64)
+        t_steps = torch.sin(t_steps) / (torch.cos(t_steps) + torch.sin(t_steps))
     x = init_noise.to(torch.float64) * t_steps[0]
     ones = torch.ones(x.size(0), 1, dtype=x.dtype)
     kw = cond.model_kwargs()
     for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
-        ts = (t_cur.float() * ones * 1000).to(torch.bfloat16).float().view(-1)
+        ts = (t_cur.float() * ones * 1000)
+        ts = (ts if custom else ts.to(torch.bfloat16)).float().view(-1)
         v_pred = model(x.float(), ts, kw["context"], kw["clip_fea"], kw["clip_fea_c"], kw["y"], kw["cond"],
                        kw["ref_x"], kw["ref_c"]).to(torch.float64)
         if ode:

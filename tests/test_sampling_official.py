@@ -2,15 +2,18 @@
 determinism, interruption."""
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import pathlib
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from _samplers_fakes import FakeDiT, make_cond
+from _samplers_fakes import official_loop as _reference_loop
+from steadydancer_turbo.steadydancer.conditioning import SteadyDancerConditioning
 from steadydancer_turbo.steadydancer.sampling import (
     Guidance,
     count_passes,
@@ -52,34 +55,6 @@ def test_custom_sigmas():
 
 
 # ---------------------------------------------------------------------------- reference loops (independent)
-def _reference_loop(scheduler, timesteps, cond, noise, g_txt, g_pose, start=0.1, end=0.4):
-    """The official generate() loop, one pass per forward, stepping ``scheduler``; returns per-step latents."""
-    model = FakeDiT()
-    kw = {
-        "c": (cond.context, cond.cond_pos),
-        "ut": (cond.context_null, cond.cond_pos),
-        "up": (cond.context, cond.cond_neg),
-    }
-
-    def run(name, latent, t):
-        ctx, pose = kw[name]
-        return model(latent, t.view(1), ctx, cond.clip_fea, cond.clip_fea_c, cond.y, pose, cond.ref_x, cond.ref_c)
-
-    latent = noise.clone()
-    out = []
-    for idx, t in enumerate(timesteps):
-        e_c = run("c", latent, t)
-        e_ut = run("ut", latent, t)
-        if idx / len(timesteps) > start and idx / len(timesteps) < end:
-            e_up = run("up", latent, t)
-            noise_pred = e_ut + g_txt * (e_c - e_ut) + g_pose * (e_c - e_up)
-        else:
-            noise_pred = e_ut + g_txt * (e_c - e_ut)
-        latent = scheduler.step(noise_pred, t, latent, return_dict=False)[0]
-        out.append(latent)
-    return out
-
-
 def _our_latents(cond, noise, steps, shift, guidance, solver="unipc", batch=False):
     model = FakeDiT()
     latents = sample_official(model, cond, steps=steps, shift=shift, guidance=guidance, solver=solver,
@@ -110,31 +85,54 @@ def test_unipc_matches_diffusers_configured_as_official(steps, shift):
 
 
 OFFICIAL = os.environ.get("STEADYDANCER_OFFICIAL_PATH")
+UNIPC_DATA = pathlib.Path(__file__).parent / "data" / "official_unipc.safetensors"
 
 
-def _load_official_scheduler():
-    path = pathlib.Path(OFFICIAL) / "wan" / "utils" / "fm_solvers_unipc.py"
-    spec = importlib.util.spec_from_file_location("_official_fm_solvers_unipc", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.FlowUniPCMultistepScheduler
+def _unipc_reference():
+    """Stored official runs (tests/data/make_official_reference.py): name -> (params, tensors), and the
+    conditioning bundle they ran on."""
+    with safe_open(str(UNIPC_DATA), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        runs = json.loads(f.metadata()["runs"])
+    cond = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("cond.")}
+    return {n: (p, {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(n + ".")}) for n, p in runs.items()}, \
+        cond
 
 
-@pytest.mark.skipif(not OFFICIAL, reason="set STEADYDANCER_OFFICIAL_PATH to the official SteadyDancer checkout")
-@pytest.mark.parametrize("steps,shift,g_txt,g_pose", [(10, 5.0, 5.0, 1.0), (40, 5.0, 5.0, 1.0), (20, 3.0, 4.0, 1.5)])
-def test_unipc_matches_official_scheduler(steps, shift, g_txt, g_pose):
-    Official = _load_official_scheduler()
-    cond = make_cond()
-    noise = initial_noise((1, *cond.latent_shape), seed=11)
-    sched = Official(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
-    sched.set_timesteps(steps, device="cpu", shift=shift)
-    sig, ts, _ = official_schedule(steps, shift)
-    assert sched.timesteps.tolist() == ts.tolist()
-    torch.testing.assert_close(sched.sigmas, sig, rtol=0, atol=0)
-    ref = _reference_loop(sched, sched.timesteps, cond, noise, g_txt, g_pose)
-    ours, _ = _our_latents(cond, noise, steps, shift, Guidance(g_txt, g_pose))
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        torch.testing.assert_close(a, b[0], rtol=0, atol=1e-6, msg=f"step {i}")
+UNIPC_RUNS, UNIPC_COND = _unipc_reference()
+
+
+def _stored_cond():
+    return SteadyDancerConditioning(**{k: v.clone() for k, v in UNIPC_COND.items()})
+
+
+@pytest.mark.parametrize("name", list(UNIPC_RUNS))
+def test_unipc_matches_official_scheduler_stored_run(name):
+    """Our sampler vs the official FlowUniPCMultistepScheduler in the official generate() loop (text + pose
+    guidance), on the same deterministic stand-in DiT: timesteps, sigmas and every step's latent."""
+    p, ref = UNIPC_RUNS[name]
+    sig, ts, _ = official_schedule(p["steps"], p["shift"])
+    assert ref["timesteps"].tolist() == ts.tolist()
+    torch.testing.assert_close(sig, ref["sigmas"], rtol=0, atol=0)
+    cond = _stored_cond()
+    ours, _ = _our_latents(cond, ref["noise"], p["steps"], p["shift"], Guidance(p["text_scale"], p["pose_scale"]))
+    assert len(ours) == len(ref["latents"]) == p["steps"]
+    for i, (a, b) in enumerate(zip(ours, ref["latents"])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"step {i}")
+
+
+@pytest.mark.skipif(not OFFICIAL, reason="live official run: set STEADYDANCER_OFFICIAL_PATH to a checkout")
+@pytest.mark.parametrize("name", list(UNIPC_RUNS))
+def test_stored_unipc_runs_equal_a_fresh_official_run(name):
+    from _official_ref import load_official_scheduler
+
+    p, ref = UNIPC_RUNS[name]
+    sched = load_official_scheduler(OFFICIAL)(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+    sched.set_timesteps(p["steps"], device="cpu", shift=p["shift"])
+    assert sched.timesteps.tolist() == ref["timesteps"].tolist()
+    torch.testing.assert_close(sched.sigmas.float(), ref["sigmas"], rtol=0, atol=0)
+    got = _reference_loop(sched, sched.timesteps, _stored_cond(), ref["noise"], p["text_scale"], p["pose_scale"])
+    torch.testing.assert_close(torch.stack([x[0] for x in got]), ref["latents"], rtol=0, atol=1e-6)
 
 
 def test_euler_matches_float64_reference():

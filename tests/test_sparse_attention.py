@@ -22,8 +22,6 @@ def _brute_force_blocks(q, k, cfg):
     k = k.double().numpy()
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    if cfg.smooth_k:
-        k = k - k.mean(axis=1, keepdims=True)
     nq = math.ceil(lq / cfg.block_q)
     nk = math.ceil(lk / cfg.block_k)
     kept = max(1, int(cfg.topk * nk))
@@ -52,13 +50,27 @@ def _brute_force_blocks(q, k, cfg):
 def test_block_selection_matches_brute_force(cfg):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 301, 3, 8, generator=g)
-    k = torch.randn(2, 301, 3, 8, generator=g) + 0.5  # a shared offset: smooth-k must remove it
+    k = torch.randn(2, 301, 3, 8, generator=g) + 0.5  # a shared offset (see the smooth-k test below)
     got = select_kv_blocks(q, k, cfg)
     assert got.dtype == torch.int32
     ref = _brute_force_blocks(q, k, cfg)
     np.testing.assert_array_equal(got.numpy(), ref)
     nk = math.ceil(301 / cfg.block_k)
     assert got.shape[-1] == max(1, int(cfg.topk * nk))
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5, -3.0])
+def test_smooth_k_cannot_change_the_top_k_choice(offset):
+    """SLA's smooth-k (k - mean_k over all tokens, per head) shifts each query block's scores by one constant,
+    so the float64 brute force picks the same blocks with and without it: the step is not needed."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 257, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 257, 4, 8, generator=g, dtype=torch.float64) + offset * torch.randn(8, generator=g,
+                                                                                           dtype=torch.float64)
+    cfg = SparseAttentionConfig(topk=0.3, block_q=32, block_k=16, force_diagonal=False)
+    centred = k - k.mean(dim=1, keepdim=True)
+    np.testing.assert_array_equal(_brute_force_blocks(q, centred, cfg), _brute_force_blocks(q, k, cfg))
+    np.testing.assert_array_equal(select_kv_blocks(q, k, cfg).numpy(), _brute_force_blocks(q, centred, cfg))
 
 
 def test_selection_prefers_the_matching_block():

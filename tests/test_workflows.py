@@ -3,13 +3,16 @@
 - example_workflows/*.json (UI format 0.4, what the frontend loads) must only use node types that exist, wire
   outputs to inputs of the same type on the right slots, and carry exactly as many widget values as the frontend
   expects (positional, incl. upload and control_after_generate extras and V3 dynamic-combo sub-widgets).
-- workflows_api/*.json (what POST /prompt takes) must equal the UI graph converted with the frontend's rules.
-  (The real frontend conversion runs in tests/integration with headless Chromium when a ComfyUI checkout exists.)
+- workflows_api/*.json (what POST /prompt takes) must equal the real ComfyUI 0.33 frontend's "Export (API)" of the
+  UI graph, committed in tests/data/frontend_api/ (made by tests/integration/test_comfyui_frontend.py in headless
+  Chromium, which also re-checks it live when a ComfyUI checkout exists); our converter must reproduce it too.
 
 Regenerate the API twins after editing a UI workflow: ``python tests/test_workflows.py --write``.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import pathlib
 import sys
@@ -20,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ROOT / "tests" / "data" / "object_info_core_subset.json"
 UI_DIR = ROOT / "example_workflows"
 API_DIR = ROOT / "workflows_api"
+FRONTEND_EXPORT_DIR = ROOT / "tests" / "data" / "frontend_api"
 WORKFLOWS = ["steadydancer-dance", "steadydancer-turbo", "steadydancer-long"]
 UI_ONLY = {"MarkdownNote", "Note", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -316,12 +320,42 @@ def test_model_loaders_carry_download_entries(name, info):
         assert any(m["name"].startswith("lightx2v_I2V_14B_480p_cfg_step_distill") for m in seen)
 
 
+def _frontend():
+    """tests/integration/comfyui_frontend.py (stdlib only at import): its ``comparable`` reduction of a prompt."""
+    spec = importlib.util.spec_from_file_location("_comfyui_frontend", ROOT / "tests" / "integration" /
+                                                  "comfyui_frontend.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _frontend_export(name):
+    return json.loads((FRONTEND_EXPORT_DIR / f"{name}.json").read_text())
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_api_twin_equals_converted_ui(name, info):
+def test_committed_frontend_export_is_of_the_current_ui_workflow(name):
+    src = _frontend_export(name)["_source"]
+    sha = hashlib.sha256((UI_DIR / f"{name}.json").read_bytes()).hexdigest()
+    assert src["ui_sha256"] == sha, (
+        f"example_workflows/{name}.json changed since its real-frontend export was made: re-export it with "
+        "STEADYDANCER_WRITE_FRONTEND_EXPORT=1 COMFYUI_PATH=... pytest tests/integration/test_comfyui_frontend.py")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_twin_equals_the_real_frontend_export(name):
+    """workflows_api/<name>.json against ComfyUI 0.33's own "Export (API)" of the UI workflow (committed)."""
     api = json.loads((API_DIR / f"{name}.json").read_text())
-    assert api == ui_to_api(load_ui(name), info)
+    assert _frontend().comparable(api) == _frontend_export(name)["prompt"]
     for node in api.values():
         assert set(node) == {"inputs", "class_type", "_meta"}
+        assert node["_meta"]["title"]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_converter_equals_the_real_frontend_export(name, info):
+    """ui_to_api (what ``--write`` uses) reproduces the real frontend's conversion of both shipped graphs."""
+    assert _frontend().comparable(ui_to_api(load_ui(name), info)) == _frontend_export(name)["prompt"]
 
 
 def test_api_twins_are_not_listed_as_templates():

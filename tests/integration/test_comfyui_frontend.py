@@ -1,10 +1,19 @@
 """The shipped UI workflows in the real ComfyUI frontend (headless Chromium): no missing node types, and
-"Export (API)" (``app.graphToPrompt``) gives exactly the shipped API twins."""
+"Export (API)" (``app.graphToPrompt``) gives exactly the shipped API twins and the committed frontend export
+(tests/data/frontend_api/, which the default suite checks the twins and our converter against).
+
+Refresh that committed export after editing a UI workflow: run this file with STEADYDANCER_WRITE_FRONTEND_EXPORT=1.
+"""
+import hashlib
 import json
+import os
+import pathlib
 
 import pytest
 
 from comfyui_harness import API_DIR, UI_DIR, WORKFLOWS
+
+EXPORT_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "frontend_api"
 
 frontend = pytest.importorskip("comfyui_frontend")
 
@@ -42,3 +51,35 @@ def test_frontend_export_equals_the_api_twin(converted, name):
     diffs = [f"node {k}:\n  frontend: {json.dumps(got.get(k))}\n  shipped:  {json.dumps(want.get(k))}"
              for k in sorted(set(got) | set(want), key=lambda s: (len(s), s)) if got.get(k) != want.get(k)]
     assert not diffs, "Export (API) differs from the shipped twin:\n" + "\n".join(diffs)
+
+
+def _versions():
+    import subprocess
+
+    code = ("import importlib.metadata as m, comfyui_version as v; "
+            "print(f'ComfyUI {v.__version__}, comfyui_frontend_package {m.version(\"comfyui_frontend_package\")}')")
+    py = os.environ.get("COMFYUI_PYTHON", "python")
+    r = subprocess.run([py, "-c", code], cwd=os.environ.get("COMFYUI_PATH"), capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_frontend_export_equals_the_committed_export(converted, name):
+    """tests/data/frontend_api/<name>.json is this frontend's Export (API) of the current UI workflow."""
+    if name not in converted:
+        pytest.skip(f"{name} not shipped")
+    ui_text = (UI_DIR / f"{name}.json").read_text()
+    got = frontend.comparable(converted[name]["output"])
+    path = EXPORT_DIR / f"{name}.json"
+    if os.environ.get("STEADYDANCER_WRITE_FRONTEND_EXPORT"):
+        EXPORT_DIR.mkdir(exist_ok=True)
+        doc = {"_source": {"ui_workflow": f"example_workflows/{name}.json",
+                           "ui_sha256": hashlib.sha256(ui_text.encode()).hexdigest(),
+                           "made_by": "tests/integration/test_comfyui_frontend.py (app.graphToPrompt in headless "
+                                      "Chromium, the menu's Export (API)), reduced by comfyui_frontend.comparable",
+                           "versions": _versions()},
+               "prompt": got}
+        path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    doc = json.loads(path.read_text())
+    assert doc["prompt"] == got
+    assert doc["_source"]["ui_sha256"] == hashlib.sha256(ui_text.encode()).hexdigest()
