@@ -25,9 +25,9 @@ if "steadydancer_turbo" not in sys.modules:
     sys.modules["steadydancer_turbo"] = mod
     spec.loader.exec_module(mod)
 
-from steadydancer_turbo.steadydancer.conditioning import (  # noqa: E402
+from steadydancer_turbo.steadydancer.sampling.conditioning import (  # noqa: E402
     SteadyDancerConditioning, build_i2v_mask, build_ref_c, build_ref_x, build_y, check_frame_count)
-from steadydancer_turbo.steadydancer.sampling import Guidance, count_passes, sample_official  # noqa: E402
+from steadydancer_turbo.steadydancer.sampling.official import Guidance, count_passes, sample_official  # noqa: E402
 from steadydancer_turbo.turbo.rcm import sample_rcm  # noqa: E402
 
 

@@ -199,8 +199,8 @@ def random_model(make) -> nn.Module:
 
 def ours_model() -> nn.Module:
     """The SteadyDancer DiT the ours/turboc/perf2 sections time: full 14B (or tiny), SDPA, random bf16 weights."""
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
     cfg = SteadyDancerConfig.tiny() if ARGS.tiny else SteadyDancerConfig.full_14b()
     return random_model(lambda: SteadyDancerDiT(cfg, attention="sdpa"))
@@ -263,7 +263,7 @@ def section_env():
 def section_micro():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from steadydancer_turbo.steadydancer.sparse_attention import (SparseAttentionConfig, build_block_mask,
+    from steadydancer_turbo.steadydancer.kernels.sparse_attention import (SparseAttentionConfig, build_block_mask,
                                                                   select_kv_blocks, sparse_attention,
                                                                   sparse_attention_reference)
 
@@ -281,8 +281,8 @@ def section_micro():
 
     # our registry's backends on the 480p self-attention shape (sdpa = PyTorch's pick, sdpa_cudnn = direct)
     try:
-        from steadydancer_turbo.steadydancer.attention import get_backend
-        import steadydancer_turbo.steadydancer.fast_attention  # noqa: F401
+        from steadydancer_turbo.steadydancer.kernels.attention import get_backend
+        import steadydancer_turbo.steadydancer.kernels.backends  # noqa: F401
 
         L = tokens("480p", 2)
         q, k, v = (torch.randn(1, L, HEADS, HD, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -335,7 +335,7 @@ def section_micro():
             free_cuda()
 
     # FFN-shaped matmul: bf16 nn.Linear vs FP8Linear (quantization included)
-    from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear, quantize_rowwise
+    from steadydancer_turbo.steadydancer.kernels.fp8_linear import FP8Linear, quantize_rowwise
 
     M = tokens("480p", 2)
     x = torch.randn(M, D, device=DEV, dtype=torch.bfloat16, generator=g)
@@ -364,7 +364,7 @@ def section_micro():
 def section_flextune():
     """Pick the fastest flex kernel options for top-k self-attention at the 480p shape (checked against the
     default configuration's output); later sections use the winner."""
-    from steadydancer_turbo.steadydancer import sparse_attention as spa
+    from steadydancer_turbo.steadydancer.kernels import sparse_attention as spa
 
     g = torch.Generator(device=DEV).manual_seed(5)
     L = tokens("480p", 2)
@@ -476,9 +476,9 @@ def ours_inputs(res, g):
 
 
 def set_backend(model, backend: str):
-    """Switch the attention backend of our model (registry names, see steadydancer/attention.py and
+    """Switch the attention backend of our model (registry names, see steadydancer/kernels/attention.py and
     fast_attention.py); "flex_sparse:<topk>" registers that top-k setting on first use."""
-    from steadydancer_turbo.steadydancer import accel
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
 
     if backend.startswith("flex_sparse:"):
         backend = accel.sparse(float(backend.split(":")[1]))
@@ -507,7 +507,7 @@ def turbo_sample(model, inp, steps=4, seed=0):
     """Whole rCM turbo sampling, DiT only: turbo/rcm.py's ``sample_rcm`` when it is importable, otherwise the
     same loop (spec-turbo.md section 1: one forward per step, x0 = x - s v, SDE re-noising) written out here."""
     try:
-        from steadydancer_turbo.steadydancer.conditioning import SteadyDancerConditioning
+        from steadydancer_turbo.steadydancer.sampling.conditioning import SteadyDancerConditioning
         from steadydancer_turbo.turbo.rcm import sample_rcm
     except Exception:
         sample_rcm = None
@@ -529,7 +529,7 @@ def turbo_sample(model, inp, steps=4, seed=0):
 
 
 def section_ours():
-    from steadydancer_turbo.steadydancer import accel
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
 
     t0 = time.time()
     model = ours_model()
@@ -581,7 +581,7 @@ def section_ours():
     twins = {}
 
     def use_fp8(on: bool):
-        from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
+        from steadydancer_turbo.steadydancer.kernels.fp8_linear import FP8Linear
 
         if on and not twins:
             if ARGS.fp8_scaling == "auto":
@@ -678,8 +678,8 @@ def section_turboc():
     """Compiled blocks only: fp8 + top-k sparse at 720p and 480p (incl. whole 4-step turbo sampling), bf16
     sparse at 720p, against eager dense references of this run, plus a bf16 noise floor (same model, input
     perturbed by one bf16 rounding) to read the random-weight errors against."""
-    from steadydancer_turbo.steadydancer import accel
-    from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+    from steadydancer_turbo.steadydancer.kernels.fp8_linear import FP8Linear
 
     model = ours_model()
     g = torch.Generator(device=DEV).manual_seed(7)
@@ -755,13 +755,13 @@ def section_perf2():
     three), then the compiled fp8 + top-k model in up to three configurations on one card, each with its error
     vs this run's dense bf16 eager output, one forward under the profiler, and whole turbo sampling:
       base       = the previous best (flex USE_TMA only)
-      tuned+qkv  = + the fastest flex options of the micro check, + fused q/k/v (steadydancer/fused_qkv.py)
+      tuned+qkv  = + the fastest flex options of the micro check, + fused q/k/v (steadydancer/model/fused_qkv.py)
                    where the micro check found the fused GEMM faster (each part's share: the micro numbers)."""
-    from steadydancer_turbo.steadydancer import accel
-    from steadydancer_turbo.steadydancer import sparse_attention as spa
-    from steadydancer_turbo.steadydancer.fp8_linear import (FP8Linear, convert_linears_to_fp8, quantize_tensorwise,
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+    from steadydancer_turbo.steadydancer.kernels import sparse_attention as spa
+    from steadydancer_turbo.steadydancer.kernels.fp8_linear import (FP8Linear, convert_linears_to_fp8, quantize_tensorwise,
                                                           set_tensorwise_amax)
-    from steadydancer_turbo.steadydancer.fused_qkv import fuse_qkv, unfuse_qkv
+    from steadydancer_turbo.steadydancer.model.fused_qkv import fuse_qkv, unfuse_qkv
 
     topk = ARGS.topk
     g = torch.Generator(device=DEV).manual_seed(5)
@@ -937,9 +937,9 @@ def perf3_micro(L, g):
     GELU(tanh) + per-tensor fp8 quantization of the FFN2 input [L, 13824] with the flat vs the two-stage amax
     (outputs must be bit-identical), and RMSNorm + RoPE of q [1, L, 40, 128] with the complex-freqs real path vs
     the (cos, sin) tables (rel. L2 between them: 0 up to FMA contraction). ms = median of 10, after 2 warm-ups."""
-    from steadydancer_turbo.steadydancer import fp8_linear as F8
-    from steadydancer_turbo.steadydancer.model import rope_apply, rope_freqs, rope_tables
-    from steadydancer_turbo.steadydancer.ops import RMSNorm
+    from steadydancer_turbo.steadydancer.kernels import fp8_linear as F8
+    from steadydancer_turbo.steadydancer.model.dit import rope_apply, rope_freqs, rope_tables
+    from steadydancer_turbo.steadydancer.model.layers import RMSNorm
 
     if not have_time(60):
         return
@@ -1039,7 +1039,7 @@ def main():
     global DEV, D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM
     DEV = ARGS.device
     if ARGS.tiny:
-        from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+        from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
 
         c = SteadyDancerConfig.tiny()
         D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM = (c.dim, c.ffn_dim, c.num_layers, c.num_heads, c.head_dim,

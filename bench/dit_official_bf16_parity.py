@@ -97,8 +97,8 @@ def main():
     ap.add_argument("--cpu-dry-run", action="store_true", help="fp32 on CPU, to check the script itself")
     a = ap.parse_args()
     _import_pack()
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
     dev = torch.device("cpu" if a.cpu_dry_run else "cuda")
     md, have_flash = _load_official(a.official, patch_bf16_line=a.cpu_dry_run)

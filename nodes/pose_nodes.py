@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
+from .frames import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
 
 PROVIDERS = ["auto", "cuda", "cpu"]
 CHUNK = 8

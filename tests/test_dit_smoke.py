@@ -1,8 +1,8 @@
 """Quick smoke test of the SteadyDancer DiT: tiny model runs, batched, right shape/dtype."""
 import torch
 
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
 
 def test_tiny_forward_shape_dtype_and_batch_independence():

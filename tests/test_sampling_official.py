@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _samplers_fakes import FakeDiT, make_cond
-from steadydancer_turbo.steadydancer.sampling import (
+from steadydancer_turbo.steadydancer.sampling.official import (
     Guidance,
     count_passes,
     initial_noise,

@@ -33,8 +33,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..steadydancer.conditioning import KWARG_ORDER, SteadyDancerConditioning
-from ..steadydancer.sampling import shift_sigmas
+from ..steadydancer.sampling.conditioning import KWARG_ORDER, SteadyDancerConditioning
+from ..steadydancer.sampling.official import shift_sigmas
 
 RCM_MID_T = (1.5, 1.4, 1.0)
 SIGMA_MAX_I2V = 200.0

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from steadydancer_turbo.steadydancer.loader import load_steadydancer, apply_loras, offload_model
+    from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer, apply_loras, offload_model
 
     model = load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device=None,
                               offload_device="cpu", block_swap=0, vram_budget_gb=None, fp8_matmul=False)
@@ -54,9 +54,9 @@ import torch.nn as nn
 
 from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_on_device, module_bytes,
                         offload_model)
-from .checkpoint import CheckpointError, CheckpointReader
+from ..checkpoints.checkpoint import CheckpointError, CheckpointReader
 from .lora import LoraKeyWarning, apply_loras
-from .fp8_linear import fp8_matmul_supported, quantize_per_tensor
+from ..kernels.fp8_linear import fp8_matmul_supported, quantize_per_tensor
 from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     """Load a SteadyDancer DiT from ``path`` (see the module docstring). Returns ``SteadyDancerDiT``
     in eval mode with ``model.compute_dtype = compute_dtype``, ``model.block_swap`` (the
     :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``."""
-    from .config import SteadyDancerConfig
-    from .model import build_meta
+    from ..model.config import SteadyDancerConfig
+    from ..model.dit import build_meta
 
     cd = _dtype(compute_dtype)
     if storage not in STORAGE_MODES:

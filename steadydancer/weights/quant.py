@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fp8_linear as _f8
+from ..kernels import fp8_linear as _f8
 
 
 def _gguf():

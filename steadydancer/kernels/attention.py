@@ -136,4 +136,4 @@ register_backend("sage", _sage, _importable("sageattention"), doc="SageAttention
 
 # Faster kernels (cuDNN attention, "auto", top-k block-sparse "flex_sparse"); imported last because it registers
 # into the registry above.
-from . import fast_attention  # noqa: E402,F401
+from . import backends as fast_attention  # noqa: E402,F401

@@ -9,8 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..steadydancer.conditioning import latent_frames
-from ..steadydancer.latents import LATENT_CHANNELS, VAE_STRIDE
+from ..steadydancer.sampling.conditioning import latent_frames
+from ..steadydancer.sampling.latents import LATENT_CHANNELS, VAE_STRIDE
 
 CATEGORY = "SteadyDancer"
 MODEL_TYPE = "STEADYDANCER_MODEL"

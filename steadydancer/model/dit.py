@@ -45,10 +45,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention as _attention
-from .attention import get_backend
+from ..kernels.attention import attention as _attention
+from ..kernels.attention import get_backend
 from .config import SteadyDancerConfig
-from .ops import RMSNorm, apply_cd, layer_norm_fp32
+from .layers import RMSNorm, apply_cd, layer_norm_fp32
 from .pose_modules import PoseAlignment, SpatialDynamicConv, TemporalFactorConv
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

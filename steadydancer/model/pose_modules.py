@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import apply_cd, group_norm_fp32, hsigmoid
+from .layers import apply_cd, group_norm_fp32, hsigmoid
 
 
 # ---------------------------------------------------------------------- spatial: dynamic conv (DCD)

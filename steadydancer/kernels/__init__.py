@@ -1,0 +1,3 @@
+"""Attention backends behind one registry (dense, cuDNN, flash, sage, top-k sparse) and the fp8 matmul.
+May import: torch and optional kernel packages only, no other part of the pack.
+"""
