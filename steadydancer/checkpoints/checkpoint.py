@@ -29,6 +29,7 @@ Storage kinds:
 """
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -213,6 +214,30 @@ class _SafetensorsFile:
                 pass  # a view is still alive somewhere; the map closes when it is collected
             self._f.close()
         self._mm = self._f = None
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_types():
+    """The GGML block-quantized types this pack reads (and weights/quant.py dequantizes)."""
+    try:
+        import gguf
+    except ImportError:
+        return ()
+    Q = gguf.GGMLQuantizationType
+    return (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+class _LazyTypes:
+    """``GGUF_QUANT_TYPES`` without importing gguf at module import time."""
+
+    def __iter__(self):
+        return iter(_gguf_types())
+
+    def __contains__(self, item):
+        return item in _gguf_types()
+
+
+GGUF_QUANT_TYPES = _LazyTypes()
 
 
 class _GGUFFile:
@@ -445,7 +470,6 @@ class CheckpointReader:
         gguf = f.gguf
         Q = gguf.GGMLQuantizationType
         float_q = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-        from ..weights.quant import GGUF_QUANT_TYPES
         prefix = keymap.common_prefix(f.tensors)
         for name, t in f.tensors.items():
             key = keymap.normalize_key(name, prefix)
