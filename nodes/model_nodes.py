@@ -16,14 +16,14 @@ import threading
 
 import torch
 
-from ..steadydancer.weights.loader import STORAGE_MODES
+from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
 from . import comfy_bridge as cb
 from .frames import CATEGORY, MODEL_TYPE, tooltip
 
 log = logging.getLogger("steadydancer_turbo")
 
 WEIGHT_STORAGE = list(STORAGE_MODES)
-COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]  # names the loader maps to torch dtypes
+COMPUTE_DTYPES = list(LOADER_DTYPES)  # the names the loader maps to torch dtypes
 # CPU RAM allowed for copies of the float weights a LoRA is merged into, so a LoRA change can be undone without
 # re-reading the model file. fp8/GGUF models: only biases, norms, modulations and non-block layers are merged
 # (well under this); a bf16 model with a LoRA on every block Linear would need ~28 GB: it reloads instead.
