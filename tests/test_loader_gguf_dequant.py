@@ -9,7 +9,7 @@ import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import GGUF_QUANT_TYPES  # noqa: E402
+from steadydancer_turbo.steadydancer.checkpoints.gguf_types import GGUF_QUANT_TYPES  # noqa: E402
 from steadydancer_turbo.steadydancer.weights.quant import dequantize_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

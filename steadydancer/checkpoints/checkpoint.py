@@ -29,7 +29,6 @@ Storage kinds:
 """
 from __future__ import annotations
 
-import functools
 import json
 import mmap
 import os
@@ -41,6 +40,7 @@ from typing import Optional
 import torch
 
 from ..model import keymap
+from .gguf_types import GGUF_QUANT_TYPES
 
 
 class CheckpointError(ValueError):
@@ -214,30 +214,6 @@ class _SafetensorsFile:
                 pass  # a view is still alive somewhere; the map closes when it is collected
             self._f.close()
         self._mm = self._f = None
-
-
-@functools.lru_cache(maxsize=None)
-def _gguf_types():
-    """The GGML block-quantized types this pack reads (and weights/quant.py dequantizes)."""
-    try:
-        import gguf
-    except ImportError:
-        return ()
-    Q = gguf.GGMLQuantizationType
-    return (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-
-
-class _LazyTypes:
-    """``GGUF_QUANT_TYPES`` without importing gguf at module import time."""
-
-    def __iter__(self):
-        return iter(_gguf_types())
-
-    def __contains__(self, item):
-        return item in _gguf_types()
-
-
-GGUF_QUANT_TYPES = _LazyTypes()
 
 
 class _GGUFFile:
