@@ -19,9 +19,9 @@ tokens). Files are read right after being written, so loads come from the page c
 adds file size / disk bandwidth). With ``--layers L < 40`` the table also shows time, bytes and VRAM
 scaled by 40/L for the block-dominated part - an estimate, marked as such.
 
-Usage (GPU box):   python bench/loader_bench.py                      # all formats, defaults below
-                   python bench/loader_bench.py --formats fp8 --swaps 0,40 --layers 20
-                   python bench/loader_bench.py --tiny               # CPU smoke test, seconds
+Usage (GPU box):   python bench/loader_formats.py                      # all formats, defaults below
+                   python bench/loader_formats.py --formats fp8 --swaps 0,40 --layers 20
+                   python bench/loader_formats.py --tiny               # CPU smoke test, seconds
 Needs torch (+ safetensors optional); GGUF rows need ``gguf`` and ``diffusers`` (dequantizers) and are
 skipped with a note when they are missing.
 Targets (issue 3): block swap 40 on fp8 at 480p peaks under 10 GiB VRAM at <= 1.5x the all-in-VRAM forward
@@ -227,7 +227,7 @@ def child(spec):
             if i:
                 times.append(time.perf_counter() - t)
             del out
-    if spec.get("turbo_topk"):  # whole 4-step rCM sampling, DiT only (as bench/dit_bench.py's turbo rows)
+    if spec.get("turbo_topk"):  # whole 4-step rCM sampling, DiT only (as bench/dit_forward.py's turbo rows)
         from steadydancer_turbo.steadydancer.sampling.conditioning import SteadyDancerConditioning
         from steadydancer_turbo.turbo.rcm import sample_rcm
         c = SteadyDancerConditioning(context=inp["context"], context_null=inp["context"], clip_fea=inp["clip_fea"],

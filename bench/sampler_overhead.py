@@ -5,7 +5,7 @@ stand-in model whose cost is one elementwise op, and reports host-side time per 
 math, noise, conditioning moves) and the number of forwards / passes. The DiT itself dominates real runs
 (91 passes of a 14B model); this script shows the sampler adds little and how batching changes forwards.
 
-    python bench/bench_samplers.py --device cuda --size 1024x576 --frames 81
+    python bench/sampler_overhead.py --device cuda --size 1024x576 --frames 81
 """
 from __future__ import annotations
 

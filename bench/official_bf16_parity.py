@@ -5,7 +5,7 @@ the way the official pipeline runs it: official WanModel with bf16 weights under
 latents in; ours with bf16 weights and no autocast. Both are compared with a float64 run of our model (same
 weights), so the numbers say whether our explicit casts reproduce the official mixed precision.
 
-    python bench/dit_official_bf16_parity.py --official /path/to/MCG-NJU/SteadyDancer [--dim 1536 --layers 4]
+    python bench/official_bf16_parity.py --official /path/to/MCG-NJU/SteadyDancer [--dim 1536 --layers 4]
 
 Random weights (no checkpoint needed). If flash_attn is not installed, the official ``flash_attention`` is
 replaced by SDPA with the same casts (q, k, v -> bf16); ours then uses "sdpa" too, so both sides run the same
