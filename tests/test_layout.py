@@ -9,9 +9,10 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# highest first: a package may import only those after it in this list (and itself)
-LAYERS = ["nodes", "turbo", "steadydancer.sampling", "steadydancer.weights", "steadydancer.checkpoints",
-          "steadydancer.model", "steadydancer.kernels"]
+# highest first: a package may import only those after it in this list (and itself). Written as folders: the
+# old flat modules model.py / sampling.py had the dotted names these packages have now.
+LAYERS = [p.replace("/", ".") for p in ("nodes", "turbo", "steadydancer/sampling", "steadydancer/weights",
+                                        "steadydancer/checkpoints", "steadydancer/model", "steadydancer/kernels")]
 BESIDE = {"dwpose": {"dwpose"}}  # may import only itself
 COMFY = {"comfy", "folder_paths", "server", "nodes", "comfy_extras", "comfy_api"}
 
