@@ -7,7 +7,7 @@ Call (batched; every sample independent, all samples share F, H, W)::
 
     v = model(x, timestep, context, clip_fea, clip_fea_c, y, cond, ref_x, ref_c)   # -> [B, 16, F, H, W] fp32
 
-Precision (see ops.py for the general rule). The official pipeline runs this DiT with bf16 weights under
+Precision (see layers.py for the general rule). The official pipeline runs this DiT with bf16 weights under
 CUDA autocast(bf16). That differs from base Wan2.1 (which keeps modulation and time embedding in fp32): here
 the time embedding, the modulation vectors ``modulation + e`` and the residual updates ``x + y * gate`` are
 all bf16. We reproduce each cast explicitly with the model's compute dtype ``cd`` (default: the dtype of
