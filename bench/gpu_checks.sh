@@ -15,7 +15,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py tests/test_rcm.py tests/test_sampling_official.py \
     tests/test_fp8_linear.py tests/test_sparse_attention.py tests/test_loader_blockswap.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 if [ -n "$OFF" ]; then
-    python3 bench/dit_official_bf16_parity.py --official "$OFF" 2>&1 | tee "$OUT/official_bf16_parity.log" | tail -12
+    python3 bench/official_bf16_parity.py --official "$OFF" 2>&1 | tee "$OUT/official_bf16_parity.log" | tail -12
 fi
-python3 bench/loader_bench.py --layers 20 --plan "${LOADER_PLAN:-bf16:0;fp8:0,20;fp8mm:0;q8_0:0;q4_k:0}" \
+python3 bench/loader_formats.py --layers 20 --plan "${LOADER_PLAN:-bf16:0;fp8:0,20;fp8mm:0;q8_0:0;q4_k:0}" \
     --time-budget "${LOADER_BUDGET:-330}" 2>&1 | tee "$OUT/loader_bench.log" | tail -30

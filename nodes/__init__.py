@@ -1,4 +1,6 @@
-"""ComfyUI V1 node classes (thin adapters over the core packages). Ids are prefixed ``SteadyDancer``."""
+"""ComfyUI V1 node classes (thin adapters over the core packages). Ids are prefixed ``SteadyDancer``.
+May import: the core (steadydancer/, turbo/, dwpose/); ComfyUI only through comfy_bridge.py.
+"""
 from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
 from .context_nodes import SteadyDancerColourGuard, SteadyDancerContextOptions

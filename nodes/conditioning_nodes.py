@@ -11,7 +11,7 @@ Facts this node relies on (checked in ComfyUI 0.33.0 source):
   the same tensor. Native ``WanImageToVideo`` feeds the same field to ``clip_fea``.
 - Native ``VAE.encode`` takes IMAGE [B,H,W,C] in 0..1 (a batch is the frames of one video for the Wan VAE) and
   returns the *raw* latent [1,16,T,H/8,W/8]; ComfyUI normalizes it later (latent_formats.Wan21.process_in).
-  The official pipeline works on normalized latents, so we normalize with steadydancer/latents.py.
+  The official pipeline works on normalized latents, so we normalize with steadydancer/sampling/latents.py.
 - The official "image + 80 zero frames" clip is in [-1,1]; zero there is 0.5 in ComfyUI's 0..1 IMAGE space
   (WanImageToVideo uses the same 0.5 fill).
 """
@@ -21,17 +21,17 @@ import dataclasses
 
 import torch
 
-from ..steadydancer.conditioning import CLIP_DIM, CLIP_TOKENS, TEXT_DIM, TEXT_LEN
-from ..steadydancer.latents import LATENT_CHANNELS
+from ..steadydancer.sampling.conditioning import CLIP_DIM, CLIP_TOKENS, TEXT_DIM, TEXT_LEN
+from ..steadydancer.sampling.latents import LATENT_CHANNELS
 from . import comfy_bridge as cb
-from .common import (CATEGORY, COND_TYPE, FIT_MODES, adjust_length, adjust_size, latent_shape, resize_images,
+from .frames import (CATEGORY, COND_TYPE, FIT_MODES, adjust_length, adjust_size, latent_shape, resize_images,
                      tooltip)
 
 
 @dataclasses.dataclass
 class SteadyDancerCondBundle:
     """What flows on a STEADYDANCER_CONDITIONING wire."""
-    cond: object  # steadydancer.conditioning.SteadyDancerConditioning
+    cond: object  # steadydancer.sampling.conditioning.SteadyDancerConditioning
     width: int
     height: int
     length: int
@@ -78,7 +78,7 @@ def clip_features(clip_output, what: str) -> torch.Tensor:
 
 def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
     """Native VAE -> normalized latent [1,16,T,h,w] float32 (the official convention)."""
-    from ..steadydancer import latents
+    from ..steadydancer.sampling import latents
     raw = vae.encode(images[..., :3])
     if raw.ndim == 4:  # an image VAE would give [B,C,H,W]; Wan gives [1,C,T,H,W]
         raise ValueError("the VAE returned image latents; connect the Wan2.1 VAE (wan_2.1_vae.safetensors).")
@@ -131,7 +131,7 @@ class SteadyDancerConditioning:
 
     def build(self, positive, negative, vae, clip_vision_reference, clip_vision_pose, reference_image, pose_frames,
               width, height, length, fit, negative_pose_frames=None, unique_id=None):
-        from ..steadydancer import conditioning as sdc
+        from ..steadydancer.sampling import conditioning as sdc
 
         width = int(width) or int(reference_image.shape[2])
         height = int(height) or int(reference_image.shape[1])

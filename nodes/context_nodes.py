@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, CONTEXT_TYPE, tooltip
+from .frames import CATEGORY, CONTEXT_TYPE, tooltip
 
 
 class SteadyDancerContextOptions:
@@ -42,7 +42,7 @@ class SteadyDancerContextOptions:
         }
 
     def build(self, window_frames, overlap_frames, fusion, noise, anchor_frames, unique_id=None):
-        from ..steadydancer.context_windows import ContextOptions
+        from ..steadydancer.sampling.context_windows import ContextOptions
 
         opts, notes = ContextOptions.from_pixel_frames(int(window_frames), int(overlap_frames), int(anchor_frames),
                                                        fusion=fusion, noise=noise)
@@ -77,7 +77,7 @@ class SteadyDancerColourGuard:
         }
 
     def apply(self, images, reference_image, strength, context=None):
-        from ..steadydancer.colour_guard import colour_guard
+        from ..steadydancer.sampling.colour_guard import colour_guard
 
         if float(strength) == 0.0:
             return (images,)

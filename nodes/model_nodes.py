@@ -16,14 +16,14 @@ import threading
 
 import torch
 
-from ..steadydancer.loader import STORAGE_MODES
+from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
 from . import comfy_bridge as cb
-from .common import CATEGORY, MODEL_TYPE, tooltip
+from .frames import CATEGORY, MODEL_TYPE, tooltip
 
 log = logging.getLogger("steadydancer_turbo")
 
 WEIGHT_STORAGE = list(STORAGE_MODES)
-COMPUTE_DTYPES = ["bf16", "fp16", "fp32"]  # names the loader maps to torch dtypes
+COMPUTE_DTYPES = list(LOADER_DTYPES)  # the names the loader maps to torch dtypes
 # CPU RAM allowed for copies of the float weights a LoRA is merged into, so a LoRA change can be undone without
 # re-reading the model file. fp8/GGUF models: only biases, norms, modulations and non-block layers are merged
 # (well under this); a bf16 model with a LoRA on every block Linear would need ~28 GB: it reloads instead.
@@ -32,7 +32,7 @@ LORA_UNDO_RAM_BYTES = 2 << 30
 
 def attention_choices() -> list:
     """auto / sdpa / flex_sparse (when this torch has flex attention), plus flash_attn / sage when importable."""
-    from ..steadydancer.attention import available_backends
+    from ..steadydancer.kernels.attention import available_backends
     avail = available_backends()
     out = ["auto", "sdpa"]
     out += [n for n in ("flex_sparse", "flash_attn", "sage") if n in avail]
@@ -57,14 +57,14 @@ class LoadOptions:
 
     def attention_backend(self) -> str:
         if self.attention == "flex_sparse":
-            from ..steadydancer import accel
+            from ..steadydancer.weights import speed_options as accel
             return accel.sparse(float(self.sparse_topk))
         return self.attention
 
 
 def apply_speed_options(module, o: LoadOptions) -> None:
     """Attention backend (self-attention; cross-attention stays dense) and per-block torch.compile."""
-    from ..steadydancer import accel
+    from ..steadydancer.weights import speed_options as accel
     accel.use_attention(module, o.attention_backend())
     if o.compile and not getattr(module, "_sd_compiled", False):
         accel.compile_blocks(module, fullgraph=False)  # a graph break is a slowdown here, never a failed run
@@ -123,7 +123,7 @@ class _ModelCache:
             self.clear()
 
     def get(self, handle: SteadyDancerModelHandle, device=None):
-        from ..steadydancer import loader  # core; imported lazily so the pack imports without it
+        from ..steadydancer.weights import loader  # core; imported lazily so the pack imports without it
         key = (handle.path, handle.options.load_key())
         with self.lock, self.using():
             if self.module is not None and self.key == key:
@@ -159,7 +159,7 @@ class _ModelCache:
         possible: LoRAs added at the end are just applied; any other change removes all LoRAs (runtime
         patches dropped, merged float weights restored from their recorded originals) and applies the new
         list. Where merged float weights were not recorded (too large), the cache is cleared: fresh load."""
-        from ..steadydancer import lora
+        from ..steadydancer.weights import lora
         n = len(self.loras)
         if loras[:n] == self.loras:
             self._apply_loras(loras[n:])
@@ -179,8 +179,8 @@ class _ModelCache:
         """Apply ``extra`` on top of ``self.loras``. On failure the module is left with no half-applied recipe:
         a bad file is refused before anything changes; any later error removes all LoRAs (or, where that is
         not exact, drops the cached module so the next run reloads)."""
-        from ..steadydancer import loader, lora
-        from ..steadydancer.checkpoint import CheckpointError
+        from ..steadydancer.weights import loader, lora
+        from ..steadydancer.checkpoints.checkpoint import CheckpointError
         try:
             loader.apply_loras(self.module, list(extra), undo_limit_bytes=LORA_UNDO_RAM_BYTES)
         except CheckpointError:
@@ -223,13 +223,13 @@ def _expected_bytes(path: str, o: LoadOptions) -> float:
 
 def on_device(module, device=None) -> None:
     """Put the (possibly block-swapped) model back on its compute device after an offload."""
-    from ..steadydancer import loader
+    from ..steadydancer.weights import loader
     loader.ensure_on_device(module)
 
 
 def offload(module) -> None:
     """Everything to the offload device (CPU RAM), device cache released."""
-    from ..steadydancer import loader
+    from ..steadydancer.weights import loader
     loader.offload_model(module, cb.offload_device())
     cb.soft_empty_cache()
 

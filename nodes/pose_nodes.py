@@ -6,11 +6,15 @@ on ours and ours read theirs.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
+from .frames import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
+
+log = logging.getLogger("steadydancer_turbo")
 
 PROVIDERS = ["auto", "cuda", "cpu"]
 CHUNK = 8
@@ -20,10 +24,11 @@ def _model_choices(kind: str) -> list[str]:
     """Known DWPose file names of this kind (always listed: a missing file gives a download hint when run)
     plus any other .onnx found in the registered dwpose folders."""
     try:
-        from ..dwpose.models import MODEL_FILES
+        from ..dwpose.models import MODEL_FILES  # the one list of known file names
         known = [n for n, f in MODEL_FILES.items() if f.kind == kind]
-    except Exception:  # noqa: BLE001 - core not importable: still offer the standard names
-        known = ["yolox_l.onnx"] if kind == "detector" else ["dw-ll_ucoco_384.onnx", "dw-ll_ucoco.onnx"]
+    except Exception as e:  # noqa: BLE001 - dwpose's dependencies missing: the node says so when run
+        log.warning("SteadyDancer: DWPose core not importable (%s); listing only the .onnx files found", e)
+        known = []
     found = []
     for name in cb.get_filename_list(cb.DWPOSE_FOLDER):
         base = name.replace("\\", "/").split("/")[-1]

@@ -1,14 +1,14 @@
 """The official SteadyDancer sampler and the TurboDiffusion rCM few-step sampler.
 
 Both return a ComfyUI LATENT in ComfyUI's Wan2.1 convention (raw VAE latent, i.e. *de*-normalized with
-steadydancer/latents.py), so the native VAEDecode turns it into frames.
+steadydancer/sampling/latents.py), so the native VAEDecode turns it into frames.
 """
 from __future__ import annotations
 
 import torch
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, COND_TYPE, CONTEXT_TYPE, MODEL_TYPE, tooltip
+from .frames import CATEGORY, COND_TYPE, CONTEXT_TYPE, MODEL_TYPE, tooltip
 from .model_nodes import _CACHE, offload, on_device
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -17,7 +17,7 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 def _windows(bundle, context, unique_id):
     """Number of context windows for this conditioning (1 = the plain path), with a note for long videos
     sampled without windows."""
-    from ..steadydancer import context_windows as cw
+    from ..steadydancer.sampling import context_windows as cw
 
     T = bundle.cond.latent_shape[1]
     wins = cw.plan(context, T)
@@ -32,7 +32,7 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None, window_passes=N
 
     ``window_passes``: with context windows, the total number of window passes (DiT passes x windows); the
     progress bar then counts window passes and Cancel is checked after every one (within one window pass)."""
-    from ..steadydancer import latents
+    from ..steadydancer.sampling import latents
 
     if handle is None or not hasattr(handle, "materialize"):
         raise ValueError("model: connect a SteadyDancer Model Loader (or LoRA) output")
@@ -109,7 +109,7 @@ class SteadyDancerSampler(_SamplerNode):
 
     def sample(self, model, conditioning, seed, steps, shift, text_guidance, pose_guidance, pose_guidance_start,
                pose_guidance_end, solver, context=None, unique_id=None):
-        from ..steadydancer import sampling
+        from ..steadydancer.sampling import official as sampling
 
         if pose_guidance != 0 and not conditioning.cond.has_negative_pose:
             cb.node_message(unique_id, "pose guidance needs negative pose frames on the conditioning node; "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import comfy_bridge as cb
-from .common import CATEGORY, adjust_length, resample_indices, tooltip
+from .frames import CATEGORY, adjust_length, resample_indices, tooltip
 
 
 class SteadyDancerResampleFrames:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
 CFG = dict(dim=256, num_heads=2, ffn_dim=512, num_layers=3, text_dim=64, freq_dim=32, clip_dim=64,
            align_hidden=32)  # align_heads stays 8: heads are not recoverable from shapes (official: 8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from steadydancer_turbo.steadydancer.conditioning import (
+from steadydancer_turbo.steadydancer.sampling.conditioning import (
     SteadyDancerConditioning,
     build_i2v_mask,
     build_ref_c,

@@ -4,9 +4,9 @@ quantizer and the (cos, sin)-table RoPE. Both must be exactly the functions they
 import pytest
 import torch
 
-from steadydancer_turbo.steadydancer import fp8_linear as F8
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import (SteadyDancerDiT, rope_apply, rope_freqs, rope_pair_swap,
+from steadydancer_turbo.steadydancer.kernels import fp8_linear as F8
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import (SteadyDancerDiT, rope_apply, rope_freqs, rope_pair_swap,
                                                    rope_tables)
 
 

@@ -1,4 +1,4 @@
-"""Context windows for long videos (steadydancer/context_windows.py) in both samplers.
+"""Context windows for long videos (steadydancer/sampling/context_windows.py) in both samplers.
 
 References: hand / float64 arithmetic for schedules and weights, the plain (no-window) sampler path for
 bit-identity, the full-length conditioning tensors for every window's slices, and an independent windowed
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from _samplers_fakes import FakeDiT, make_cond
-from steadydancer_turbo.steadydancer import context_windows as cw
-from steadydancer_turbo.steadydancer.conditioning import KWARG_ORDER, latent_frames
-from steadydancer_turbo.steadydancer.sampling import Guidance, count_passes, initial_noise, sample_official
+from steadydancer_turbo.steadydancer.sampling import context_windows as cw
+from steadydancer_turbo.steadydancer.sampling.conditioning import KWARG_ORDER, latent_frames
+from steadydancer_turbo.steadydancer.sampling.official import Guidance, count_passes, initial_noise, sample_official
 from steadydancer_turbo.turbo.rcm import rcm_sigmas, model_timesteps, sample_rcm
 
 LENGTHS = (81, 85, 161, 241, 321, 481)

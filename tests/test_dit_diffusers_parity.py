@@ -14,9 +14,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from steadydancer_turbo.steadydancer import keymap
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+from steadydancer_turbo.steadydancer.model import keymap
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
 CFG = SteadyDancerConfig.tiny(dim=256, num_heads=2, ffn_dim=320, num_layers=2, text_dim=64, freq_dim=64, clip_dim=96)
 

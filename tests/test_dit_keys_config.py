@@ -12,9 +12,9 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-from steadydancer_turbo.steadydancer import keymap
-from steadydancer_turbo.steadydancer.config import NotSteadyDancerError, SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT, build_meta
+from steadydancer_turbo.steadydancer.model import keymap
+from steadydancer_turbo.steadydancer.model.config import NotSteadyDancerError, SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT, build_meta
 
 # spec §3: the 42 SteadyDancer tensors of the 14B checkpoint (dim 5120, pose channels 16, align width 128)
 STEADYDANCER_42 = {

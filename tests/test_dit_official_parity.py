@@ -18,9 +18,9 @@ from safetensors import safe_open
 
 from _official_ref import ExactLowPrecisionMatmuls
 
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT, build_meta, rope_apply
-from steadydancer_turbo.steadydancer.pose_modules import (
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT, build_meta, rope_apply
+from steadydancer_turbo.steadydancer.model.pose_modules import (
     LayerNorm2D,
     PoseAlignment,
     SpatialDynamicConv,

@@ -4,10 +4,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from steadydancer_turbo.steadydancer import attention as attn_mod
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
-from steadydancer_turbo.steadydancer.pose_modules import PoseAlignment
+from steadydancer_turbo.steadydancer.kernels import attention as attn_mod
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
+from steadydancer_turbo.steadydancer.model.pose_modules import PoseAlignment
 
 CFG = SteadyDancerConfig.tiny(clip_dim=64)   # small CLIP width keeps these CPU tests fast
 
@@ -266,7 +266,7 @@ def test_rope_in_float32_is_a_close_option(model):
 
 
 def test_chunked_rope_is_bit_identical():
-    from steadydancer_turbo.steadydancer.model import rope_apply, rope_freqs
+    from steadydancer_turbo.steadydancer.model.dit import rope_apply, rope_freqs
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 5 * 3 * 4, 3, 128, generator=g).bfloat16()
     fr = rope_freqs((5, 3, 4), 128)

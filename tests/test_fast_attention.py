@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steadydancer_turbo.steadydancer import accel
-from steadydancer_turbo.steadydancer.attention import attention, available_backends, get_backend
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT, rope_apply, rope_freqs
+from steadydancer_turbo.steadydancer.weights import speed_options as accel
+from steadydancer_turbo.steadydancer.kernels.attention import attention, available_backends, get_backend
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT, rope_apply, rope_freqs
 
 
 def _ref_attention(q, k, v):
@@ -39,7 +39,7 @@ def test_sparse_backend_is_dense_for_cross_attention_and_topk_one():
     full = accel.sparse(1.0, block_q=32, block_k=32)
     torch.testing.assert_close(attention(q, q, q, full), _ref_attention(q, q, q))
     # a real top-k differs from dense, and equals the block-masked reference
-    from steadydancer_turbo.steadydancer.sparse_attention import (SparseAttentionConfig, select_kv_blocks,
+    from steadydancer_turbo.steadydancer.kernels.sparse_attention import (SparseAttentionConfig, select_kv_blocks,
                                                                   sparse_attention_reference)
     out = attention(q, q, q, name)
     idx = select_kv_blocks(q, q, SparseAttentionConfig(topk=0.1, block_q=32, block_k=32))
@@ -84,7 +84,7 @@ def test_block_traces_without_graph_breaks():
 
 def test_optimize_keeps_the_function():
     """fp8 + sparse(topk=1) + the switches: same outputs as the plain model up to fp8 weight rounding."""
-    from steadydancer_turbo.steadydancer.fp8_linear import FP8Linear
+    from steadydancer_turbo.steadydancer.kernels.fp8_linear import FP8Linear
 
     torch.manual_seed(0)
     cfg = SteadyDancerConfig.tiny()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from steadydancer_turbo.steadydancer.fp8_linear import (
+from steadydancer_turbo.steadydancer.kernels.fp8_linear import (
     FP8_MAX,
     FP8Linear,
     convert_linears_to_fp8,
@@ -112,7 +112,7 @@ def test_scaled_mm_path_returns_the_input_dtype():
 
 
 def test_out_of_memory_in_the_compiled_quantizer_is_raised_not_treated_as_a_compile_failure(monkeypatch):
-    from steadydancer_turbo.steadydancer import fp8_linear as F
+    from steadydancer_turbo.steadydancer.kernels import fp8_linear as F
 
     class CudaLike:  # stands in for a CUDA tensor: only the attribute _quantize looks at before calling fn
         is_cuda = True

@@ -2,10 +2,10 @@
 
 import torch
 
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-from steadydancer_turbo.steadydancer.fp8_linear import convert_linears_to_fp8
-from steadydancer_turbo.steadydancer.fused_qkv import FusedQKVSelfAttention, fuse_qkv, unfuse_qkv
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+from steadydancer_turbo.steadydancer.kernels.fp8_linear import convert_linears_to_fp8
+from steadydancer_turbo.steadydancer.model.fused_qkv import FusedQKVSelfAttention, fuse_qkv, unfuse_qkv
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
 
 def _inputs(cfg, g, dtype=torch.float32):

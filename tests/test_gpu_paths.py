@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.blockswap import offload_model
-from steadydancer_turbo.steadydancer.loader import load_steadydancer
+from steadydancer_turbo.steadydancer.weights.blockswap import offload_model
+from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F32, BF16 = torch.float32, torch.bfloat16
@@ -61,7 +61,7 @@ def test_fp8_scaled_mm_with_a_lowrank_lora(files, tmp_path):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fp8 tensor cores")
     from safetensors.torch import save_file
-    from steadydancer_turbo.steadydancer.loader import apply_loras
+    from steadydancer_turbo.steadydancer.weights.loader import apply_loras
     ref = U.reference_model()
     g = torch.Generator().manual_seed(3)
     lora = {}

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.blockswap import blocks_to_swap_for_budget, module_bytes, offload_model
-from steadydancer_turbo.steadydancer.loader import apply_loras, load_steadydancer
-from steadydancer_turbo.steadydancer import fp8_linear as f8
-from steadydancer_turbo.steadydancer.quant import QuantLinear
+from steadydancer_turbo.steadydancer.weights.blockswap import blocks_to_swap_for_budget, module_bytes, offload_model
+from steadydancer_turbo.steadydancer.weights.loader import apply_loras, load_steadydancer
+from steadydancer_turbo.steadydancer.kernels import fp8_linear as f8
+from steadydancer_turbo.steadydancer.weights.quant import QuantLinear
 
 F32 = torch.float32
 
@@ -134,7 +134,7 @@ def test_fp8_matmul_path_is_the_fp8_linear_primitive(monkeypatch):
 def test_use_fp8_reuses_stored_fp8_weights(files):
     """accel.use_fp8 on a model loaded from an fp8 file switches the stored e4m3 layers to the fp8 matmul
     without re-quantizing (same weight tensors), and converts the float Linears left in the blocks."""
-    from steadydancer_turbo.steadydancer import accel
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
     m = load_steadydancer(files / "fp8.safetensors", compute_dtype=F32, device="cpu")
     ql = [x for x in m.blocks.modules() if isinstance(x, QuantLinear)]
     before = {id(x): x.weight for x in ql}
@@ -153,7 +153,7 @@ def test_loader_fp8_matmul_off_gpu_is_ignored_with_a_note(files):
 def test_loader_fp8_matmul_quantizes_a_float_file_at_load(files, monkeypatch):
     """With fp8 tensor cores (probe forced on here) fp8_matmul on a float file with storage auto quantizes the
     block Linears to e4m3 at load (as storage fp8_e4m3fn), and only those: embeddings and head stay float."""
-    import steadydancer_turbo.steadydancer.loader as L
+    import steadydancer_turbo.steadydancer.weights.loader as L
     monkeypatch.setattr(L, "fp8_matmul_supported", lambda device=None: True)
     m = load_steadydancer(files / "f32.safetensors", compute_dtype=F32, device="cpu", fp8_matmul=True)
     ql = {n: x for n, x in m.named_modules() if isinstance(x, QuantLinear)}

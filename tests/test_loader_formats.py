@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.loader import load_steadydancer
-from steadydancer_turbo.steadydancer.quant import QuantConv, QuantLinear
+from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer
+from steadydancer_turbo.steadydancer.weights.quant import QuantConv, QuantLinear
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -185,7 +185,7 @@ def test_format_detected_from_content_not_name(tmp_path, base):
 
 def test_diffusers_layout_keys(tmp_path, base):
     """A file with diffusers' WanTransformer3DModel names for the base blocks (SteadyDancer keys unchanged)."""
-    from steadydancer_turbo.steadydancer.keymap import official_to_diffusers_key
+    from steadydancer_turbo.steadydancer.model.keymap import official_to_diffusers_key
     sd = {official_to_diffusers_key(k): v for k, v in base[1].items()}
     assert "blocks.0.attn1.to_q.weight" in sd
     path = U.write_safetensors(sd, tmp_path / "diffusers.safetensors", dtype=torch.bfloat16)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
-from steadydancer_turbo.steadydancer.quant import dequantize_gguf, GGUF_QUANT_TYPES  # noqa: E402
+from steadydancer_turbo.steadydancer.checkpoints.gguf_types import GGUF_QUANT_TYPES  # noqa: E402
+from steadydancer_turbo.steadydancer.weights.quant import dequantize_gguf  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 # byte offsets of the fp16 scale fields inside one block (ggml-common.h block_* structs)

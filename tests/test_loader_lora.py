@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.checkpoint import CheckpointError
-from steadydancer_turbo.steadydancer.loader import apply_loras, load_steadydancer
-from steadydancer_turbo.steadydancer.lora import LoraKeyWarning
-from steadydancer_turbo.steadydancer.quant import QuantLinear
+from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+from steadydancer_turbo.steadydancer.weights.loader import apply_loras, load_steadydancer
+from steadydancer_turbo.steadydancer.weights.lora import LoraKeyWarning
+from steadydancer_turbo.steadydancer.weights.quant import QuantLinear
 
 F32 = torch.float32
 DIM = U.CFG["dim"]
@@ -38,7 +38,7 @@ def lora_tensors(seed=0, rank=4):
 def write_lora(path, deltas, layout):
     """layout: 'kijai' (diffusion_model. + lora_down/up/alpha + diff/diff_b/diff_m), 'peft' (lora_A/B, no
     alpha), 'kohya' (lora_unet_ underscore paths), 'diffusers' (transformer. + diffusers Wan module names)."""
-    from steadydancer_turbo.steadydancer.keymap import official_to_diffusers_key
+    from steadydancer_turbo.steadydancer.model.keymap import official_to_diffusers_key
     out = {}
     for key, (kind, ts, alpha) in deltas.items():
         module = key.rsplit(".", 1)[0]

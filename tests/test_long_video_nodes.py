@@ -1,4 +1,4 @@
-"""Long-video node layer: the colour-drift guard (steadydancer/colour_guard.py) against float64 statistics computed
+"""Long-video node layer: the colour-drift guard (steadydancer/sampling/colour_guard.py) against float64 statistics computed
 by hand (numpy), the Context Windows node, and the length limits of the nodes that set the frame count."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from steadydancer_turbo.steadydancer import context_windows as cw
-from steadydancer_turbo.steadydancer.colour_guard import colour_guard
+from steadydancer_turbo.steadydancer.sampling import context_windows as cw
+from steadydancer_turbo.steadydancer.sampling.colour_guard import colour_guard
 
 pack = importlib.import_module("steadydancer_turbo")
 
@@ -101,7 +101,7 @@ def test_context_node_converts_pixel_frames_and_notes_adjustments(monkeypatch):
 
 
 def test_frame_count_nodes_accept_30_seconds_and_adjust_non_4n_plus_1():
-    from steadydancer_turbo.nodes.common import adjust_length
+    from steadydancer_turbo.nodes.frames import adjust_length
 
     resample = pack.NODE_CLASS_MAPPINGS["SteadyDancerResampleFrames"].INPUT_TYPES()["required"]["max_frames"][1]
     length = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"].INPUT_TYPES()["required"]["length"][1]

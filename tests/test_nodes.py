@@ -11,7 +11,7 @@ import torch
 
 pack = importlib.import_module("steadydancer_turbo")
 from steadydancer_turbo.nodes import comfy_bridge as cb  # noqa: E402
-from steadydancer_turbo.nodes import common  # noqa: E402
+from steadydancer_turbo.nodes import frames as common  # noqa: E402
 
 WIDGET = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 KNOWN_SOCKETS = {"IMAGE", "MASK", "LATENT", "CONDITIONING", "VAE", "CLIP_VISION_OUTPUT", "POSE_KEYPOINT",

@@ -9,7 +9,7 @@ import torch
 
 from test_nodes_support import FakeWanVAE, clip_vision_output, comfy_process_in, text_conditioning
 
-pytest.importorskip("steadydancer_turbo.steadydancer.conditioning")
+pytest.importorskip("steadydancer_turbo.steadydancer.sampling.conditioning")
 pack = importlib.import_module("steadydancer_turbo")
 
 

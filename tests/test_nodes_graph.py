@@ -20,9 +20,9 @@ import torch
 from test_nodes_support import FakeWanVAE, clip_vision_output, comfy_process_out, text_conditioning
 
 pytest.importorskip("onnx")
-pytest.importorskip("steadydancer_turbo.steadydancer.model")
-pytest.importorskip("steadydancer_turbo.steadydancer.loader")
-pytest.importorskip("steadydancer_turbo.steadydancer.sampling")
+pytest.importorskip("steadydancer_turbo.steadydancer.model.dit")
+pytest.importorskip("steadydancer_turbo.steadydancer.weights.loader")
+pytest.importorskip("steadydancer_turbo.steadydancer.sampling.official")
 pytest.importorskip("steadydancer_turbo.turbo.rcm")
 pytest.importorskip("steadydancer_turbo.dwpose.pipeline")
 M = pytest.importorskip("dwpose_onnx_models")  # tiny ONNX builders shared with the DWPose tests
@@ -31,9 +31,9 @@ from safetensors.torch import save_file  # noqa: E402
 
 pack = importlib.import_module("steadydancer_turbo")
 cb = importlib.import_module("steadydancer_turbo.nodes.comfy_bridge")
-from steadydancer_turbo.steadydancer import sampling  # noqa: E402
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig  # noqa: E402
-from steadydancer_turbo.steadydancer.model import SteadyDancerDiT  # noqa: E402
+from steadydancer_turbo.steadydancer.sampling import official as sampling  # noqa: E402
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig  # noqa: E402
+from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT  # noqa: E402
 from steadydancer_turbo.turbo import rcm  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_loader_speed_options_switch_without_reload(models, monkeypatch):
     """attention / sparse_topk reach the loaded module (flex_sparse -> a top-k backend for self-attention) and
     switch on the cached module without re-reading the file; fp8_matmul without fp8 tensor cores is a note on
     the node, and the model is loaded as usual; the choices offer auto/sdpa and only importable kernels."""
-    from steadydancer_turbo.steadydancer.attention import available_backends
+    from steadydancer_turbo.steadydancer.kernels.attention import available_backends
     mn = pack.nodes.model_nodes
     node = pack.NODE_CLASS_MAPPINGS["SteadyDancerModelLoader"]()
     req = node.INPUT_TYPES()["required"]
@@ -281,7 +281,7 @@ def test_loader_speed_options_switch_without_reload(models, monkeypatch):
     assert list(req)[3:7] == ["attention", "sparse_topk", "fp8_matmul", "compile"]
     path = str(models / "steadydancer_tiny.safetensors")
     loads, notes = [], []
-    from steadydancer_turbo.steadydancer import loader
+    from steadydancer_turbo.steadydancer.weights import loader
     orig = loader.load_steadydancer
     monkeypatch.setattr(loader, "load_steadydancer", lambda *a, **k: loads.append(k) or orig(*a, **k))
     monkeypatch.setattr(mn.cb, "node_message", lambda nid, text: notes.append(text))

@@ -107,7 +107,7 @@ def test_retarget_fits_image_and_poses_alike(onnx_files, fit, expect):
     ref, pos, neg, aligned = node.retarget(poses, poses[:1], ref_img, 32, 48, fit, True, True, False,
                                            "steadydancer", 3)
     assert ref.shape == (1, 48, 32, 3) and pos.shape == (5, 48, 32, 3) and neg.shape == pos.shape
-    torch.testing.assert_close(ref, pack.nodes.common.resize_images(ref_img, 32, 48, fit))
+    torch.testing.assert_close(ref, pack.nodes.frames.resize_images(ref_img, 32, 48, fit))
     # the same person drives itself: retargeting is the identity, then the canvas fit moves every point
     nx, ny = NECK_UV["neck"]
     for f in aligned:
@@ -208,8 +208,8 @@ def test_pack_exceptions_have_readable_names_when_loaded_like_comfyui(tmp_path, 
     assert _comfy_type_name(type(e.value)) == "steadydancer_turbo.dwpose.ModelNotFoundError"
     # and each such name is where the class really lives in the package
     from steadydancer_turbo.dwpose.models import ModelNotFoundError
-    from steadydancer_turbo.steadydancer.checkpoint import CheckpointError
-    from steadydancer_turbo.steadydancer.config import NotSteadyDancerError
+    from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+    from steadydancer_turbo.steadydancer.model.config import NotSteadyDancerError
     for cls in (ModelNotFoundError, CheckpointError, NotSteadyDancerError):
         m, _, q = _comfy_type_name(cls).rpartition(".")
         assert m.startswith("steadydancer_turbo.") and getattr(importlib.import_module(m), q) is cls

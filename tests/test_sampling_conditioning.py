@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from _samplers_fakes import make_cond
-from steadydancer_turbo.steadydancer import latents
-from steadydancer_turbo.steadydancer.conditioning import (
+from steadydancer_turbo.steadydancer.sampling import latents
+from steadydancer_turbo.steadydancer.sampling.conditioning import (
     KWARG_ORDER,
     SteadyDancerConditioning,
     build_i2v_mask,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-model_mod = pytest.importorskip("steadydancer_turbo.steadydancer.model")
-config_mod = pytest.importorskip("steadydancer_turbo.steadydancer.config")
+model_mod = pytest.importorskip("steadydancer_turbo.steadydancer.model.dit")
+config_mod = pytest.importorskip("steadydancer_turbo.steadydancer.model.config")
 
 from _samplers_fakes import make_cond  # noqa: E402
-from steadydancer_turbo.steadydancer.sampling import (  # noqa: E402
+from steadydancer_turbo.steadydancer.sampling.official import (  # noqa: E402
     Guidance,
     initial_noise,
     sample_official,

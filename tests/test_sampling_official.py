@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from _samplers_fakes import FakeDiT, make_cond
 from _samplers_fakes import official_loop as _reference_loop
-from steadydancer_turbo.steadydancer.conditioning import SteadyDancerConditioning
-from steadydancer_turbo.steadydancer.sampling import (
+from steadydancer_turbo.steadydancer.sampling.conditioning import SteadyDancerConditioning
+from steadydancer_turbo.steadydancer.sampling.official import (
     Guidance,
     count_passes,
     initial_noise,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from steadydancer_turbo.steadydancer.sparse_attention import (
+from steadydancer_turbo.steadydancer.kernels.sparse_attention import (
     SparseAttentionConfig,
     kept_block_mask,
     select_kv_blocks,

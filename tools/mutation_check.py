@@ -29,51 +29,51 @@ DWPOSE_TESTS = ["tests/test_dwpose_threshold.py", "tests/test_dwpose_draw.py", "
 # name -> (what it plants, file, old, new, tests to run)
 MUTANTS = {
     "spatial_groupnorm_residual": (
-        "spatial module: GroupNorm residual (+ q) dropped", "steadydancer/pose_modules.py",
+        "spatial module: GroupNorm residual (+ q) dropped", "steadydancer/model/pose_modules.py",
         "q = group_norm_fp32(torch.matmul(phi, q.to(cd)), self.bn2) + q",
         "q = group_norm_fp32(torch.matmul(phi, q.to(cd)), self.bn2)", DIT_TESTS),
     "temporal_silu": (
-        "temporal module: the SiLU after each FactorConv3d dropped", "steadydancer/pose_modules.py",
+        "temporal module: the SiLU after each FactorConv3d dropped", "steadydancer/model/pose_modules.py",
         "x = m(x, cd) if isinstance(m, FactorConv3d) else F.silu(x)",
         "x = m(x, cd) if isinstance(m, FactorConv3d) else x", DIT_TESTS),
     "temporal_inner_silu": (
-        "temporal module: the SiLU inside FactorConv3d dropped", "steadydancer/pose_modules.py",
+        "temporal module: the SiLU inside FactorConv3d dropped", "steadydancer/model/pose_modules.py",
         "return apply_cd(self.temporal, F.silu(apply_cd(self.spatial, x, cd)), cd)",
         "return apply_cd(self.temporal, apply_cd(self.spatial, x, cd), cd)", DIT_TESTS),
     "layernorm2d_unbiased": (
-        "LayerNorm2D with unbiased variance", "steadydancer/pose_modules.py",
+        "LayerNorm2D with unbiased variance", "steadydancer/model/pose_modules.py",
         "var = x.var(dim=1, keepdim=True, unbiased=False)",
         "var = x.var(dim=1, keepdim=True, unbiased=True)", DIT_TESTS),
     "layernorm2d_fp32_in_bf16": (
-        "LayerNorm2D upcast to fp32 in a bf16 run (official: bf16 under autocast)", "steadydancer/pose_modules.py",
+        "LayerNorm2D upcast to fp32 in a bf16 run (official: bf16 under autocast)", "steadydancer/model/pose_modules.py",
         "        mean = x.mean(dim=1, keepdim=True)\n", "        x = x.float()\n        mean = x.mean(dim=1, keepdim=True)\n",
         DIT_TESTS),
     "align_ffn_residual": (
-        "alignment unit: FFN residual dropped", "steadydancer/pose_modules.py",
+        "alignment unit: FFN residual dropped", "steadydancer/model/pose_modules.py",
         "out = self.norm2(out + f)", "out = self.norm2(f)", DIT_TESTS),
     "hsigmoid_scale": (
-        "spatial module: hsigmoid on the dynamic scale removed", "steadydancer/pose_modules.py",
+        "spatial module: hsigmoid on the dynamic scale removed", "steadydancer/model/pose_modules.py",
         "scale = hsigmoid(apply_cd(self.fc_scale, y, cd)).view(b, -1, 1, 1)",
         "scale = apply_cd(self.fc_scale, y, cd).view(b, -1, 1, 1)", DIT_TESTS),
     "hsigmoid_everywhere": (
-        "hsigmoid is the identity (SE and scale)", "steadydancer/ops.py",
+        "hsigmoid is the identity (SE and scale)", "steadydancer/model/layers.py",
         "return F.relu6(x + 3.0) / 3.0", "return x", DIT_TESTS),
     "spatial_branch_skipped": (
-        "fused pose = cond + temporal (spatial branch skipped)", "steadydancer/model.py",
+        "fused pose = cond + temporal (spatial branch skipped)", "steadydancer/model/dit.py",
         "fused = cond + temporal + spatial\n", "fused = cond + temporal\n", DIT_TESTS),
     "align_raw_pose": (
-        "alignment unit fed the raw pose latent instead of the fused one", "steadydancer/model.py",
+        "alignment unit fed the raw pose latent instead of the fused one", "steadydancer/model/dit.py",
         "aligned = self.condition_embedding_align(fused, x, cd)",
         "aligned = self.condition_embedding_align(cond, x, cd)", DIT_TESTS),
     "fuse_channel_order": (
-        "patch_embedding_fuse input: fused / aligned channels swapped", "steadydancer/model.py",
+        "patch_embedding_fuse input: fused / aligned channels swapped", "steadydancer/model/dit.py",
         "torch.cat([x, y, fused, aligned.to(acc)], dim=1)", "torch.cat([x, y, aligned.to(acc), fused], dim=1)",
         DIT_TESTS),
     "ref_token_order": (
-        "reference-frame tokens swapped (first pose before reference image)", "steadydancer/model.py",
+        "reference-frame tokens swapped (first pose before reference image)", "steadydancer/model/dit.py",
         "tok = torch.cat([vid, rx, rc], dim=2)", "tok = torch.cat([vid, rc, rx], dim=2)", DIT_TESTS),
     "ref_rope_positions": (
-        "RoPE: reference frames at the time positions of the first video frames", "steadydancer/model.py",
+        "RoPE: reference frames at the time positions of the first video frames", "steadydancer/model/dit.py",
         "freqs = self.block_freqs(grid, tok.device)",
         "freqs = self.block_freqs(grid, tok.device); freqs = torch.cat([freqs[-2 * grid[1] * grid[2]:], "
         "freqs[:-2 * grid[1] * grid[2]]])", DIT_TESTS),
@@ -87,7 +87,7 @@ MUTANTS = {
         "shipped API twin: a widget value edited by hand (steps 40 -> 30)", "workflows_api/steadydancer-dance.json",
         '"steps": 40,', '"steps": 30,', ["tests/test_workflows.py"]),
     "sparse_topk_smallest": (
-        "sparse attention: top-k keeps the smallest block scores", "steadydancer/sparse_attention.py",
+        "sparse attention: top-k keeps the smallest block scores", "steadydancer/kernels/sparse_attention.py",
         "idx = scores.topk(kept, dim=-1, sorted=False).indices",
         "idx = scores.topk(kept, dim=-1, sorted=False, largest=False).indices",
         ["tests/test_sparse_attention.py"]),

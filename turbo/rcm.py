@@ -33,9 +33,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..steadydancer import context_windows as cw
-from ..steadydancer.conditioning import KWARG_ORDER, SteadyDancerConditioning
-from ..steadydancer.sampling import shift_sigmas
+from ..steadydancer.sampling import context_windows as cw
+from ..steadydancer.sampling.conditioning import KWARG_ORDER, SteadyDancerConditioning
+from ..steadydancer.sampling.official import shift_sigmas
 
 RCM_MID_T = (1.5, 1.4, 1.0)
 SIGMA_MAX_I2V = 200.0
@@ -142,7 +142,7 @@ def sample_rcm(
     float64) and the conditioning are cast to it for the model, as TurboDiffusion feeds its net bf16 x;
     default None passes float32 (``SteadyDancerDiT`` casts per op to its compute dtype).
 
-    ``context``: context windows for long videos (steadydancer/context_windows.py); a length that fits one
+    ``context``: context windows for long videos (steadydancer/sampling/context_windows.py); a length that fits one
     window takes the plain path unchanged. With several windows each step runs the DiT once per window, every
     noise draw (initial and SDE) is a ``cw.WindowNoise`` draw (its first window = the plain draw) and
     ``window_callback(1)`` runs after each window forward.

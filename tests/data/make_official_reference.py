@@ -49,7 +49,7 @@ from _official_ref import (  # noqa: E402
     randomize_official,
 )
 
-from steadydancer_turbo.steadydancer.config import SteadyDancerConfig  # noqa: E402
+from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig  # noqa: E402
 
 DIT_FILE = HERE / "official_dit_tiny.safetensors"
 UNIPC_FILE = HERE / "official_unipc.safetensors"
@@ -228,7 +228,7 @@ def make_dit(mods, commit):
 def make_unipc(checkout, commit):
     from _samplers_fakes import make_cond, official_loop
 
-    from steadydancer_turbo.steadydancer.sampling import initial_noise  # seeded CPU randn (test checks it)
+    from steadydancer_turbo.steadydancer.sampling.official import initial_noise  # seeded CPU randn (test checks it)
 
     Official = load_official_scheduler(checkout)
     t, runs = {}, {}

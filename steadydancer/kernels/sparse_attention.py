@@ -20,7 +20,7 @@ about 56 of 97 kept blocks per row at 720p with topk 0.15).
 SLA's learned linear branch (``proj_l``) is not implemented here: with a zero (untrained) ``proj_l`` SLA reduces
 exactly to this top-k sparse attention, and no SteadyDancer checkpoint carries one.
 
-Layout: q, k, v are [B, L, H, D] as everywhere in ``steadydancer/attention.py``; the output has the same layout.
+Layout: q, k, v are [B, L, H, D] as everywhere in ``steadydancer/kernels/attention.py``; the output has the same layout.
 On CUDA the flex kernel is compiled (``torch.compile(flex_attention)``); elsewhere flex runs eagerly, which
 materializes the scores and is only meant for tests.
 """

@@ -23,35 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fp8_linear as _f8
+from ..kernels import fp8_linear as _f8
 
 
 def _gguf():
     import gguf
     return gguf
-
-
-@functools.lru_cache(maxsize=None)
-def _gguf_types():
-    try:
-        gguf = _gguf()
-    except ImportError:
-        return ()
-    Q = gguf.GGMLQuantizationType
-    return (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-
-
-class _LazyTypes:
-    """``GGUF_QUANT_TYPES`` without importing gguf at module import time."""
-
-    def __iter__(self):
-        return iter(_gguf_types())
-
-    def __contains__(self, item):
-        return item in _gguf_types()
-
-
-GGUF_QUANT_TYPES = _LazyTypes()
 
 
 @functools.lru_cache(maxsize=None)

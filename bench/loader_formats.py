@@ -19,9 +19,9 @@ tokens). Files are read right after being written, so loads come from the page c
 adds file size / disk bandwidth). With ``--layers L < 40`` the table also shows time, bytes and VRAM
 scaled by 40/L for the block-dominated part - an estimate, marked as such.
 
-Usage (GPU box):   python bench/loader_bench.py                      # all formats, defaults below
-                   python bench/loader_bench.py --formats fp8 --swaps 0,40 --layers 20
-                   python bench/loader_bench.py --tiny               # CPU smoke test, seconds
+Usage (GPU box):   python bench/loader_formats.py                      # all formats, defaults below
+                   python bench/loader_formats.py --formats fp8 --swaps 0,40 --layers 20
+                   python bench/loader_formats.py --tiny               # CPU smoke test, seconds
 Needs torch (+ safetensors optional); GGUF rows need ``gguf`` and ``diffusers`` (dequantizers) and are
 skipped with a note when they are missing.
 Targets (issue 3): block swap 40 on fp8 at 480p peaks under 10 GiB VRAM at <= 1.5x the all-in-VRAM forward
@@ -64,7 +64,7 @@ def missing_modules(fmt):
 
 def config(args):
     _import_pack()
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
     if args.tiny:
         return SteadyDancerConfig.tiny(dim=256, num_heads=2, ffn_dim=512, num_layers=args.layers or 4, text_dim=64,
                                        freq_dim=32, clip_dim=64, align_hidden=32)
@@ -72,7 +72,7 @@ def config(args):
 
 
 def shapes(cfg):
-    from steadydancer_turbo.steadydancer.model import build_meta
+    from steadydancer_turbo.steadydancer.model.dit import build_meta
     return {k: tuple(v.shape) for k, v in build_meta(cfg).state_dict().items()}
 
 
@@ -190,7 +190,7 @@ def _status():
 
 def child(spec):
     _import_pack()
-    from steadydancer_turbo.steadydancer.loader import load_steadydancer
+    from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer
     dev = torch.device(spec["device"])
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -198,7 +198,7 @@ def child(spec):
     t = time.perf_counter()
     m = load_steadydancer(spec["path"], device=dev, block_swap=spec["swap"], fp8_matmul=spec.get("fp8mm", False))
     if spec.get("turbo_topk"):  # the Model Loader node's turbo settings: top-k sparse self-attention + compile
-        from steadydancer_turbo.steadydancer import accel
+        from steadydancer_turbo.steadydancer.weights import speed_options as accel
         accel.use_attention(m, accel.sparse(float(spec["turbo_topk"])))
         if cuda:
             accel.compile_blocks(m, fullgraph=False)  # as nodes/model_nodes.apply_speed_options does
@@ -227,8 +227,8 @@ def child(spec):
             if i:
                 times.append(time.perf_counter() - t)
             del out
-    if spec.get("turbo_topk"):  # whole 4-step rCM sampling, DiT only (as bench/dit_bench.py's turbo rows)
-        from steadydancer_turbo.steadydancer.conditioning import SteadyDancerConditioning
+    if spec.get("turbo_topk"):  # whole 4-step rCM sampling, DiT only (as bench/dit_forward.py's turbo rows)
+        from steadydancer_turbo.steadydancer.sampling.conditioning import SteadyDancerConditioning
         from steadydancer_turbo.turbo.rcm import sample_rcm
         c = SteadyDancerConditioning(context=inp["context"], context_null=inp["context"], clip_fea=inp["clip_fea"],
                                      clip_fea_c=inp["clip_fea_c"], y=inp["y"], cond_pos=inp["cond"],

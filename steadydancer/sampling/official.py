@@ -226,7 +226,7 @@ def sample_official(
     ``compute_dtype`` (pre-casting would round e.g. the pose latent before its fp32 ``cond + temporal +
     spatial`` sum, unlike the official).
 
-    ``context``: context windows for long videos (steadydancer/context_windows.py); a length that fits one
+    ``context``: context windows for long videos (steadydancer/sampling/context_windows.py); a length that fits one
     window takes the plain path unchanged. With several windows every pass runs on every window (DiT passes
     per step = windows x passes), the initial noise is ``cw.initial_window_noise`` and
     ``window_callback(passes)`` runs after each window forward.

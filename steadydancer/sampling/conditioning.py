@@ -3,7 +3,7 @@
 All latents here are *normalized* Wan2.1 VAE latents (see ``latents.py``); encoding images/videos is the
 VAE's job, this module only arranges already-encoded latents the way ``wan/image2video_dancer.py`` does.
 
-DiT forward (shared interface, ``steadydancer/model.py``)::
+DiT forward (shared interface, ``steadydancer/model/dit.py``)::
 
     v = model(x, timestep, context, clip_fea, clip_fea_c, y, cond, ref_x, ref_c)
 
@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import SteadyDancerConfig
+from ..model.config import SteadyDancerConfig
 from .latents import LATENT_CHANNELS, VAE_STRIDE
 
 KWARG_ORDER = ("context", "clip_fea", "clip_fea_c", "y", "cond", "ref_x", "ref_c")

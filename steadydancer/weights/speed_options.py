@@ -1,6 +1,6 @@
 """Speed switches for a built ``SteadyDancerDiT`` (all opt-in; none changes the state-dict keys).
 
-    from steadydancer_turbo.steadydancer import accel
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
     accel.use_attention(model, "auto")            # cuDNN attention on Hopper, SDPA elsewhere
     accel.use_attention(model, accel.sparse(0.15)) # top-k block-sparse self-attention (turbo path)
     accel.use_fp8(model)                           # fp8 e4m3 weights + fp8 tensor-core matmuls (sm_89+;
@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import get_backend
-from .fast_attention import sparse_backend
-from .fp8_linear import convert_linears_to_fp8
+from ..kernels.attention import get_backend
+from ..kernels.backends import sparse_backend
+from ..kernels.fp8_linear import convert_linears_to_fp8
 
 __all__ = ["use_attention", "sparse", "use_fp8", "compile_blocks", "uncompile_blocks", "optimize"]
 

@@ -1,6 +1,6 @@
 """Small numeric helpers shared by the DiT modules.
 
-Precision model (see model.py): the official SteadyDancer pipeline runs the whole DiT under CUDA
+Precision model (see dit.py): the official SteadyDancer pipeline runs the whole DiT under CUDA
 ``autocast(bfloat16)`` with bf16 weights. Autocast runs convolutions/linears/matmuls in bf16 and layer_norm /
 group_norm / softmax / rsqrt / pow in fp32 (returning fp32), and leaves everything else (adds, muls,
 activations, mean/var) in the dtype of its inputs. We reproduce that explicitly, without autocast, with a

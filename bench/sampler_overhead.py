@@ -5,7 +5,7 @@ stand-in model whose cost is one elementwise op, and reports host-side time per 
 math, noise, conditioning moves) and the number of forwards / passes. The DiT itself dominates real runs
 (91 passes of a 14B model); this script shows the sampler adds little and how batching changes forwards.
 
-    python bench/bench_samplers.py --device cuda --size 1024x576 --frames 81
+    python bench/sampler_overhead.py --device cuda --size 1024x576 --frames 81
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ if "steadydancer_turbo" not in sys.modules:
     sys.modules["steadydancer_turbo"] = mod
     spec.loader.exec_module(mod)
 
-from steadydancer_turbo.steadydancer.conditioning import (  # noqa: E402
+from steadydancer_turbo.steadydancer.sampling.conditioning import (  # noqa: E402
     SteadyDancerConditioning, build_i2v_mask, build_ref_c, build_ref_x, build_y, check_frame_count)
-from steadydancer_turbo.steadydancer.sampling import Guidance, count_passes, sample_official  # noqa: E402
+from steadydancer_turbo.steadydancer.sampling.official import Guidance, count_passes, sample_official  # noqa: E402
 from steadydancer_turbo.turbo.rcm import sample_rcm  # noqa: E402
 
 

@@ -13,8 +13,8 @@ random weights, the real I/O names/shapes/dtypes and about the real compute:
   ``input`` [N,3,384,288] (dynamic N) -> ``simcc_x`` [N,133,576], ``simcc_y`` [N,133,768]; ~9.6 GMAC, 25 M parameters
   (RTMPose-l / DWPose-l at 384x288).
 
-Usage (GPU machine):  python bench/dwpose_bench.py               # 81 frames at 832x480, cuda then cpu
-                      python bench/dwpose_bench.py --tiny --providers cpu   # seconds-long smoke test
+Usage (GPU machine):  python bench/dwpose_speed.py               # 81 frames at 832x480, cuda then cpu
+                      python bench/dwpose_speed.py --tiny --providers cpu   # seconds-long smoke test
 The table says which provider each session really got; a CUDA row that ran on CPU is flagged.
 Target: >= 30 frames/s (detection + pose) on one H100 with the CUDA provider.
 """

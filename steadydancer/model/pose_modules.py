@@ -4,7 +4,7 @@
 - ``TemporalFactorConv``   -> ``condition_embedding_temporal`` (Sequential of 3 x (FactorConv3d, SiLU))
 - ``PoseAlignment``        -> ``condition_embedding_align``    (official ``PoseRefNetNoBNV3``)
 
-Every forward takes the compute dtype ``cd`` and follows the official bf16-autocast casts (see ops.py).
+Every forward takes the compute dtype ``cd`` and follows the official bf16-autocast casts (see layers.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import apply_cd, group_norm_fp32, hsigmoid
+from .layers import apply_cd, group_norm_fp32, hsigmoid
 
 
 # ---------------------------------------------------------------------- spatial: dynamic conv (DCD)

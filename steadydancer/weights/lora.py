@@ -36,8 +36,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import keymap
-from .checkpoint import CheckpointError, sniff_format
+from ..model import keymap
+from ..checkpoints.checkpoint import CheckpointError, sniff_format
 from .quant import _Patched
 
 

@@ -39,13 +39,14 @@ from typing import Optional
 
 import torch
 
-from . import keymap
+from ..model import keymap
+from .gguf_types import GGUF_QUANT_TYPES
 
 
 class CheckpointError(ValueError):
     """A checkpoint (or LoRA) file that cannot be used; the message names the file and the problem."""
 
-    __module__ = "steadydancer_turbo.steadydancer.checkpoint"  # readable in ComfyUI's error (see dwpose.models.ModelNotFoundError)
+    __module__ = "steadydancer_turbo.steadydancer.checkpoints.checkpoint"  # readable in ComfyUI's error (see dwpose.models.ModelNotFoundError)
 
     def __init__(self, path, problem: str):
         self.path = str(path)
@@ -445,7 +446,6 @@ class CheckpointReader:
         gguf = f.gguf
         Q = gguf.GGMLQuantizationType
         float_q = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-        from .quant import GGUF_QUANT_TYPES
         prefix = keymap.common_prefix(f.tensors)
         for name, t in f.tensors.items():
             key = keymap.normalize_key(name, prefix)

@@ -27,7 +27,7 @@ HEAD_DIM = 128  # every Wan2.1 DiT uses 128-wide heads; num_heads = dim / 128 (a
 class NotSteadyDancerError(ValueError):
     """The checkpoint is not a SteadyDancer DiT (its message says what it looks like instead)."""
 
-    __module__ = "steadydancer_turbo.steadydancer.config"  # readable in ComfyUI's error (see dwpose.models.ModelNotFoundError)
+    __module__ = "steadydancer_turbo.steadydancer.model.config"  # readable in ComfyUI's error (see dwpose.models.ModelNotFoundError)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ the way the official pipeline runs it: official WanModel with bf16 weights under
 latents in; ours with bf16 weights and no autocast. Both are compared with a float64 run of our model (same
 weights), so the numbers say whether our explicit casts reproduce the official mixed precision.
 
-    python bench/dit_official_bf16_parity.py --official /path/to/MCG-NJU/SteadyDancer [--dim 1536 --layers 4]
+    python bench/official_bf16_parity.py --official /path/to/MCG-NJU/SteadyDancer [--dim 1536 --layers 4]
 
 Random weights (no checkpoint needed). If flash_attn is not installed, the official ``flash_attention`` is
 replaced by SDPA with the same casts (q, k, v -> bf16); ours then uses "sdpa" too, so both sides run the same
@@ -97,8 +97,8 @@ def main():
     ap.add_argument("--cpu-dry-run", action="store_true", help="fp32 on CPU, to check the script itself")
     a = ap.parse_args()
     _import_pack()
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
     dev = torch.device("cpu" if a.cpu_dry_run else "cuda")
     md, have_flash = _load_official(a.official, patch_bf16_line=a.cpu_dry_run)

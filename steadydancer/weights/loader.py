@@ -2,7 +2,7 @@
 
 Public API::
 
-    from steadydancer_turbo.steadydancer.loader import load_steadydancer, apply_loras, offload_model
+    from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer, apply_loras, offload_model
 
     model = load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device=None,
                               offload_device="cpu", block_swap=0, vram_budget_gb=None, fp8_matmul=False)
@@ -54,27 +54,30 @@ import torch.nn as nn
 
 from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_on_device, module_bytes,
                         offload_model)
-from .checkpoint import CheckpointError, CheckpointReader
+from ..checkpoints.checkpoint import CheckpointError, CheckpointReader
+from ..model import keymap
 from .lora import LoraKeyWarning, apply_loras
-from .fp8_linear import fp8_matmul_supported, quantize_per_tensor
+from ..kernels.fp8_linear import fp8_matmul_supported, quantize_per_tensor
 from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf
 
 log = logging.getLogger(__name__)
 
 STORAGE_MODES = ("auto", "dequantize", "fp8_e4m3fn", "fp8_e5m2")
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PATCH_EMBEDS = ("patch_embedding", "patch_embedding_fuse", "patch_embedding_ref_c")
+#: compute dtype choices, by the names the Model Loader node offers (its list is this mapping's keys)
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+#: the patch-embedding Conv3d modules (keymap's PATCH_EMBED_KEYS without ".weight")
+PATCH_EMBEDS = tuple(k[:-len(".weight")] for k in keymap.PATCH_EMBED_KEYS)
 
 __all__ = ["load_steadydancer", "apply_loras", "offload_model", "ensure_on_device", "BlockSwap",
-           "blocks_to_swap_for_budget", "CheckpointError", "LoraKeyWarning", "STORAGE_MODES"]
+           "blocks_to_swap_for_budget", "CheckpointError", "LoraKeyWarning", "STORAGE_MODES", "COMPUTE_DTYPES"]
 
 
 def _dtype(x):
     if isinstance(x, str):
-        x = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}.get(x.lower(), x)
-    if x not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of bf16 / fp16 / fp32, got {x!r}")
+        x = COMPUTE_DTYPES.get(_DTYPE_ALIASES.get(x.lower(), x.lower()), x)
+    if x not in COMPUTE_DTYPES.values():
+        raise ValueError(f"compute_dtype must be one of {' / '.join(COMPUTE_DTYPES)}, got {x!r}")
     return x
 
 
@@ -165,8 +168,8 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     """Load a SteadyDancer DiT from ``path`` (see the module docstring). Returns ``SteadyDancerDiT``
     in eval mode with ``model.compute_dtype = compute_dtype``, ``model.block_swap`` (the
     :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``."""
-    from .config import SteadyDancerConfig
-    from .model import build_meta
+    from ..model.config import SteadyDancerConfig
+    from ..model.dit import build_meta
 
     cd = _dtype(compute_dtype)
     if storage not in STORAGE_MODES:

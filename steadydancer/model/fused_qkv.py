@@ -1,6 +1,6 @@
 """One GEMM for the self-attention q/k/v projections (opt-in runtime swap; state-dict keys unchanged).
 
-    from steadydancer_turbo.steadydancer.fused_qkv import fuse_qkv
+    from steadydancer_turbo.steadydancer.model.fused_qkv import fuse_qkv
     fuse_qkv(model)      # after fp8 conversion (if any), before compile_blocks
 
 Each block's ``self_attn`` gets one [3*dim, dim] weight built from its ``q``, ``k`` and ``v`` layers; those
@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp8_linear import FP8Linear, fp8_matmul_supported, quantize_tensorwise
-from .attention import attention
-from .model import WanSelfAttention, rope_apply
-from .ops import apply_cd
+from ..kernels.fp8_linear import FP8Linear, fp8_matmul_supported, quantize_tensorwise
+from ..kernels.attention import attention
+from .dit import WanSelfAttention, rope_apply
+from .layers import apply_cd
 
 __all__ = ["FusedQKVSelfAttention", "fuse_qkv", "unfuse_qkv"]
 

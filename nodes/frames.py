@@ -9,13 +9,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..steadydancer.conditioning import latent_frames
-from ..steadydancer.latents import LATENT_CHANNELS, VAE_STRIDE
+from ..steadydancer.sampling.conditioning import latent_frames
+from ..steadydancer.sampling.latents import LATENT_CHANNELS, VAE_STRIDE
 
 CATEGORY = "SteadyDancer"
 MODEL_TYPE = "STEADYDANCER_MODEL"
 COND_TYPE = "STEADYDANCER_CONDITIONING"
-CONTEXT_TYPE = "STEADYDANCER_CONTEXT"  # steadydancer.context_windows.ContextOptions
+CONTEXT_TYPE = "STEADYDANCER_CONTEXT"  # steadydancer.sampling.context_windows.ContextOptions
 POSE_TYPE = "POSE_KEYPOINT"  # the type comfyui_controlnet_aux and others use: list of per-frame OpenPose dicts
 
 VAE_STRIDE_T = VAE_STRIDE[0]

@@ -3,15 +3,15 @@
 (fp8 matmuls, flex top-k 0.10 sparse self-attention, compiled blocks: the Model Loader's turbo path, see
 bench/RESULTS.md run 9), one GPU, one process, inside one 10-minute call including the compile.
 
-    PYTHONPATH=.. python bench/long_video_bench.py --out OUTDIR           # GPU (H100 / H200)
-    python bench/long_video_bench.py --tiny --device cpu                  # CPU smoke test of the script
+    PYTHONPATH=.. python bench/long_video_windows.py --out OUTDIR           # GPU (H100 / H200)
+    python bench/long_video_windows.py --tiny --device cpu                  # CPU smoke test of the script
 
 For each length: one untimed warm-up run of the whole sampler (the first also compiles), then ``--reps`` timed
 runs of ``turbo.rcm.sample_rcm(..., context=ContextOptions())``. Per run: DiT time = sum of the CUDA-event
 times of every window forward (what the windows cost), sampler time = wall clock of the whole call (adds the
 slicing, fusion and CPU noise draws), peak VRAM = torch.cuda.max_memory_allocated over the run (weights
 included). Targets: DiT time <= 1.1 x windows x the 81-frame DiT time, peak VRAM within 10 % of the 81-frame
-run. Weights are random (bench/dit_bench.py's ``random_model``: built on the GPU in bf16, then fp8).
+run. Weights are random (bench/_common.py's ``random_model``: built on the GPU in bf16, then fp8).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import dit_bench  # noqa: E402  (random_model, the bench utilities)
-import loader_bench  # noqa: E402  (_import_pack: the pack from this checkout, without the node layer)
+import _common  # noqa: E402  (random_model, the bench utilities)
+import loader_formats  # noqa: E402  (_import_pack: the pack from this checkout, without the node layer)
 
 RES = {"480p": (832, 480)}
 
@@ -40,15 +40,15 @@ T0 = time.time()
 
 
 def build(args):
-    loader_bench._import_pack()
-    from steadydancer_turbo.steadydancer import accel
-    from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
-    from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+    loader_formats._import_pack()
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
-    dit_bench.DEV = args.device
+    _common.DEV = args.device
     cfg = SteadyDancerConfig.tiny() if args.tiny else SteadyDancerConfig.full_14b()
     t = time.time()
-    model = dit_bench.random_model(lambda: SteadyDancerDiT(cfg, attention="sdpa"))
+    model = _common.random_model(lambda: SteadyDancerDiT(cfg, attention="sdpa"))
     cuda = args.device == "cuda"
     if cuda:  # accel.optimize's fp8 mode (per-tensor scale, fast accumulation); compile as the Model Loader does it
         accel.optimize(model, fp8=not args.no_fp8, sparse_topk=args.topk or None, compile=False)
@@ -60,7 +60,7 @@ def build(args):
 
 
 def make_cond(cfg, frames, lat_h, lat_w, device):
-    from steadydancer_turbo.steadydancer import conditioning as sdc
+    from steadydancer_turbo.steadydancer.sampling import conditioning as sdc
 
     g = torch.Generator(device="cpu").manual_seed(frames)
     T = sdc.latent_frames(frames)
@@ -104,7 +104,7 @@ class Timed:
 
 
 def run_length(model, cfg, frames, args, lat):
-    from steadydancer_turbo.steadydancer import context_windows as cw
+    from steadydancer_turbo.steadydancer.sampling import context_windows as cw
     from steadydancer_turbo.turbo.rcm import sample_rcm
 
     cuda = args.device == "cuda"

@@ -7,7 +7,7 @@ Call (batched; every sample independent, all samples share F, H, W)::
 
     v = model(x, timestep, context, clip_fea, clip_fea_c, y, cond, ref_x, ref_c)   # -> [B, 16, F, H, W] fp32
 
-Precision (see ops.py for the general rule). The official pipeline runs this DiT with bf16 weights under
+Precision (see layers.py for the general rule). The official pipeline runs this DiT with bf16 weights under
 CUDA autocast(bf16). That differs from base Wan2.1 (which keeps modulation and time embedding in fp32): here
 the time embedding, the modulation vectors ``modulation + e`` and the residual updates ``x + y * gate`` are
 all bf16. We reproduce each cast explicitly with the model's compute dtype ``cd`` (default: the dtype of
@@ -45,10 +45,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention as _attention
-from .attention import get_backend
+from ..kernels.attention import attention as _attention
+from ..kernels.attention import get_backend
 from .config import SteadyDancerConfig
-from .ops import RMSNorm, apply_cd, layer_norm_fp32
+from .layers import RMSNorm, apply_cd, layer_norm_fp32
 from .pose_modules import PoseAlignment, SpatialDynamicConv, TemporalFactorConv
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
