@@ -56,6 +56,7 @@ from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_
                         offload_model)
 from .checkpoint import CheckpointError, CheckpointReader
 from .lora import LoraKeyWarning, apply_loras
+from .probe import check_tensors, config_of
 from .fp8_linear import fp8_matmul_supported, quantize_per_tensor
 from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf
 
@@ -165,7 +166,6 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     """Load a SteadyDancer DiT from ``path`` (see the module docstring). Returns ``SteadyDancerDiT``
     in eval mode with ``model.compute_dtype = compute_dtype``, ``model.block_swap`` (the
     :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``."""
-    from .config import SteadyDancerConfig
     from .model import build_meta
 
     cd = _dtype(compute_dtype)
@@ -177,27 +177,11 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     reader = CheckpointReader(path)
     model = None
     try:
-        try:
-            cfg = SteadyDancerConfig.from_state_dict_shapes(reader.shapes())
-        except ValueError as e:  # NotSteadyDancerError and shape inconsistencies
-            raise CheckpointError(path, str(e)) from None
+        cfg = config_of(path, reader)
         model = build_meta(cfg, attention)
         meta_sd = model.state_dict()
-        expected = set(meta_sd.keys())
-        present = set(reader.infos)
-        missing = sorted(expected - present)
-        if missing:
-            raise CheckpointError(path, f"{len(missing)} tensors of the SteadyDancer model are missing from the "
-                                        f"file, e.g. {missing[:5]}")
-        for k in expected:
-            want, got = tuple(meta_sd[k].shape), reader.infos[k].shape
-            if want != got and tuple(d for d in want if d != 1) == tuple(d for d in got if d != 1):
-                reader.infos[k].shape = want  # same data with size-1 dims dropped/added (e.g. a 4-D patch embed)
-            if tuple(meta_sd[k].shape) != reader.infos[k].shape:
-                raise CheckpointError(path, f"tensor {k!r} has shape {reader.infos[k].shape}, the model built "
-                                            f"from this file's config expects {tuple(meta_sd[k].shape)}")
+        unexpected = check_tensors(path, reader, meta_sd)  # the check Model Loader's VALIDATE_INPUTS makes too
         del meta_sd
-        unexpected = sorted(present - expected)
         if unexpected:
             warnings.warn(f"{path}: {len(unexpected)} tensors are not part of the SteadyDancer model and were "
                           f"ignored: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}", stacklevel=2)

@@ -119,3 +119,17 @@ def test_pickled_pth_is_refused_without_the_weights_only_false_advice(tmp_path):
     msg = str(e.value)
     assert "pickled" in msg and "NotAllowed" in msg, msg
     assert "weights_only" not in msg and "arbitrary code" not in msg, msg
+
+
+def test_official_sampler_names_the_diffusers_it_needs(monkeypatch):
+    """diffusers < 0.37 has UniPC's set_timesteps(num_inference_steps, device, mu) only (0.36.0's signature): a
+    clear ImportError naming the minimum instead of a TypeError from inside the sampler."""
+    import diffusers
+    from steadydancer_turbo.steadydancer import sampling
+
+    def set_timesteps_036(self, num_inference_steps, device=None, mu=None):
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(diffusers.UniPCMultistepScheduler, "set_timesteps", set_timesteps_036)
+    with pytest.raises(ImportError, match=r"diffusers >= 0\.37"):
+        sampling.make_unipc_scheduler(np.linspace(1.0, 0.25, 4))
