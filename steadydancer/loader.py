@@ -179,9 +179,8 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     try:
         cfg = config_of(path, reader)
         model = build_meta(cfg, attention)
-        meta_sd = model.state_dict()
-        unexpected = check_tensors(path, reader, meta_sd)  # the check Model Loader's VALIDATE_INPUTS makes too
-        del meta_sd
+        # the check the Model Loader's VALIDATE_INPUTS makes too
+        unexpected = check_tensors(path, reader, {k: v.shape for k, v in model.state_dict().items()})
         if unexpected:
             warnings.warn(f"{path}: {len(unexpected)} tensors are not part of the SteadyDancer model and were "
                           f"ignored: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}", stacklevel=2)
@@ -278,7 +277,7 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         # The traceback keeps this frame and the ones below it alive, with their locals, for as long as the caller
         # holds the error: drop every reference to what was loaded here and clear the finished frames below, so
         # the memory really goes back now (gc + empty_cache), not whenever the caller lets go of the error.
-        model = meta_sd = quant = sized = arena = arenas = a = allocs = on_device = alloc = mod = m = src = dst = None
+        model = quant = sized = arena = arenas = a = allocs = on_device = alloc = mod = m = src = dst = None
         traceback.clear_frames(e.__traceback__)
         gc.collect()
         if torch.cuda.is_available():

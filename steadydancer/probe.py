@@ -13,6 +13,7 @@ Results are cached per (file, size, modification time): ComfyUI validates every 
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -60,17 +61,18 @@ def _cached(kind, fn, *paths):
 
 
 # ---------------------------------------------------------------------------------------------- DiT
-def check_tensors(path, reader, meta_sd) -> list:
-    """Every tensor of the model built from the file's config is in the file with its shape (size-1 dims may
-    differ: the reader's shape is then set to the model's). Returns the file's tensors the model does not use."""
-    expected = set(meta_sd.keys())
+def check_tensors(path, reader, shapes) -> list:
+    """Every tensor of the model built from the file's config (``shapes``: key -> shape) is in the file with its
+    shape (size-1 dims may differ: the reader's shape is then set to the model's). Returns the file's tensors the
+    model does not use."""
+    expected = set(shapes)
     present = set(reader.infos)
     missing = sorted(expected - present)
     if missing:
         raise CheckpointError(path, f"{len(missing)} tensors of the SteadyDancer model are missing from the "
                                     f"file, e.g. {missing[:5]}")
     for k in expected:
-        want, got = tuple(meta_sd[k].shape), reader.infos[k].shape
+        want, got = tuple(shapes[k]), reader.infos[k].shape
         if want != got and tuple(d for d in want if d != 1) == tuple(d for d in got if d != 1):
             reader.infos[k].shape = want  # same data with size-1 dims dropped/added (e.g. a 4-D patch embed)
         if want != reader.infos[k].shape:
@@ -87,13 +89,18 @@ def config_of(path, reader):
         raise CheckpointError(path, str(e)) from None
 
 
-def _probe_model(path) -> str:
+@functools.lru_cache(maxsize=4)
+def expected_shapes(cfg) -> dict:
+    """Official key -> shape of every tensor of the model ``cfg`` describes (built once on the meta device)."""
     from .model import build_meta
+    return {k: torch.Size(v.shape) for k, v in build_meta(cfg, "sdpa").state_dict().items()}
+
+
+def _probe_model(path) -> str:
     reader = CheckpointReader(path)
     try:
         cfg = config_of(path, reader)
-        meta_sd = build_meta(cfg, "sdpa").state_dict()
-        check_tensors(path, reader, meta_sd)
+        check_tensors(path, reader, expected_shapes(cfg))
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(reader.kinds().items(), key=lambda kv: -kv[1]))
         return (f"SteadyDancer DiT, dim {cfg.dim}, {cfg.num_layers} blocks; {reader.format} file ({kinds})")
     finally:
