@@ -31,7 +31,7 @@ if bad:
 print("installed exactly the declared minimums")
 PY
 set +e
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
+"$VENV/bin/python" -m pytest -p no:cacheprovider "${@:-tests}"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "no tests collected" >&2; exit 1; fi
