@@ -6,7 +6,9 @@ Colours are RGB on the canvas (as ComfyUI shows them):
   circle of radius 4 in the full joint colour; all people's limbs first, then joints (DWPose order);
 - hands: 20 edges as ``cv2.line`` thickness 2, edge e in HSV(e/20, 1, 1) * 255, then each point as a
   filled blue (0, 0, 255) circle of radius 4; an edge/point is skipped when a pixel coordinate is <= 0.01;
-- face: each landmark a filled white circle of radius 3 (same 0.01 rule).
+- face: OpenPose's 70 face points as comfyui_controlnet_aux builds them: DWPose's 68 landmarks plus the body's two
+  eye points (body 14, 15), each a filled white circle of radius 3 (same 0.01 rule); nothing (eyes included) when
+  no landmark is present.
 SteadyDancer's own preprocessing writes its frames with red and blue swapped (``swap_rb=True``
 reproduces that); the pose frames it conditions on are drawn at twice the generation size without the
 face, then resized (PIL bicubic) to the generation size: ``render_poses(..., supersample=2)``.
@@ -100,6 +102,9 @@ def draw_pose(pose, width: int, height: int, body: bool = True, hands: bool = Tr
     if face:
         for p in people:
             f = np.asarray(p.face, np.float64)
+            if not present(f, threshold).any():
+                continue
+            f = np.concatenate([f, np.asarray(p.body, np.float64)[[14, 15]]])  # 68 landmarks + the two eyes = 70
             ok = present(f, threshold)
             for (x, y, _), k in zip(f, ok):
                 if not k or not _sane(x * W, y * H, W, H):

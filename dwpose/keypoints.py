@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KEYPOINT_THRESHOLD = 0.3
+MAX_MISSING_SHARE = 0.25  # share of frames allowed without a detected person before pose extraction fails
 
 # OpenPose-18 index -> COCO-WholeBody index (17 denotes the inserted neck)
 OPENPOSE_FROM_COCO = [0, 17, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3]

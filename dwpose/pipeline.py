@@ -7,7 +7,7 @@ import numpy as np
 
 from .detector import YoloxDetector
 from .estimator import PoseEstimator
-from .keypoints import FramePose, person_from_wholebody
+from .keypoints import MAX_MISSING_SHARE, FramePose, person_from_wholebody
 from .models import DEFAULT_DETECTOR, DEFAULT_ESTIMATOR, find_model_file
 
 log = logging.getLogger("steadydancer_turbo.dwpose")
@@ -39,6 +39,24 @@ def summarize_missing(missing: list, total: int) -> str:
             f"(0-based frame numbers; these pose frames are black)")
 
 
+class NoPersonError(ValueError):
+    """Too many frames (or all) without a detected person: the pose video would be (partly) black."""
+
+    __module__ = "steadydancer_turbo.dwpose.pipeline"  # readable in ComfyUI's error
+
+
+def check_detections(missing: list, total: int, max_missing_share: float = MAX_MISSING_SHARE) -> None:
+    """Raise :class:`NoPersonError` when no frame, or more than ``max_missing_share`` of the frames, has a person."""
+    if total and len(missing) == total:
+        raise NoPersonError(f"DWPose detected no person in any of the {total} frame(s): the pose frames would all be "
+                            "black. Use a video/image where the whole person is visible and not tiny, and check the "
+                            "detector file (yolox_l.onnx).")
+    if total and len(missing) > max_missing_share * total:
+        raise NoPersonError(f"{summarize_missing(missing, total)}; that is {len(missing) / total:.0%} of the frames, "
+                            f"more than max_missing_share {max_missing_share:.0%}. Trim the video to where the person "
+                            "is visible, or raise max_missing_share to accept black pose frames there.")
+
+
 def _resolve(model, default, folders):
     """A model given as ONNX bytes passes through; a name/path is looked up (error names file and folder)."""
     if model is None:
@@ -62,6 +80,15 @@ class DWPose:
         self.detector = YoloxDetector(detector, providers, threads, max_batch=det_batch)
         self.estimator = PoseEstimator(estimator, providers, threads, max_batch=pose_batch)
         self.last_missing: list = []
+
+    @property
+    def provider_warnings(self) -> list:
+        """Why a requested GPU provider is not used, per model (empty when it is or none was requested)."""
+        out = []
+        for m in (self.detector, self.estimator):
+            if m.info.warning and m.info.warning not in out:
+                out.append(m.info.warning)
+        return out
 
     @property
     def providers(self) -> dict:

@@ -26,7 +26,8 @@ Where the official code is fragile this version is robust:
 
 Negative poses (``pose_align_withdiffaug.py`` + ``utils_aug.pose_aug_diff``): per frame, draws as the
 official code from Python's ``random`` (offset_x, offset_y [unused], scale U(0.7,1.3), aspect U(0.6,1.4)),
-then x *= aspect, everything *= scale, translated so the neck stays put. Reproducible from ``seed``.
+then body and hands x *= aspect, *= scale, translated so the neck stays put; the face only translated by that
+same shift (not scaled), as the official code does. Reproducible from ``seed``.
 """
 from __future__ import annotations
 
@@ -225,7 +226,9 @@ def align_poses(ref: FramePose, driving: list, threshold: float = KEYPOINT_THRES
 
 
 def negative_person(person: Person, scale: float, aspect: float, threshold: float = KEYPOINT_THRESHOLD) -> Person:
-    """x *= aspect * scale, y *= scale about the neck (or the mean present body point without a neck)."""
+    """Body and hands: x *= aspect * scale, y *= scale about the neck (or the mean present body point without a
+    neck). The face is not scaled: it moves by the shift that keeps the neck in place, ``anchor * (1 - factor)``
+    (the official ``pose_aug_diff`` adds the same ``_offset`` to ``faces`` without scaling them)."""
     pts = _stack(person)
     ok = present(pts, threshold)
     if ok[1]:
@@ -234,9 +237,12 @@ def negative_person(person: Person, scale: float, aspect: float, threshold: floa
         anchor = pts[:18][ok[:18], :2].mean(0)
     else:
         return person.copy()
+    factor = np.array([aspect * scale, scale])
     out = np.zeros_like(pts)
-    out[ok, 0] = anchor[0] + aspect * scale * (pts[ok, 0] - anchor[0])
-    out[ok, 1] = anchor[1] + scale * (pts[ok, 1] - anchor[1])
+    out[ok, :2] = anchor + factor * (pts[ok, :2] - anchor)
+    face = ok.copy()
+    face[:FACE0] = False
+    out[face, :2] = pts[face, :2] + anchor * (1.0 - factor)  # shifted with the neck, not scaled
     out[ok, 2] = pts[ok, 2]
     return _unstack(out, person)
 

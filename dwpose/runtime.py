@@ -9,6 +9,8 @@ instead of ~20 ms). This module therefore:
   dropped, logs a warning that says why (missing CUDA / cuDNN library named by the loader,
   CPU-only ``onnxruntime`` package, both ``onnxruntime`` and ``onnxruntime-gpu`` installed), once: a log
   record only, not also a Python ``RuntimeWarning`` (ComfyUI printed both, so every warning appeared twice);
+- keeps that warning on the session (``SessionInfo.warning``, ``DWPose.provider_warnings``) so the node shows it on
+  every run, not only the server log once;
 - logs the chosen provider once per model file;
 - caches sessions so a video never re-creates them per frame (``session_creations()`` counts them).
 """
@@ -166,6 +168,7 @@ class SessionInfo:
     providers: list[str]
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
+    warning: str = ""  # why a requested GPU provider is not used ("" when it is, or none was asked for)
 
     @property
     def provider(self) -> str:
@@ -234,6 +237,8 @@ def get_session(model, providers=None, threads: int | None = None) -> SessionInf
         _creations += 1
         got = list(sess.get_providers())
         info = SessionInfo(sess, name, req, got, list(sess.get_inputs()), list(sess.get_outputs()))
+        if retried:
+            info.warning = msg
         _sessions[key] = info
         dropped = [_provider_name(p) for p in req if _provider_name(p) in GPU_PROVIDERS
                    and _provider_name(p) not in got]
@@ -242,6 +247,7 @@ def get_session(model, providers=None, threads: int | None = None) -> SessionInf
             msg = (f"DWPose: {name}: requested {dropped[0]} but the session runs on {got[0]} "
                    f"(expect ~1-2 s per frame instead of milliseconds). Why: {why}")
             log.warning(msg)
+            info.warning = msg
         if key_model not in _logged:
             _logged.add(key_model)
             log.info("DWPose: %s runs on %s (inputs %s, outputs %s)", name, got[0],

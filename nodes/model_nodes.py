@@ -18,6 +18,7 @@ import torch
 
 from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
 from . import comfy_bridge as cb
+from . import validation
 from .frames import CATEGORY, MODEL_TYPE, tooltip
 
 log = logging.getLogger("steadydancer_turbo")
@@ -293,6 +294,10 @@ class SteadyDancerModelLoader:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return validation.validate_file(cb.DIFFUSION_FOLDER, model_name, "model")  # header only, before any node runs
+
     def load(self, model_name, weight_storage, compute_dtype, attention, sparse_topk, fp8_matmul, compile,
              block_swap, vram_budget_gb, offload_after, unique_id=None):
         path = cb.get_full_path(cb.DIFFUSION_FOLDER, model_name)
@@ -302,7 +307,7 @@ class SteadyDancerModelLoader:
         try:
             module = handle.materialize()
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-            raise RuntimeError(f"SteadyDancer: could not load {model_name!r}: {e}") from e
+            raise RuntimeError(f"SteadyDancer: could not load {validation.load_error(model_name, path, e)}") from e
         notes = list(getattr(module, "load_info", {}).get("notes", ()))
         if notes:
             cb.node_message(unique_id, "; ".join(notes))
@@ -329,11 +334,17 @@ class SteadyDancerLoraLoader:
                     "LoRA file in models/loras, e.g. lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors.")),
                 "strength": ("FLOAT", tooltip(
                     "LoRA strength (1.0 = as trained; 0 = off).", default=1.0, min=-10.0, max=10.0, step=0.01)),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def apply(self, model, lora_name, strength):
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name):
+        return validation.validate_file(cb.LORA_FOLDER, lora_name, "lora")
+
+    def apply(self, model, lora_name, strength, unique_id=None):
         if strength == 0:
             return (model,)
         path = cb.get_full_path(cb.LORA_FOLDER, lora_name)
+        validation.check_lora(unique_id, lora_name, path, model.path)  # keys/shapes vs the model's header, here
         return (model.with_lora(path, strength),)

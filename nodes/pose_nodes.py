@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import torch
 
+from ..dwpose.keypoints import MAX_MISSING_SHARE
 from . import comfy_bridge as cb
 from .frames import CATEGORY, FIT_MODES, POSE_TYPE, adjust_size, fit_geometry, resize_images, tooltip
 
@@ -96,15 +97,23 @@ class SteadyDancerPoseExtract:
                 "canvas_height": ("INT", tooltip("Height of the drawn pose image; 0 = the input's height.", default=0, min=0, max=8192, step=8)),
                 "providers": (PROVIDERS, tooltip("ONNX Runtime device: auto = CUDA when onnxruntime-gpu can use it, else CPU.", default="auto")),
             },
+            "optional": {
+                "max_missing_share": ("FLOAT", tooltip(
+                    "Fail when more than this share of the frames has no detected person (their pose frames would "
+                    "be black). No person in any frame always fails. 1.0 = accept any number of empty frames.",
+                    default=MAX_MISSING_SHARE, min=0.0, max=1.0, step=0.01)),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def extract(self, images, detector, estimator, body, hands, face, canvas_width, canvas_height, providers,
-                unique_id=None):
+                max_missing_share=MAX_MISSING_SHARE, unique_id=None):
         from ..dwpose import draw, keypoints
-        from ..dwpose.pipeline import as_uint8_frames, summarize_missing
+        from ..dwpose.pipeline import as_uint8_frames, check_detections, summarize_missing
 
         dw = _pipeline(detector, estimator, providers)
+        for warning in dw.provider_warnings:  # a requested GPU provider fell back to the CPU: say it on the node
+            cb.node_message(unique_id, warning)
         frames = as_uint8_frames(images.cpu().numpy())
         n = len(frames)
         h, w = frames[0].shape[:2]
@@ -116,6 +125,7 @@ class SteadyDancerPoseExtract:
             poses.extend(dw(frames[start:start + CHUNK], warn_missing=False))
             pbar.update_absolute(len(poses))
         missing = [i for i, p in enumerate(poses) if not p.people]
+        check_detections(missing, n, float(max_missing_share))
         if missing:
             cb.node_message(unique_id, summarize_missing(missing, n))
         # normalized coordinates with the real confidences (the Retarget node applies SteadyDancer's 0.35 threshold)
@@ -203,6 +213,8 @@ class SteadyDancerPoseRetarget:
             cb.node_message(unique_id, f"reference_image is {rw}x{rh} but reference_pose came from a "
                                        f"{ref.width}x{ref.height} image; use the same image for both.")
         drv = [keypoints.from_pose_keypoint(d) for d in driving_poses]
+        if not any(f.people for f in drv):
+            raise ValueError(f"no person in any of the {len(drv)} driving pose frames: the pose video would be black")
         cb.check_interrupt()
         if align:
             aligned = retarget.align_poses(ref, drv, threshold=THRESHOLD)

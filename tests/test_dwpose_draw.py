@@ -136,3 +136,26 @@ def test_resize_frame_methods(method):
     assert got.shape == (300, 200, 3) and got.any()
     np.testing.assert_array_equal(got, want)
     assert D.resize_frame(img, 400, 600, method) is img      # same size: untouched
+
+
+def test_face_draws_the_70_openpose_points_with_the_two_eyes():
+    """comfyui_controlnet_aux's face: the 68 landmarks plus body points 14 and 15 (the eyes), each a white filled
+    circle of radius 3 at (int(x*W), int(y*H)); no landmark present -> nothing drawn, eyes included."""
+    import cv2
+    body = np.zeros((18, 3))
+    body[14], body[15] = (0.30, 0.04, 0.9), (0.70, 0.04, 0.9)
+    face = np.zeros((68, 3))
+    # 68 landmarks on a 17 x 4 grid, 20 px apart on a 401 x 601 canvas: every circle a separate blob
+    grid = [(0.1 + 0.05 * (k % 17), 0.2 + 0.04 * (k // 17)) for k in range(68)]
+    face[:, :2], face[:, 2] = grid, 0.9
+    p = D.Person(body, np.zeros((21, 3)), np.zeros((21, 3)), face)
+    img = D.draw_pose(p, W, H, body=False, hands=False, face=True)
+    want = np.zeros((H, W, 3), np.uint8)
+    for x, y in grid + [(0.30, 0.04), (0.70, 0.04)]:
+        cv2.circle(want, (int(x * W), int(y * H)), 3, (255, 255, 255), thickness=-1)
+    assert np.array_equal(img, want)
+    n, _ = cv2.connectedComponents((img[..., 0] > 0).astype(np.uint8))
+    assert n - 1 == 70
+    # the eyes alone are no face
+    no_face = D.Person(body, np.zeros((21, 3)), np.zeros((21, 3)), np.zeros((68, 3)))
+    assert D.draw_pose(no_face, W, H, body=False, hands=False, face=True).max() == 0

@@ -250,3 +250,26 @@ def test_missing_neck_is_logged_on_every_run(caplog):
             warnings.simplefilter("error")  # a RuntimeWarning would fail here
             D.compute_alignment(ref, drv)
         assert [r.getMessage() for r in caplog.records if "no neck" in r.getMessage()]
+
+
+def test_negative_pose_shifts_the_face_with_the_neck_without_scaling_it():
+    """Official pose_aug_diff: body and hands x *= aspect, *= scale, then + (neck - scaled neck); faces only get
+    that offset. Hand numbers: neck (0.5, 0.4), scale 1.2, aspect 0.8 -> factor (0.96, 1.2), offset
+    (0.5 * 0.04, 0.4 * -0.2) = (0.02, -0.08)."""
+    body = np.zeros((18, 3))
+    body[1], body[2] = (0.5, 0.4, 0.9), (0.4, 0.45, 0.9)
+    rh = np.zeros((21, 3))
+    rh[0] = (0.3, 0.6, 0.9)
+    face = np.zeros((68, 3))
+    face[0], face[30] = (0.52, 0.2, 0.9), (0.45, 0.25, 0.8)
+    p = D.Person(body, np.zeros((21, 3)), rh, face)
+    from steadydancer_turbo.dwpose.retarget import negative_person
+    n = negative_person(p, scale=1.2, aspect=0.8)
+    np.testing.assert_allclose(n.body[1, :2], (0.5, 0.4), atol=1e-12)
+    np.testing.assert_allclose(n.body[2, :2], (0.5 + 0.96 * -0.1, 0.4 + 1.2 * 0.05), atol=1e-12)
+    np.testing.assert_allclose(n.right_hand[0, :2], (0.5 + 0.96 * -0.2, 0.4 + 1.2 * 0.2), atol=1e-12)
+    np.testing.assert_allclose(n.face[0, :2], (0.54, 0.12), atol=1e-12)
+    np.testing.assert_allclose(n.face[30, :2], (0.47, 0.17), atol=1e-12)
+    # the face keeps its size: distances between landmarks unchanged; confidences kept; missing stays missing
+    assert np.isclose(np.linalg.norm(n.face[0, :2] - n.face[30, :2]), np.linalg.norm(face[0, :2] - face[30, :2]))
+    assert n.face[30, 2] == 0.8 and not n.face[1].any()

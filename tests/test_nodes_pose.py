@@ -71,7 +71,7 @@ def test_extract_gives_normalized_keypoints_with_real_confidences_and_images(onn
     monkeypatch.setattr(pack.nodes.comfy_bridge, "node_message", lambda nid, t: msgs.append(t))
     node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseExtract"]()
     poses, img = node.extract(_frames(3, black=(1,)), str(onnx_files / "det.onnx"), str(onnx_files / "pose.onnx"),
-                              True, True, False, 0, 0, "cpu", unique_id="5")
+                              True, True, False, 0, 0, "cpu", max_missing_share=0.5, unique_id="5")
     assert len(poses) == 3 and img.shape == (3, SRC_H, SRC_W, 3)
     assert poses[1]["people"] == [] and img[1].max() == 0 and any("1 of 3" in m for m in msgs)
     p = poses[0]
@@ -89,6 +89,68 @@ def test_extract_gives_normalized_keypoints_with_real_confidences_and_images(onn
     big = node.extract(_frames(1), str(onnx_files / "det.onnx"), str(onnx_files / "pose.onnx"),
                        True, False, False, 96, 128, "cpu")[1]
     assert big.shape == (1, 128, 96, 3)
+
+
+def test_extract_fails_without_a_person_in_too_many_frames(onnx_files, monkeypatch):
+    """No person in any frame always fails; more than max_missing_share (default 25%) of the frames fails too;
+    at or below it the run goes on with the frames named on the node."""
+    msgs = []
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "node_message", lambda nid, t: msgs.append(t))
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseExtract"]()
+    args = (str(onnx_files / "det.onnx"), str(onnx_files / "pose.onnx"), True, True, False, 0, 0, "cpu")
+    with pytest.raises(ValueError, match="no person in any of the 3 frame"):
+        node.extract(_frames(3, black=(0, 1, 2)), *args, max_missing_share=1.0)
+    with pytest.raises(ValueError, match=r"1 of 3 frame.*33%.*max_missing_share 25%"):
+        node.extract(_frames(3, black=(1,)), *args)                      # 1/3 > 0.25
+    poses, _ = node.extract(_frames(4, black=(2,)), *args, unique_id="7")   # 1/4 = 0.25: allowed
+    assert [bool(p["people"]) for p in poses] == [True, True, False, True]
+    assert any("1 of 4" in m and ": 2 " in m for m in msgs), msgs
+    with pytest.raises(ValueError, match="2 of 4"):
+        node.extract(_frames(4, black=(0, 3)), *args, max_missing_share=0.49)
+
+
+def test_gpu_fallback_warning_is_shown_on_the_extract_node(onnx_files, monkeypatch):
+    """A requested GPU provider that the session does not get: the runtime's warning goes to the node, every run."""
+    from steadydancer_turbo.dwpose import runtime
+    msgs = []
+    monkeypatch.setattr(pack.nodes.comfy_bridge, "node_message", lambda nid, t: msgs.append((nid, t)))
+    real = runtime._ort()
+
+    class FakeSession:
+        def __init__(self, model, sess_options=None, providers=None):
+            self._s = real.InferenceSession(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]          # what ORT reports when it dropped CUDA
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+    class FakeOrt:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        InferenceSession = FakeSession
+
+        @staticmethod
+        def get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(runtime, "_ort", lambda: FakeOrt())
+    runtime.clear_session_cache()
+    pack.nodes.pose_nodes._PIPELINES.clear()
+    try:
+        node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseExtract"]()
+        for run in range(2):
+            msgs.clear()
+            node.extract(_frames(1), str(onnx_files / "det.onnx"), str(onnx_files / "pose.onnx"), True, True, False,
+                         0, 0, "cuda", unique_id="9")
+            warn = [t for nid, t in msgs if nid == "9" and "requested CUDAExecutionProvider" in t]
+            assert len(warn) == 2, (run, msgs)       # detector and pose model, on the first and the cached run
+            assert "CPUExecutionProvider" in warn[0]
+    finally:
+        runtime.clear_session_cache()
+        pack.nodes.pose_nodes._PIPELINES.clear()
 
 
 @pytest.mark.parametrize("fit,expect", [

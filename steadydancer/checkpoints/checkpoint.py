@@ -41,25 +41,9 @@ import torch
 
 from ..model import keymap
 from .gguf_types import GGUF_QUANT_TYPES
+from .headers import (SAFETENSORS_DTYPES, CheckpointError, gguf_check_length, safetensors_header,  # noqa: F401
+                      torch_load_weights_only)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint (or LoRA) file that cannot be used; the message names the file and the problem."""
-
-    __module__ = "steadydancer_turbo.steadydancer.checkpoints.checkpoint"  # readable in ComfyUI's error (see dwpose.models.ModelNotFoundError)
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 COMFY_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -100,69 +84,10 @@ class TensorInfo:
 class _SafetensorsFile:
     def __init__(self, path):
         self.path = str(path)
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(path, "file is too short to be a safetensors file (truncated?)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise CheckpointError(path, f"safetensors header says {n} header bytes but the file has "
-                                            f"{size} bytes: the file is truncated")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as e:
-                raise CheckpointError(path, f"safetensors header is not valid JSON ({e})") from None
-        self.metadata = header.get("__metadata__") or {}
-        self._validate(header, size - 8 - n)
-        # Also let the safetensors library check the header the way everybody else does, where installed.
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            safe_open = None
-        if safe_open is not None:
-            try:
-                with safe_open(self.path, framework="pt") as sf:
-                    self.metadata = sf.metadata() or {}
-            except Exception as e:  # SafetensorError is not importable by a stable name
-                msg = str(e)
-                hint = " (the file is truncated or was not completely downloaded)" if (
-                    "incomplete" in msg or "covered" in msg or "too small" in msg) else ""
-                raise CheckpointError(path, f"not a valid safetensors file: {msg}{hint}") from None
-        header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.entries = header
+        # header only (see headers.safetensors_header): never maps the file, so a file larger than RAM opens
+        self.entries, self.metadata, self.base = safetensors_header(self.path)
         self._f = None
         self._mm = None
-
-    def _validate(self, header, data_len):
-        spans = []
-        for k, e in header.items():
-            if k == "__metadata__":
-                continue
-            try:
-                dt, shape, (a, b) = e["dtype"], e["shape"], e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(self.path, f"malformed safetensors header entry {k!r}") from None
-            item = SAFETENSORS_DTYPES[dt].itemsize if dt in SAFETENSORS_DTYPES else None
-            n = 1
-            for d in shape:
-                n *= d
-            if item is not None and b - a != n * item:
-                raise CheckpointError(self.path, f"tensor {k!r}: {b - a} bytes for shape {shape} of {dt}")
-            spans.append((a, b))
-        spans.sort()
-        end = 0
-        for a, b in spans:
-            if a != end:
-                raise CheckpointError(self.path, "safetensors data offsets overlap or leave gaps")
-            end = b
-        if end > data_len:
-            raise CheckpointError(self.path, f"the header describes {end} data bytes but only {data_len} follow: "
-                                             "the file is truncated or was not completely downloaded")
-        if end != data_len:
-            raise CheckpointError(self.path, f"{data_len - end} bytes after the last tensor: "
-                                             "not a valid safetensors file")
 
     def _map(self):
         if self._mm is None:
@@ -224,6 +149,7 @@ class _GGUFFile:
         except ImportError:
             raise CheckpointError(path, "reading GGUF files needs the 'gguf' package (pip install gguf)") from None
         self.gguf = gguf
+        gguf_check_length(self.path)  # says "truncated" where GGUFReader would fail with numpy's reshape text
         size = os.path.getsize(self.path)
         try:
             self.reader = gguf.GGUFReader(self.path)
@@ -282,12 +208,7 @@ class _PthFile:
 
     def __init__(self, path):
         self.path = str(path)
-        try:
-            sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) "
-                                        f"({type(e).__name__}: {e}); only plain tensor state dicts are accepted, "
-                                        "pickled code is never executed") from None
+        sd = torch_load_weights_only(self.path, mmap=True)
         for _ in range(2):
             if isinstance(sd, dict):
                 for k in self.SUBKEYS:

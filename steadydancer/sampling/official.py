@@ -24,6 +24,7 @@ Reproduces ``WanI2VDancer.generate`` (wan/image2video_dancer.py) + ``FlowUniPCMu
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -97,6 +98,11 @@ def make_unipc_scheduler(sigmas_f64: np.ndarray, device=None):
         final_sigmas_type="zero",
         timestep_spacing="linspace",
     )
+    if "sigmas" not in inspect.signature(sched.set_timesteps).parameters:
+        import diffusers
+        raise ImportError(f"the official sampler needs diffusers >= 0.37 (UniPCMultistepScheduler.set_timesteps("
+                          f"sigmas=...)); this environment has diffusers {diffusers.__version__}: "
+                          "pip install -U 'diffusers>=0.37'")
     sched.set_timesteps(sigmas=np.asarray(sigmas_f64, dtype=np.float64).copy(), device=device)
     sched.set_begin_index(0)  # we step strictly in order; avoids timestep lookups
     return sched

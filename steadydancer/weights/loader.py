@@ -58,6 +58,7 @@ from ..checkpoints.checkpoint import CheckpointError, CheckpointReader
 from ..model import keymap
 from .lora import LoraKeyWarning, apply_loras
 from ..kernels.fp8_linear import fp8_matmul_supported, quantize_per_tensor
+from .probe import check_tensors, config_of
 from .quant import QuantConv, QuantLinear, dequantize_fp8, dequantize_gguf
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,6 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     """Load a SteadyDancer DiT from ``path`` (see the module docstring). Returns ``SteadyDancerDiT``
     in eval mode with ``model.compute_dtype = compute_dtype``, ``model.block_swap`` (the
     :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``."""
-    from ..model.config import SteadyDancerConfig
     from ..model.dit import build_meta
 
     cd = _dtype(compute_dtype)
@@ -180,27 +180,10 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
     reader = CheckpointReader(path)
     model = None
     try:
-        try:
-            cfg = SteadyDancerConfig.from_state_dict_shapes(reader.shapes())
-        except ValueError as e:  # NotSteadyDancerError and shape inconsistencies
-            raise CheckpointError(path, str(e)) from None
+        cfg = config_of(path, reader)
         model = build_meta(cfg, attention)
-        meta_sd = model.state_dict()
-        expected = set(meta_sd.keys())
-        present = set(reader.infos)
-        missing = sorted(expected - present)
-        if missing:
-            raise CheckpointError(path, f"{len(missing)} tensors of the SteadyDancer model are missing from the "
-                                        f"file, e.g. {missing[:5]}")
-        for k in expected:
-            want, got = tuple(meta_sd[k].shape), reader.infos[k].shape
-            if want != got and tuple(d for d in want if d != 1) == tuple(d for d in got if d != 1):
-                reader.infos[k].shape = want  # same data with size-1 dims dropped/added (e.g. a 4-D patch embed)
-            if tuple(meta_sd[k].shape) != reader.infos[k].shape:
-                raise CheckpointError(path, f"tensor {k!r} has shape {reader.infos[k].shape}, the model built "
-                                            f"from this file's config expects {tuple(meta_sd[k].shape)}")
-        del meta_sd
-        unexpected = sorted(present - expected)
+        # the check the Model Loader's VALIDATE_INPUTS makes too
+        unexpected = check_tensors(path, reader, {k: v.shape for k, v in model.state_dict().items()})
         if unexpected:
             warnings.warn(f"{path}: {len(unexpected)} tensors are not part of the SteadyDancer model and were "
                           f"ignored: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}", stacklevel=2)
@@ -297,7 +280,7 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         # The traceback keeps this frame and the ones below it alive, with their locals, for as long as the caller
         # holds the error: drop every reference to what was loaded here and clear the finished frames below, so
         # the memory really goes back now (gc + empty_cache), not whenever the caller lets go of the error.
-        model = meta_sd = quant = sized = arena = arenas = a = allocs = on_device = alloc = mod = m = src = dst = None
+        model = quant = sized = arena = arenas = a = allocs = on_device = alloc = mod = m = src = dst = None
         traceback.clear_frames(e.__traceback__)
         gc.collect()
         if torch.cuda.is_available():

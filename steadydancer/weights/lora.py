@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from ..model import keymap
 from ..checkpoints.checkpoint import CheckpointError, sniff_format
+from ..checkpoints.headers import torch_load_weights_only
 from .quant import _Patched
 
 
@@ -55,10 +56,7 @@ def _read_lora_file(path) -> dict:
         except Exception as e:
             raise CheckpointError(path, f"not a valid safetensors LoRA ({e})") from None
     if fmt == "pth":
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(path, f"cannot be read with torch.load(weights_only=True) ({e})") from None
+        sd = torch_load_weights_only(path, mmap=False)
         return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     raise CheckpointError(path, f"a LoRA must be a safetensors (or .pth) file, this is {fmt}")
 
@@ -100,9 +98,16 @@ def _targets(model: nn.Module) -> dict:
     return out
 
 
-def _plan(path, strength, model, targets, module_names):
-    """Validate one LoRA file against the model; returns (ops, unmatched keys). Changes nothing."""
-    sd = _read_lora_file(path)
+def shape_target(key: str, shape) -> _Target:
+    """A target known only by its shape (a checkpoint header): for checking a LoRA's fit without a model."""
+    return _Target(None, key.rpartition(".")[2], False, tuple(shape), None)
+
+
+def plan_lora(path, strength, targets, module_names, sd=None):
+    """Validate one LoRA file (its tensors ``sd``, read from ``path`` when None; meta tensors are enough to check
+    the fit) against ``targets``; returns (ops, unmatched keys). Changes nothing."""
+    if sd is None:
+        sd = _read_lora_file(path)
     groups, unknown = _group(sd, module_names)
     ops, unmatched, bad_shape = [], list(unknown), []
     for mpath, roles in groups.items():
@@ -121,7 +126,8 @@ def _plan(path, strength, model, targets, module_names):
                 if up.shape[0] != out_f or up.flatten(1).shape[1] != rank or down.flatten(1).shape[1] != in_f:
                     bad_shape.append(f"{dk}: up {tuple(up.shape)} / down {tuple(down.shape)} vs weight {t.shape}")
                 else:
-                    alpha = float(roles["alpha"][1]) if "alpha" in roles else float(rank)
+                    a = roles["alpha"][1] if "alpha" in roles else None
+                    alpha = float(a) if a is not None and not a.is_meta else float(rank)
                     ops.append(("lowrank", tkey, t, (up, down), strength * alpha / rank))
         elif "alpha" in roles:
             unmatched.append(roles["alpha"][0])
@@ -222,7 +228,7 @@ def apply_loras(model: nn.Module, loras, undo_limit_bytes: int = 0) -> nn.Module
     for path, strength in loras:
         if not os.path.exists(str(path)):
             raise CheckpointError(path, "no such LoRA file")
-        ops, unmatched = _plan(path, strength, model, targets, module_names)
+        ops, unmatched = plan_lora(path, strength, targets, module_names)
         if unmatched:
             warnings.warn(f"{path}: {len(unmatched)} LoRA keys match no weight of the model and were ignored: "
                           f"{sorted(unmatched)}", LoraKeyWarning, stacklevel=2)

@@ -117,7 +117,8 @@ def test_missing_model_file_is_named_before_and_at_queue_time(comfy, tmp_path, c
     with pytest.raises(run_workflow.PromptRejected) as e:
         comfy.client.queue(prompt)
     errs = e.value.body["node_errors"][loader]["errors"]
-    assert errs[0]["type"] == "value_not_in_list"
+    # the loader's VALIDATE_INPUTS takes model_name (header check), so ComfyUI leaves the list check to it
+    assert errs[0]["type"] == "custom_validation_failed" and "Value not in list" in errs[0]["details"]
     assert "SteadyDancer_missing_fp8.safetensors" in errs[0]["details"]
     # the run command: refuses before queueing, says which folder (and the download URL when it knows one)
     wf = tmp_path / "wf.json"
@@ -129,19 +130,21 @@ def test_missing_model_file_is_named_before_and_at_queue_time(comfy, tmp_path, c
     assert "models/" in err
 
 
-def test_wrong_model_file_is_a_clear_execution_error(comfy):
+def test_wrong_model_file_is_a_clear_validation_error(comfy):
+    """A file that is not a SteadyDancer DiT is refused when the prompt is queued (the loader's VALIDATE_INPUTS
+    reads its header), with the loader's words: more cases in test_comfyui_validation.py."""
     _ready(comfy)
     prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=2)
     loader = _loader(prompt)
     prompt[loader]["inputs"]["model_name"] = "some_other_model.safetensors"     # a Wan VAE, not a DiT
-    with pytest.raises(run_workflow.RunError) as e:
-        comfy.run(prompt)
-    msg = str(e.value)
-    assert f"node {loader} (SteadyDancerModelLoader) failed" in msg, msg
-    detail = msg.split("failed:", 1)[1].strip()
+    with pytest.raises(run_workflow.PromptRejected) as e:
+        comfy.client.queue(prompt)
+    (err,) = e.value.body["node_errors"][loader]["errors"]
+    assert err["type"] == "custom_validation_failed", err
+    detail = err["details"]
     # a message for the user, not a Python slip from deep inside the loader
-    assert not detail.startswith(("AttributeError", "KeyError", "TypeError", "IndexError", "RuntimeError: Error(s) in loading")), msg
-    assert "some_other_model.safetensors" in detail or "not a SteadyDancer" in detail, msg
+    assert "some_other_model.safetensors" in detail and "looks like" in detail, detail
+    assert "Error" not in detail.split("-", 1)[1], detail
 
 
 def test_interrupt_during_sampling_stops_within_one_step(comfy):

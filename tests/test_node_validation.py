@@ -1,0 +1,80 @@
+"""The Model Loader's and LoRA node's VALIDATE_INPUTS and the LoRA node's fit check, with ComfyUI's folder lookups
+stubbed (the real-ComfyUI path is tests/integration/test_comfyui_validation.py). Real files from the real writers."""
+import pytest
+import torch
+
+import _loader_util as U
+import steadydancer_turbo as pack
+from test_loader_lora import lora_tensors, write_lora
+from steadydancer_turbo.nodes import comfy_bridge as cb
+from steadydancer_turbo.nodes import validation
+from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+
+Loader = pack.NODE_CLASS_MAPPINGS["SteadyDancerModelLoader"]
+Lora = pack.NODE_CLASS_MAPPINGS["SteadyDancerLoraLoader"]
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """models/<folder>/<name> lookups as ComfyUI's folder_paths answers them."""
+    root = tmp_path / "models"
+    for f in (cb.DIFFUSION_FOLDER, cb.LORA_FOLDER):
+        (root / f).mkdir(parents=True)
+    monkeypatch.setattr(cb, "HAVE_COMFY", True)
+    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(p.name for p in (root / kind).iterdir()))
+
+    def full_path(kind, name):
+        p = root / kind / name
+        if not p.is_file():
+            raise FileNotFoundError(f"Model file {name!r} not found")
+        return str(p)
+
+    monkeypatch.setattr(cb, "get_full_path", full_path)
+    return root
+
+
+def test_loader_validate_inputs(folders):
+    sd = U.state_dict(U.reference_model())
+    U.write_safetensors(sd, folders / cb.DIFFUSION_FOLDER / "good.safetensors", dtype=torch.bfloat16)
+    data = (folders / cb.DIFFUSION_FOLDER / "good.safetensors").read_bytes()
+    (folders / cb.DIFFUSION_FOLDER / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    assert Loader.VALIDATE_INPUTS("good.safetensors") is True
+    msg = Loader.VALIDATE_INPUTS("cut.safetensors")
+    assert isinstance(msg, str) and msg.startswith("cut.safetensors: ") and "truncated" in msg, msg
+    assert str(folders) not in msg                                   # the name once, not the path again
+    assert "Value not in list" in Loader.VALIDATE_INPUTS("missing.safetensors")
+    assert Loader.VALIDATE_INPUTS(["12", 0]) is True                 # a linked input is checked when it runs
+
+
+def test_lora_validate_inputs_and_fit_on_the_lora_node(folders, monkeypatch):
+    sd = U.state_dict(U.reference_model())
+    dit = U.write_safetensors(sd, folders / cb.DIFFUSION_FOLDER / "dit.safetensors")
+    write_lora(folders / cb.LORA_FOLDER / "good.safetensors", lora_tensors(), "kijai")
+    U.write_safetensors(sd, folders / cb.LORA_FOLDER / "a_model.safetensors")
+    big = {"blocks.0.self_attn.q.weight": ("lowrank", (torch.zeros(5120, 4), torch.zeros(4, 5120)), 4.0)}
+    write_lora(folders / cb.LORA_FOLDER / "for_14b.safetensors", big, "kijai")
+    assert Lora.VALIDATE_INPUTS("good.safetensors") is True
+    assert "full model" in Lora.VALIDATE_INPUTS("a_model.safetensors")
+    assert Lora.VALIDATE_INPUTS("for_14b.safetensors") is True      # a valid LoRA file: the fit is the node's job
+    handle = pack.nodes.model_nodes.SteadyDancerModelHandle(str(dit), pack.nodes.model_nodes.LoadOptions())
+    (out,) = Lora().apply(handle, "good.safetensors", 1.0, unique_id="3")
+    assert out.loras == ((str(folders / cb.LORA_FOLDER / "good.safetensors"), 1.0),)
+    with pytest.raises(CheckpointError) as e:
+        Lora().apply(handle, "for_14b.safetensors", 1.0, unique_id="3")
+    assert str(e.value).startswith("for_14b.safetensors: LoRA does not fit") and "dit.safetensors" in str(e.value)
+    assert str(folders) not in str(e.value)
+    # keys that match nothing are shown on the node
+    extra = dict(lora_tensors())
+    extra["blocks.7.self_attn.q.weight"] = ("lowrank", (torch.zeros(U.CFG["dim"], 4), torch.zeros(4, U.CFG["dim"])), None)
+    write_lora(folders / cb.LORA_FOLDER / "part.safetensors", extra, "kijai")
+    msgs = []
+    monkeypatch.setattr(cb, "node_message", lambda nid, t: msgs.append((nid, t)))
+    Lora().apply(handle, "part.safetensors", 1.0, unique_id="4")
+    assert msgs and msgs[0][0] == "4" and "2 LoRA keys match no weight" in msgs[0][1], msgs
+
+
+def test_load_error_names_the_file_once():
+    e = CheckpointError("/models/diffusion_models/x.gguf", "the file is truncated")
+    assert validation.load_error("x.gguf", "/models/diffusion_models/x.gguf", e) == "x.gguf: the file is truncated"
+    shard = CheckpointError("/m/dir/part-2.safetensors", "truncated")          # another file than the one asked
+    assert validation.load_error("dir", "/m/dir", shard) == "dir: /m/dir/part-2.safetensors: truncated"
