@@ -147,3 +147,13 @@ def dying_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         call = _DieAt(call, 2)
     sample_official(call, cond_for(model, SHORT), seed=1, steps=3, batch_passes=True)
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------- pool
+def tiny_factory(device):
+    """WorkerPool factory: the same tiny model on every rank."""
+    return tiny_model().to(device)
+
+
+def broken_factory(device):
+    raise RuntimeError("cannot load the model here (test)")
