@@ -2,6 +2,7 @@
 from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
+from .multigpu_nodes import SteadyDancerMultiGPU
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
 from .sampler_nodes import SteadyDancerSampler, SteadyDancerTurboSampler
 from .video_nodes import SteadyDancerResampleFrames
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerResampleFrames": SteadyDancerResampleFrames,
     "SteadyDancerModelLoader": SteadyDancerModelLoader,
     "SteadyDancerLoraLoader": SteadyDancerLoraLoader,
+    "SteadyDancerMultiGPU": SteadyDancerMultiGPU,
     "SteadyDancerConditioning": SteadyDancerConditioning,
     "SteadyDancerSampler": SteadyDancerSampler,
     "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerResampleFrames": "SteadyDancer Resample Frames (fps)",
     "SteadyDancerModelLoader": "SteadyDancer Model Loader",
     "SteadyDancerLoraLoader": "SteadyDancer LoRA",
+    "SteadyDancerMultiGPU": "SteadyDancer Multi-GPU",
     "SteadyDancerConditioning": "SteadyDancer Conditioning",
     "SteadyDancerSampler": "SteadyDancer Sampler (official)",
     "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",

@@ -14,8 +14,9 @@ from .model_nodes import _CACHE, offload, on_device
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
-def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
-    """Shared plumbing: load/place the model, progress + previews + interrupt per step, offload after."""
+def _run(handle, bundle, steps_total, sample_fn, unique_id=None, dist_spec=None):
+    """Shared plumbing: load/place the model, progress + previews + interrupt per step, offload after.
+    ``dist_spec`` = (sampler "module:function", kwargs): the same run on the Multi-GPU node's worker pool."""
     from ..steadydancer import latents
 
     if handle is None or not hasattr(handle, "materialize"):
@@ -35,7 +36,11 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None):
         module = handle.materialize(device)
         on_device(module, device)
         try:
-            x = sample_fn(module, bundle.cond, device, callback)
+            if getattr(handle, "multi_gpu", ()):
+                from .multigpu_nodes import sample_multi_gpu
+                x = sample_multi_gpu(handle, module, device, dist_spec, bundle.cond, callback)
+            else:
+                x = sample_fn(module, bundle.cond, device, callback)
         finally:
             if handle.options.offload_after:
                 offload(module)
@@ -93,11 +98,12 @@ class SteadyDancerSampler(_SamplerNode):
         guidance = sampling.Guidance(float(text_guidance), float(pose_guidance), float(pose_guidance_start),
                                      float(pose_guidance_end))
 
-        def fn(module, cond, device, callback):
-            return sampling.sample_official(module, cond, seed=int(seed), steps=int(steps), shift=float(shift),
-                                            guidance=guidance, solver=solver, callback=callback, device=device)
+        kw = dict(seed=int(seed), steps=int(steps), shift=float(shift), guidance=guidance, solver=solver)
 
-        return _run(model, conditioning, int(steps), fn, unique_id)
+        def fn(module, cond, device, callback):
+            return sampling.sample_official(module, cond, callback=callback, device=device, **kw)
+
+        return _run(model, conditioning, int(steps), fn, unique_id, ("steadydancer.sampling:sample_official", kw))
 
 
 class SteadyDancerTurboSampler(_SamplerNode):
@@ -131,8 +137,10 @@ class SteadyDancerTurboSampler(_SamplerNode):
     def sample(self, model, conditioning, seed, steps, schedule, shift, sigma_max, mode, unique_id=None):
         from ..turbo import rcm
 
-        def fn(module, cond, device, callback):
-            return rcm.sample_rcm(module, cond, seed=int(seed), steps=int(steps), sigma_max=float(sigma_max),
-                                  mode=mode, schedule=schedule, shift=float(shift), callback=callback, device=device)
+        kw = dict(seed=int(seed), steps=int(steps), sigma_max=float(sigma_max), mode=mode, schedule=schedule,
+                  shift=float(shift))
 
-        return _run(model, conditioning, int(steps), fn, unique_id)
+        def fn(module, cond, device, callback):
+            return rcm.sample_rcm(module, cond, callback=callback, device=device, **kw)
+
+        return _run(model, conditioning, int(steps), fn, unique_id, ("turbo.rcm:sample_rcm", kw))

@@ -172,7 +172,8 @@ class WorkerPool:
         self.procs: list = []      # Popen, rank i + 1
         self.conns: list = []      # Connection, rank i + 1
         self.notes: list = []
-        self.call = None
+        self.call = None           # truthy once started
+        self.ctx = self.model = None
         self.device = torch.device(self.devices[0])
         self._dead = threading.Event()
 
@@ -214,7 +215,8 @@ class WorkerPool:
             self._wait_all("loaded", self.load_timeout_s)
             dev_idx = self.device.index if self.backend == "nccl" else None
             dist_launch.init_rank(0, world, port, self.backend, self.timeout_s, device=dev_idx)
-            self.call = D.parallelize(model, D.init_parallel(self.layout))
+            self.ctx, self.model = D.init_parallel(self.layout), model
+            self.call = True  # started; the parallel callable is made per sample (see sample)
             self._wait_all("ready", 120.0)
         except BaseException:
             self.shutdown()
@@ -271,9 +273,9 @@ class WorkerPool:
         for c in self.conns:
             if c is not None:
                 c.close()
-        if self.call is not None:
-            D.disable_sequence_parallel(getattr(self.call, "model", self.call))
-        self.call = None
+        if self.model is not None:
+            D.disable_sequence_parallel(self.model)
+        self.call = self.model = None
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -344,10 +346,12 @@ class WorkerPool:
                         abort()
                 return
 
-    def sample(self, sampler: str, cond, callback=None, **kw):
+    def sample(self, sampler: str, cond, callback=None, model=None, **kw):
         """Run ``sampler`` ("module:function") on all ranks; returns rank 0's latent. ``callback(step, total,
         x0)`` runs on rank 0 only; an exception from it stops every rank after the current step and is
-        re-raised here (the pool stays up)."""
+        re-raised here (the pool stays up). ``model``: rank 0's model for this run (default: the one given to
+        ``start``; the same weights as the workers'); sequence parallelism is switched on for the run only, so
+        the module works unsharded in between."""
         if self.call is None:
             raise WorkerPoolError("the multi-GPU pool is not running (start it first)")
         if not self.alive:
@@ -374,8 +378,11 @@ class WorkerPool:
         watch = threading.Thread(target=self._watch, args=(stop,), daemon=True)
         watch.start()
         latent = None
+        if model is not None:
+            self.model = model
+        call = D.parallelize(self.model, self.ctx)
         try:
-            latent = run_sampler(sampler, self.call, cond.to(self.device), self.device, cb, **kw)
+            latent = run_sampler(sampler, call, cond.to(self.device), self.device, cb, **kw)
         except _Stopped:
             pass
         except Exception as e:  # noqa: BLE001 - a worker failure shows up as a collective error here
@@ -385,6 +392,8 @@ class WorkerPool:
         finally:
             stop.set()
             watch.join()
+            if self.model is not None:
+                D.disable_sequence_parallel(self.model)
         self._wait_all("done", 120.0, also=("interrupted",))
         if user_error:
             raise user_error[0]
