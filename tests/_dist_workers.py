@@ -11,7 +11,7 @@ import conftest  # noqa: F401  (registers this checkout as steadydancer_turbo)
 import torch
 import torch.distributed as dist
 
-from _samplers_fakes import make_cond
+from _samplers_fakes import init_tiny_weights, make_cond
 from steadydancer_turbo.steadydancer import dist_launch
 from steadydancer_turbo.steadydancer import distributed as D
 from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
@@ -28,16 +28,7 @@ LONG = (17, 6, 2)    # T = 5, L = 21: a longer latent; divides by neither 2 nor 
 
 def tiny_model(seed: int = 0) -> SteadyDancerDiT:
     cfg = SteadyDancerConfig.tiny(dim=64, ffn_dim=96, num_heads=4, text_dim=32, freq_dim=32, clip_dim=48)
-    model = SteadyDancerDiT(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    model.compute_dtype = torch.float32
-    return model.eval()
+    return init_tiny_weights(SteadyDancerDiT(cfg), seed)
 
 
 def cond_for(model, size):
