@@ -80,6 +80,7 @@ class SteadyDancerModelHandle:
     path: str
     options: LoadOptions
     loras: tuple = ()  # ((path, strength), ...)
+    multi_gpu: tuple = ()  # (gpus, layout) from the Multi-GPU node: the samplers run on a worker pool
 
     def with_lora(self, path: str, strength: float) -> "SteadyDancerModelHandle":
         return dataclasses.replace(self, loras=self.loras + ((path, float(strength)),))
@@ -102,8 +103,14 @@ class _ModelCache:
         self.loras = ()
         self.module = None
         self.busy = 0  # > 0 while loading or sampling: ComfyUI must not move the model then
+        self.on_clear = []  # callbacks when the cached model goes (the multi-GPU pool shuts its workers down)
 
     def clear(self):
+        for f in self.on_clear:
+            try:
+                f()
+            except Exception as e:  # noqa: BLE001 - never keep a model alive because a hook failed
+                log.warning("SteadyDancer: %s", e)
         self.key, self.loras, self.module = None, (), None
         cb.soft_empty_cache()
 

@@ -27,11 +27,13 @@ def _windows(bundle, context, unique_id):
     return len(wins) if wins else 1
 
 
-def _run(handle, bundle, steps_total, sample_fn, unique_id=None, window_passes=None):
+def _run(handle, bundle, steps_total, sample_fn, unique_id=None, window_passes=None, dist_spec=None):
     """Shared plumbing: load/place the model, progress + previews + interrupt per step, offload after.
 
     ``window_passes``: with context windows, the total number of window passes (DiT passes x windows); the
-    progress bar then counts window passes and Cancel is checked after every one (within one window pass)."""
+    progress bar then counts window passes and Cancel is checked after every one (within one window pass).
+    ``dist_spec`` = (sampler "module:function", kwargs): the same run on the Multi-GPU node's worker pool (its
+    progress counts steps: the workers report once per step)."""
     from ..steadydancer.sampling import latents
 
     if handle is None or not hasattr(handle, "materialize"):
@@ -40,6 +42,9 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None, window_passes=N
         raise ValueError("conditioning: connect the SteadyDancer Conditioning output")
     cb.check_interrupt()
     device = cb.torch_device()
+    multi_gpu = bool(getattr(handle, "multi_gpu", ()))
+    if multi_gpu:
+        window_passes = None  # the pool's workers report per step, not per window pass
     pbar = cb.Progress(window_passes or steps_total)
     previewer = cb.wan21_previewer(device)
 
@@ -56,7 +61,11 @@ def _run(handle, bundle, steps_total, sample_fn, unique_id=None, window_passes=N
         module = handle.materialize(device)
         on_device(module, device)
         try:
-            x = sample_fn(module, bundle.cond, device, callback, window_callback)
+            if multi_gpu:
+                from .multigpu_nodes import sample_multi_gpu
+                x = sample_multi_gpu(handle, module, device, dist_spec, bundle.cond, callback)
+            else:
+                x = sample_fn(module, bundle.cond, device, callback, window_callback)
         finally:
             if handle.options.offload_after:
                 offload(module)
@@ -118,14 +127,17 @@ class SteadyDancerSampler(_SamplerNode):
         guidance = sampling.Guidance(float(text_guidance), float(pose_guidance), float(pose_guidance_start),
                                      float(pose_guidance_end))
 
+        kw = dict(seed=int(seed), steps=int(steps), shift=float(shift), guidance=guidance, solver=solver,
+                  context=context)
+
         def fn(module, cond, device, callback, window_callback):
-            return sampling.sample_official(module, cond, seed=int(seed), steps=int(steps), shift=float(shift),
-                                            guidance=guidance, solver=solver, callback=callback, device=device,
-                                            context=context, window_callback=window_callback)
+            return sampling.sample_official(module, cond, callback=callback, device=device,
+                                            window_callback=window_callback, **kw)
 
         n = _windows(conditioning, context, unique_id)
         passes = sampling.count_passes(int(steps), guidance) * n if n > 1 else None
-        return _run(model, conditioning, int(steps), fn, unique_id, passes)
+        return _run(model, conditioning, int(steps), fn, unique_id, passes,
+                    ("steadydancer.sampling.official:sample_official", kw))
 
 
 class SteadyDancerTurboSampler(_SamplerNode):
@@ -160,10 +172,12 @@ class SteadyDancerTurboSampler(_SamplerNode):
     def sample(self, model, conditioning, seed, steps, schedule, shift, sigma_max, mode, context=None, unique_id=None):
         from ..turbo import rcm
 
+        kw = dict(seed=int(seed), steps=int(steps), sigma_max=float(sigma_max), mode=mode, schedule=schedule,
+                  shift=float(shift), context=context)
+
         def fn(module, cond, device, callback, window_callback):
-            return rcm.sample_rcm(module, cond, seed=int(seed), steps=int(steps), sigma_max=float(sigma_max),
-                                  mode=mode, schedule=schedule, shift=float(shift), callback=callback, device=device,
-                                  context=context, window_callback=window_callback)
+            return rcm.sample_rcm(module, cond, callback=callback, device=device, window_callback=window_callback, **kw)
 
         n = _windows(conditioning, context, unique_id)
-        return _run(model, conditioning, int(steps), fn, unique_id, int(steps) * n if n > 1 else None)
+        return _run(model, conditioning, int(steps), fn, unique_id, int(steps) * n if n > 1 else None,
+                    ("turbo.rcm:sample_rcm", kw))

@@ -14,6 +14,19 @@ from steadydancer_turbo.steadydancer.sampling.conditioning import (
 )
 
 
+def init_tiny_weights(model, seed=0):
+    """Deterministic small random weights for a tiny DiT (norm scales near 1), fp32 compute."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    model.compute_dtype = torch.float32
+    return model.eval()
+
+
 def make_cond(frames=9, lat_h=4, lat_w=6, seed=123, batch=1, with_neg=True, text_len=(7, 5),
               text_dim=4096, clip_tokens=257, clip_dim=1280):
     g = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 """The pack's layering, read from the code's own imports (AST, nothing imported).
 
-Imports flow one way: nodes -> turbo -> sampling -> weights -> checkpoints -> model -> kernels, dwpose beside
+Imports flow one way: nodes -> turbo -> sampling -> parallel -> weights -> checkpoints -> model -> kernels, dwpose beside
 them (imported by nodes only); the core never imports ComfyUI or the nodes. A package may import itself and
 anything below it, never above; so there is no cycle between packages.
 """
@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # highest first: a package may import only those after it in this list (and itself). Written as folders: the
 # old flat modules model.py / sampling.py had the dotted names these packages have now.
-LAYERS = [p.replace("/", ".") for p in ("nodes", "turbo", "steadydancer/sampling", "steadydancer/weights",
+LAYERS = [p.replace("/", ".") for p in ("nodes", "turbo", "steadydancer/sampling", "steadydancer/parallel",
+                                        "steadydancer/weights",
                                         "steadydancer/checkpoints", "steadydancer/model", "steadydancer/kernels")]
 BESIDE = {"dwpose": {"dwpose"}}  # may import only itself
 COMFY = {"comfy", "folder_paths", "server", "nodes", "comfy_extras", "comfy_api"}

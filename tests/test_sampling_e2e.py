@@ -9,7 +9,7 @@ import torch
 model_mod = pytest.importorskip("steadydancer_turbo.steadydancer.model.dit")
 config_mod = pytest.importorskip("steadydancer_turbo.steadydancer.model.config")
 
-from _samplers_fakes import make_cond  # noqa: E402
+from _samplers_fakes import init_tiny_weights, make_cond  # noqa: E402
 from steadydancer_turbo.steadydancer.sampling.official import (  # noqa: E402
     Guidance,
     initial_noise,
@@ -22,16 +22,7 @@ def _tiny_dit(seed=0):
     # small everywhere (also the CLIP width) so the samplers' many forwards stay fast on CPU
     cfg = config_mod.SteadyDancerConfig.tiny(dim=64, ffn_dim=96, num_heads=2, text_dim=32, freq_dim=32,
                                              clip_dim=48)
-    model = model_mod.SteadyDancerDiT(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    model.compute_dtype = torch.float32
-    return model.eval(), cfg
+    return init_tiny_weights(model_mod.SteadyDancerDiT(cfg), seed), cfg
 
 
 class Counting:

@@ -35,6 +35,8 @@ For loaders / offloading:
   (e.g. quantised files that keep that conv in fp32).
 - ``model.blocks`` is an ``nn.ModuleList`` of ``WanAttentionBlock``; each is called once per forward as
   ``block(x, e0, ctx_img, ctx_txt, freqs, backend, rope_dtype)`` (forward pre/post hooks work for block swap).
+- ``model.sequence_parallel`` (distributed.enable_sequence_parallel): the blocks and head then run on this rank's
+  slice of the tokens; see distributed.py.
 """
 from __future__ import annotations
 
@@ -159,6 +161,14 @@ class _WanAttention(nn.Module):
 
 
 class WanSelfAttention(_WanAttention):
+    # distributed.Ulysses while sequence parallelism is on (enable_sequence_parallel): x holds this rank's
+    # tokens and the attention core runs over the whole sequence between two all-to-alls; None: one process.
+    sequence_parallel = None
+
+    def attend(self, q, k, v, backend: str):
+        sp = self.sequence_parallel
+        return _attention(q, k, v, backend) if sp is None else sp.attention(q, k, v, backend)
+
     def forward(self, x, freqs, backend: str, rope_dtype=torch.float64):
         b, l, _ = x.shape
         cd = x.dtype
@@ -166,7 +176,7 @@ class WanSelfAttention(_WanAttention):
         q = rope_apply(self.norm_q(apply_cd(self.q, x, cd)).view(shape), freqs, cd, rope_dtype)
         k = rope_apply(self.norm_k(apply_cd(self.k, x, cd)).view(shape), freqs, cd, rope_dtype)
         v = apply_cd(self.v, x, cd).view(shape)
-        out = _attention(q, k, v, backend)
+        out = self.attend(q, k, v, backend)
         return apply_cd(self.o, out.reshape(b, l, -1), cd)
 
 
@@ -271,6 +281,7 @@ class SteadyDancerDiT(nn.Module):
         self._compute_dtype: Optional[torch.dtype] = None
         self._rope_cache = None
         self._rope_tables_cache = None  # (freqs it was built from, (cos, sin)); see block_freqs
+        self.sequence_parallel = None   # distributed.Ulysses: tokens split over ranks after the embeddings
         dim, p = cfg.dim, cfg.patch_size
 
         # token embeddings
@@ -435,8 +446,13 @@ class SteadyDancerDiT(nn.Module):
         ctx_img = self.embed_clip(_bcast(clip_fea, b, "clip_fea"),
                                   None if clip_fea_c is None else _bcast(clip_fea_c, b, "clip_fea_c"), cd)
 
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's token slice and RoPE rows (distributed.py)
+            tok, freqs = sp.scatter(tok, freqs)
         out = self.run_blocks(tok, e0, ctx_img, ctx_txt, freqs)
         out = self.head(out, e)
+        if sp is not None:
+            out = sp.gather(out)
         # output = the first F latent frames (the reference frames are dropped)
         return self.unpatchify(out, (f, grid[1], grid[2])).to(acc)
 

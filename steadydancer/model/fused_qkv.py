@@ -83,7 +83,7 @@ class FusedQKVSelfAttention(WanSelfAttention):
         q = rope_apply(self.norm_q(qkv[..., :dim]).view(shape), freqs, cd, rope_dtype)
         k = rope_apply(self.norm_k(qkv[..., dim:2 * dim]).view(shape), freqs, cd, rope_dtype)
         v = qkv[..., 2 * dim:].reshape(shape)
-        out = attention(q, k, v, backend)
+        out = self.attend(q, k, v, backend)
         return apply_cd(self.o, out.reshape(b, l, -1), cd)
 
 
