@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KEYPOINT_THRESHOLD = 0.3
+NECK_SHOULDER_THRESHOLD = 0.3  # the neck flag's own (strict) shoulder test in DWPose's wholebody.py
 MAX_MISSING_SHARE = 0.25  # share of frames allowed without a detected person before pose extraction fails
 
 # OpenPose-18 index -> COCO-WholeBody index (17 denotes the inserted neck)
@@ -75,7 +76,10 @@ def wholebody_to_openpose(keypoints: np.ndarray, scores: np.ndarray):
     """133 keypoints (..., 133, 2) + scores (..., 133) -> 134 points (..., 134, 3) in OpenPose order."""
     kp = np.concatenate([np.asarray(keypoints, np.float64), np.asarray(scores, np.float64)[..., None]], -1)
     neck = kp[..., [5, 6], :].mean(-2)
-    neck[..., 2] = np.minimum(kp[..., 5, 2], kp[..., 6, 2])
+    # DWPose's wholebody.py (and SteadyDancer's copy of it): the neck's score is a flag, 1 when both shoulders score
+    # > 0.3 (strictly; hard-coded there), else 0. So the neck passes any later threshold below 1 (SteadyDancer's 0.35
+    # too) when both shoulders are in (0.3, 0.35], although the shoulders themselves are then dropped.
+    neck[..., 2] = ((kp[..., 5, 2] > NECK_SHOULDER_THRESHOLD) & (kp[..., 6, 2] > NECK_SHOULDER_THRESHOLD)).astype(np.float64)
     full = np.insert(kp, 17, neck, axis=-2)
     full[..., :18, :] = full[..., OPENPOSE_FROM_COCO, :]
     return full

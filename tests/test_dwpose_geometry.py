@@ -140,7 +140,10 @@ def test_wholebody_to_openpose_index_table_and_neck():
         if c is None:
             continue
         np.testing.assert_allclose(p.body[i], [c / 2, (1000 + c) / 4, sc[c]])
-    np.testing.assert_allclose(p.body[1], [5.5 / 2, 1005.5 / 4, 0.6])  # mean of shoulders, min confidence
+    # mean of the shoulders; the score is DWPose's flag (both shoulders > 0.3), not a confidence
+    np.testing.assert_allclose(p.body[1], [5.5 / 2, 1005.5 / 4, 1.0])
+    sc[6] = 0.3
+    assert D.person_from_wholebody(kp, sc, width=2, height=4).body[1, 2] == 0.0  # 0.3 is not > 0.3
     np.testing.assert_allclose(p.face[:, 0] * 2, np.arange(23, 91))
     np.testing.assert_allclose(p.left_hand[:, 0] * 2, np.arange(91, 112))
     np.testing.assert_allclose(p.right_hand[:, 0] * 2, np.arange(112, 133))

@@ -95,8 +95,6 @@ def test_neck_is_present_when_both_shoulders_pass_as_controlnet_aux():
         np.testing.assert_allclose(full[1, :2], kp[[5, 6]].mean(0))
 
 
-@pytest.mark.xfail(strict=True, reason="known disagreement with the official SteadyDancer preprocessing (reported, "
-                                       "issue 11): its neck flag uses a hard-coded 0.3 while the joints use 0.35")
 def test_neck_at_the_steadydancer_threshold_follows_the_official_flag():
     """Official preprocess/pose/script: wholebody.py sets the neck score to the flag (s5 > 0.3 and s6 > 0.3), then
     dwpose.py keeps body joints with score > 0.35: a flag of 1 passes, so the neck is drawn when both shoulders

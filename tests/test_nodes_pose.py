@@ -79,7 +79,8 @@ def test_extract_gives_normalized_keypoints_with_real_confidences_and_images(onn
     body = np.array(p["people"][0]["pose_keypoints_2d"]).reshape(18, 3)
     # the real confidences (planted SimCC peaks of 0.9; missing points 0), not comfyui_controlnet_aux's 1.0
     present = body[:, 2] > 0
-    assert present.sum() >= 3 and np.allclose(body[present, 2], 0.9, atol=1e-5)
+    joints = present & (np.arange(18) != 1)  # the neck (1) carries DWPose's 0/1 flag, not a confidence
+    assert joints.sum() >= 3 and np.allclose(body[joints, 2], 0.9, atol=1e-5) and body[1, 2] == 1.0
     # coordinates normalized to the source frame (0.3 px tolerance on each axis)
     px = np.array([SRC_W, SRC_H], dtype=np.float64)
     np.testing.assert_allclose(body[1, :2] * px, NECK_UV["neck"], atol=0.3)
