@@ -88,7 +88,7 @@ def _hub():
     try:
         import huggingface_hub
     except ImportError:
-        raise FetchError("huggingface_hub is not installed: <python> -m pip install 'huggingface_hub>=0.23.2'") from None
+        raise FetchError("huggingface_hub is not installed: <python> -m pip install 'huggingface_hub>=0.34'") from None
     return huggingface_hub
 
 

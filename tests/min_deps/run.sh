@@ -16,6 +16,8 @@ VENV=${MIN_DEPS_VENV:-/tmp/steadydancer-min-deps-venv}
 "$VENV/bin/python" tests/min_deps/pins.py --test > "$VENV/min-pins.txt"
 echo "minimum pins:"; sed 's/^/  /' "$VENV/min-pins.txt"
 "$VENV/bin/python" -m pip install -q -r "$VENV/min-pins.txt"
+# the pack itself, as tests/run.sh installs it (spawned test processes import steadydancer_turbo by name)
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
 # the pins must be what is really installed (a resolver upgrade would make this run meaningless)
 "$VENV/bin/python" - "$VENV/min-pins.txt" <<'PY'
 import sys
