@@ -188,7 +188,7 @@ class _ModelCache:
         a bad file is refused before anything changes; any later error removes all LoRAs (or, where that is
         not exact, drops the cached module so the next run reloads)."""
         from ..steadydancer.weights import loader, lora
-        from ..steadydancer.checkpoints.checkpoint import CheckpointError
+        from ..steadydancer.checkpoints import CheckpointError
         try:
             loader.apply_loras(self.module, list(extra), undo_limit_bytes=LORA_UNDO_RAM_BYTES)
         except CheckpointError:

@@ -15,7 +15,7 @@ log = logging.getLogger("steadydancer_turbo")
 
 def _problem(e: Exception, path=None) -> str:
     """The error's text without the path repeated (CheckpointError carries the file name itself)."""
-    from ..steadydancer.checkpoints.checkpoint import CheckpointError
+    from ..steadydancer.checkpoints import CheckpointError
     if isinstance(e, CheckpointError):
         same = path is not None and os.path.realpath(e.path) == os.path.realpath(str(path))
         return e.problem if same else str(e)
@@ -30,7 +30,7 @@ def load_error(name: str, path, e: Exception) -> str:
 def validate_file(folder: str, name, kind: str):
     """``VALIDATE_INPUTS`` body: True, or what is wrong with the file ``name`` of ``folder`` (kind: model / lora)."""
     from ..steadydancer.weights import probe
-    from ..steadydancer.checkpoints.checkpoint import CheckpointError
+    from ..steadydancer.checkpoints import CheckpointError
     if not isinstance(name, str):
         return True  # a linked input: checked when the node runs
     if cb.HAVE_COMFY and not (os.path.isabs(name) and os.path.isfile(name)):
@@ -54,7 +54,7 @@ def check_lora(unique_id, lora_name: str, lora_path: str, model_path: str) -> No
     """The LoRA's keys and shapes against the base model's header; raises on the LoRA node when it does not fit,
     shows unmatched keys on it."""
     from ..steadydancer.weights import probe
-    from ..steadydancer.checkpoints.checkpoint import CheckpointError
+    from ..steadydancer.checkpoints import CheckpointError
     try:
         unmatched = probe.check_lora_fits(lora_path, model_path)
     except CheckpointError as e:

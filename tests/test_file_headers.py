@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError, CheckpointReader
-from steadydancer_turbo.steadydancer.checkpoints.headers import gguf_check_length, safetensors_header
+from steadydancer_turbo.steadydancer.checkpoints import CheckpointError, CheckpointReader
+from steadydancer_turbo.steadydancer.checkpoints.gguf_file import gguf_check_length
+from steadydancer_turbo.steadydancer.checkpoints.safetensors_file import safetensors_header
 from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer
 
 gguf = pytest.importorskip("gguf")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+from steadydancer_turbo.steadydancer.checkpoints import CheckpointError
 from steadydancer_turbo.steadydancer.weights.loader import load_steadydancer
 from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
 
@@ -162,7 +162,7 @@ def test_failure_mid_load_releases_the_weights_already_loaded(tmp_path, sd, monk
     # a read error (or out-of-memory) half-way through the stream: the weights placed so far must be freed
     # before the error propagates, although the caller (ComfyUI, pytest.raises) still holds the exception and
     # so the loader's frame through its traceback
-    from steadydancer_turbo.steadydancer.checkpoints import checkpoint
+    from steadydancer_turbo.steadydancer import checkpoints as checkpoint
     from steadydancer_turbo.steadydancer.weights.quant import QuantLinear
 
     p = U.write_safetensors(sd, tmp_path / "m.safetensors")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import _loader_util as U
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+from steadydancer_turbo.steadydancer.checkpoints import CheckpointError
 from steadydancer_turbo.steadydancer.weights.loader import apply_loras, load_steadydancer
 from steadydancer_turbo.steadydancer.weights.lora import LoraKeyWarning
 from steadydancer_turbo.steadydancer.weights.quant import QuantLinear

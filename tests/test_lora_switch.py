@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import _loader_util as U
 from test_loader_lora import lora_tensors, write_lora
 from steadydancer_turbo.steadydancer.weights import loader, lora
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+from steadydancer_turbo.steadydancer.checkpoints import CheckpointError
 from steadydancer_turbo.steadydancer.weights.quant import QuantLinear, _Patched
 
 mn = importlib.import_module("steadydancer_turbo.nodes.model_nodes")

@@ -8,7 +8,7 @@ import steadydancer_turbo as pack
 from test_loader_lora import lora_tensors, write_lora
 from steadydancer_turbo.nodes import comfy_bridge as cb
 from steadydancer_turbo.nodes import validation
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+from steadydancer_turbo.steadydancer.checkpoints import CheckpointError
 
 Loader = pack.NODE_CLASS_MAPPINGS["SteadyDancerModelLoader"]
 Lora = pack.NODE_CLASS_MAPPINGS["SteadyDancerLoraLoader"]

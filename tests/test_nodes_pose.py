@@ -271,7 +271,7 @@ def test_pack_exceptions_have_readable_names_when_loaded_like_comfyui(tmp_path, 
     assert _comfy_type_name(type(e.value)) == "steadydancer_turbo.dwpose.ModelNotFoundError"
     # and each such name is where the class really lives in the package
     from steadydancer_turbo.dwpose.models import ModelNotFoundError
-    from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError
+    from steadydancer_turbo.steadydancer.checkpoints import CheckpointError
     from steadydancer_turbo.steadydancer.model.config import NotSteadyDancerError
     for cls in (ModelNotFoundError, CheckpointError, NotSteadyDancerError):
         m, _, q = _comfy_type_name(cls).rpartition(".")

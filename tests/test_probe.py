@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import _loader_util as U
 from test_loader_lora import lora_tensors, write_lora
 from steadydancer_turbo.steadydancer.weights import probe
-from steadydancer_turbo.steadydancer.checkpoints.checkpoint import CheckpointError, CheckpointReader
+from steadydancer_turbo.steadydancer.checkpoints import CheckpointError, CheckpointReader
 from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
 from steadydancer_turbo.steadydancer.weights.loader import apply_loras, load_steadydancer
 

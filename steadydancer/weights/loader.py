@@ -54,7 +54,7 @@ import torch.nn as nn
 
 from .blockswap import (BlockSwap, HostArena, blocks_to_swap_for_budget, ensure_on_device, module_bytes,
                         offload_model)
-from ..checkpoints.checkpoint import CheckpointError, CheckpointReader
+from ..checkpoints import CheckpointError, CheckpointReader
 from ..model import keymap
 from .lora import LoraKeyWarning, apply_loras
 from ..kernels.fp8_linear import fp8_matmul_supported, quantize_per_tensor

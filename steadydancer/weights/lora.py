@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from ..model import keymap
-from ..checkpoints.checkpoint import CheckpointError, sniff_format
-from ..checkpoints.headers import torch_load_weights_only
+from ..checkpoints import CheckpointError, sniff_format
+from ..checkpoints.pth_file import torch_load_weights_only
 from .quant import _Patched
 
 

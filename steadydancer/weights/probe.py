@@ -20,8 +20,9 @@ import threading
 import torch
 
 from ..model import keymap
-from ..checkpoints.checkpoint import CheckpointError, CheckpointReader, sniff_format
-from ..checkpoints.headers import safetensors_header, torch_load_weights_only
+from ..checkpoints import CheckpointError, CheckpointReader, sniff_format
+from ..checkpoints.pth_file import torch_load_weights_only
+from ..checkpoints.safetensors_file import safetensors_header
 
 _cache: dict = {}
 _lock = threading.Lock()

@@ -11,7 +11,7 @@ Formats are recognized from the file's first bytes, never from its name:
 
 - GGUF: the magic ``GGUF``.
 - safetensors: 8-byte little-endian header length followed by a JSON object.
-- ``.pth`` (torch zip archive ``PK\\x03\\x04``): only through ``torch.load(weights_only=True, mmap=True)``.
+- ``.pth`` (torch zip archive ``PK\x03\x04``): only through ``torch.load(weights_only=True, mmap=True)``.
 - a folder: ``*.safetensors.index.json`` (diffusers/transformers sharding) or a single
   ``*.safetensors`` in it; ``config.json`` is informative only.
 
@@ -30,235 +30,24 @@ Storage kinds:
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
-import warnings
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from ..model import keymap
 from .gguf_types import GGUF_QUANT_TYPES
-from .headers import (SAFETENSORS_DTYPES, CheckpointError, gguf_check_length, safetensors_header,  # noqa: F401
-                      torch_load_weights_only)
+from .tensor_info import CheckpointError
+from .tensor_info import FLOAT_DTYPES, TensorInfo
+from .safetensors_file import _SafetensorsFile
+from .gguf_file import _GGUFFile
+from .pth_file import _PthFile
+from .detect import sniff_format
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 COMFY_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-
-
-@dataclass
-class TensorInfo:
-    """Where one official-key tensor lives and how it is stored."""
-    key: str                      # official key
-    file_key: str                 # name in the file
-    shape: tuple                  # logical shape (what the model parameter has)
-    kind: str                     # "float" | "fp8" | "gguf" | "other"
-    dtype: Optional[torch.dtype]  # stored torch dtype (float/fp8); None for gguf-packed
-    qtype: Optional[int] = None   # GGML quantization type (gguf kind, and GGUF floats)
-    scale_key: Optional[str] = None  # file key of the fp8 scale
-    scale_source: object = None   # reader part that holds the scale
-    source: object = None         # reader part that holds the bytes
-    stored_shape: tuple = ()      # shape as stored (2-D patch embeds, GGUF byte shape)
-
-    @property
-    def nbytes(self) -> int:
-        if self.kind == "gguf":
-            import gguf
-            bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(self.qtype)]
-            n = 1
-            for d in self.shape:
-                n *= d
-            return n // bs * ts
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
-
-
-# ---------------------------------------------------------------------------------------------
-# low-level parts: each gives tensors (zero-copy views of a memory map) by file key
-# ---------------------------------------------------------------------------------------------
-class _SafetensorsFile:
-    def __init__(self, path):
-        self.path = str(path)
-        # header only (see headers.safetensors_header): never maps the file, so a file larger than RAM opens
-        self.entries, self.metadata, self.base = safetensors_header(self.path)
-        self._f = None
-        self._mm = None
-
-    def _map(self):
-        if self._mm is None:
-            self._f = open(self.path, "rb")
-            # read-only shared mapping: no commit charge for a 33 GB file (a private writable map would
-            # need it under strict overcommit); tensors over it are only ever read and copied
-            self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
-
-    def shape(self, key):
-        return tuple(self.entries[key]["shape"])
-
-    def dtype(self, key):
-        dt = self.entries[key]["dtype"]
-        if dt not in SAFETENSORS_DTYPES:
-            raise CheckpointError(self.path, f"tensor {key!r} has unsupported dtype {dt}")
-        return SAFETENSORS_DTYPES[dt]
-
-    def tensor(self, key) -> torch.Tensor:
-        e = self.entries[key]
-        dt = self.dtype(key)
-        a, b = e["data_offsets"]
-        count = (b - a) // dt.itemsize
-        if count == 0:
-            return torch.empty(tuple(e["shape"]), dtype=dt)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            t = torch.frombuffer(self._map(), dtype=dt, count=count, offset=self.base + a)
-        return t.view(tuple(e["shape"]))
-
-    def release(self, key):
-        """Drop the pages of ``key`` from this process's resident set (the page cache keeps them)."""
-        if self._mm is None:
-            return
-        a, b = self.entries[key]["data_offsets"]
-        start = (self.base + a) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = self.base + b
-        try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (AttributeError, OSError, ValueError):
-            pass
-
-    def close(self):
-        # tensors handed out are copied before close; views into the map must not outlive it
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the map closes when it is collected
-            self._f.close()
-        self._mm = self._f = None
-
-
-class _GGUFFile:
-    def __init__(self, path):
-        self.path = str(path)
-        try:
-            import gguf
-        except ImportError:
-            raise CheckpointError(path, "reading GGUF files needs the 'gguf' package (pip install gguf)") from None
-        self.gguf = gguf
-        gguf_check_length(self.path)  # says "truncated" where GGUFReader would fail with numpy's reshape text
-        size = os.path.getsize(self.path)
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:
-            raise CheckpointError(path, f"not a readable GGUF file ({type(e).__name__}: {e}); "
-                                        "it may be truncated or not completely downloaded") from None
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-                raise CheckpointError(path, f"GGUF tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
-                                            f"but the file has {size} bytes: the file is truncated")
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.metadata = {}
-        arch = self.reader.get_field("general.architecture")
-        if arch is not None:
-            try:
-                self.metadata["general.architecture"] = str(arch.contents())
-            except Exception:
-                pass
-
-    def orig_shape(self, name):
-        f = self.reader.get_field(f"comfy.gguf.orig_shape.{name}")
-        if f is None:
-            return None
-        try:
-            return tuple(int(f.parts[i][0]) for i in f.data)
-        except Exception:
-            raise CheckpointError(self.path, f"bad comfy.gguf.orig_shape metadata for {name!r}") from None
-
-    def shape(self, name):
-        s = self.orig_shape(name)
-        return s if s is not None else tuple(int(v) for v in reversed(self.tensors[name].shape.tolist()))
-
-    def raw(self, name) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(self.tensors[name].data)
-
-    def release(self, name):
-        t = self.tensors[name]
-        mm = getattr(self.reader.data, "_mmap", None)
-        if mm is None:
-            return
-        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
-        except (AttributeError, OSError, ValueError):
-            pass
-
-    def close(self):
-        self.reader = None
-        self.tensors = {}
-
-
-class _PthFile:
-    SUBKEYS = ("state_dict", "model", "module", "net", "ema")
-
-    def __init__(self, path):
-        self.path = str(path)
-        sd = torch_load_weights_only(self.path, mmap=True)
-        for _ in range(2):
-            if isinstance(sd, dict):
-                for k in self.SUBKEYS:
-                    if k in sd and isinstance(sd[k], dict) and len(sd[k]) > len(sd) // 2:
-                        sd = sd[k]
-                        break
-        if not isinstance(sd, dict):
-            raise CheckpointError(path, "the .pth file holds no state dict")
-        self.sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        self.metadata = {}
-
-    def shape(self, key):
-        return tuple(self.sd[key].shape)
-
-    def dtype(self, key):
-        return self.sd[key].dtype
-
-    def tensor(self, key):
-        return self.sd[key]
-
-    def release(self, key):
-        pass
-
-    def close(self):
-        self.sd = {}
-
-
-# ---------------------------------------------------------------------------------------------
-def sniff_format(path) -> str:
-    """'gguf' | 'safetensors' | 'pth' | 'folder' from the file's content."""
-    p = str(path)
-    if os.path.isdir(p):
-        return "folder"
-    if not os.path.isfile(p):
-        raise CheckpointError(p, "no such file or folder")
-    with open(p, "rb") as f:
-        head = f.read(16)
-    if head[:4] == b"GGUF":
-        return "gguf"
-    if head[:4] == b"PK\x03\x04":
-        return "pth"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n < (1 << 32) and head[8:9] in (b"{", b" "):
-            return "safetensors"
-    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-        raise CheckpointError(p, "legacy pickled checkpoint: refusing to unpickle it; convert it to safetensors")
-    if len(head) < 9:
-        raise CheckpointError(p, "file is too short to be a checkpoint (empty or truncated)")
-    raise CheckpointError(p, "unknown file format (not safetensors, GGUF or a torch zip .pth)")
 
 
 class CheckpointReader:
