@@ -3,7 +3,9 @@ from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
-from .sampler_nodes import SteadyDancerSampler, SteadyDancerTurboSampler
+from .sampler_nodes import (SteadyDancerGuider, SteadyDancerOfficialSigmas, SteadyDancerSampler,
+                            SteadyDancerSamplerRCM, SteadyDancerSamplerUniPC, SteadyDancerTurboSampler,
+                            SteadyDancerTurboSigmas)
 from .video_nodes import SteadyDancerResampleFrames
 
 comfy_bridge.register_model_folders()
@@ -17,6 +19,11 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerConditioning": SteadyDancerConditioning,
     "SteadyDancerSampler": SteadyDancerSampler,
     "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
+    "SteadyDancerOfficialSigmas": SteadyDancerOfficialSigmas,
+    "SteadyDancerTurboSigmas": SteadyDancerTurboSigmas,
+    "SteadyDancerGuider": SteadyDancerGuider,
+    "SteadyDancerSamplerUniPC": SteadyDancerSamplerUniPC,
+    "SteadyDancerSamplerRCM": SteadyDancerSamplerRCM,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,4 +35,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerConditioning": "SteadyDancer Conditioning",
     "SteadyDancerSampler": "SteadyDancer Sampler (official)",
     "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",
+    "SteadyDancerOfficialSigmas": "SteadyDancer Sigmas (official)",
+    "SteadyDancerTurboSigmas": "SteadyDancer Sigmas (turbo / rCM)",
+    "SteadyDancerGuider": "SteadyDancer Guider (text + pose CFG)",
+    "SteadyDancerSamplerUniPC": "SteadyDancer Sampler UniPC (official)",
+    "SteadyDancerSamplerRCM": "SteadyDancer Sampler rCM (turbo)",
 }

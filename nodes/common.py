@@ -13,8 +13,7 @@ from ..steadydancer.conditioning import latent_frames
 from ..steadydancer.latents import LATENT_CHANNELS, VAE_STRIDE
 
 CATEGORY = "SteadyDancer"
-MODEL_TYPE = "STEADYDANCER_MODEL"
-COND_TYPE = "STEADYDANCER_CONDITIONING"
+MODEL_TYPE = "MODEL"
 POSE_TYPE = "POSE_KEYPOINT"  # the type comfyui_controlnet_aux and others use: list of per-frame OpenPose dicts
 
 VAE_STRIDE_T = VAE_STRIDE[0]
