@@ -9,6 +9,9 @@ from .sampler_nodes import (SteadyDancerGuider, SteadyDancerOfficialSigmas, Stea
 from .video_nodes import SteadyDancerResampleFrames
 
 comfy_bridge.register_model_folders()
+if comfy_bridge.HAVE_COMFY:
+    from .native_model import register_lora_adapter
+    register_lora_adapter()
 
 NODE_CLASS_MAPPINGS = {
     "SteadyDancerPoseExtract": SteadyDancerPoseExtract,

@@ -220,3 +220,49 @@ def make_model_patcher(dit, loader_fn=None, loader_args=()):
     if loader_fn is not None:
         patcher.cached_patcher_init = (loader_fn, tuple(loader_args))
     return patcher
+
+
+def register_lora_adapter() -> bool:
+    """Let core LoRA loading (LoraLoaderModelOnly, LoraLoader, hooks) read lightx2v's ``<block>.diff_m``: an
+    adapter class appended to ComfyUI's adapter registry (``comfy.weight_adapter.adapters``; additive, no ComfyUI
+    function replaced). For each model key ``diffusion_model.<block>.modulation`` (the generic key map lists it)
+    it takes ``diffusion_model.<block>.diff_m`` as a full difference of that parameter. Core itself logs
+    "lora key not loaded" for these keys (Comfy-Org/ComfyUI#8922). Idempotent; False outside ComfyUI."""
+    try:
+        import comfy.model_management
+        import comfy.weight_adapter as wa
+    except Exception:  # noqa: BLE001 - not inside ComfyUI
+        return False
+    if any(getattr(a, "steadydancer_diff_m", False) for a in wa.adapters):
+        return True
+
+    class ModulationDiffAdapter(wa.WeightAdapterBase):
+        """lightx2v ``diff_m``: ``modulation += strength * diff`` (ComfyUI's ``diff`` patch semantics)."""
+        name = "diff_m"
+        steadydancer_diff_m = True
+
+        def __init__(self, loaded_keys, weights):
+            self.loaded_keys = loaded_keys
+            self.weights = weights
+
+        @classmethod
+        def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+            if not x.endswith(".modulation"):
+                return None
+            key = x[: -len(".modulation")] + ".diff_m"
+            if key not in lora:
+                return None
+            return cls({key}, (lora[key],))
+
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                             intermediate_dtype=torch.float32, original_weight=None):
+            diff = comfy.model_management.cast_to_device(self.weights[0], weight.device, intermediate_dtype)
+            if diff.numel() != weight.numel():
+                log.warning("SteadyDancer: diff_m for %s has shape %s, the weight %s; skipped", key,
+                            tuple(diff.shape), tuple(weight.shape))
+                return weight
+            weight += function((strength * diff.reshape(weight.shape)).type(weight.dtype))
+            return weight
+
+    wa.adapters.append(ModulationDiffAdapter)
+    return True

@@ -158,7 +158,124 @@ def check_ksampler():
             "ksampler_std": float(s.std())}
 
 
-CHECKS = {"official": check_official, "rcm": check_rcm, "ksampler": check_ksampler}
+def _pytest_stub():
+    """test_loader_lora (the LoRA builders shared with the core tests) imports pytest, which ComfyUI's venv may
+    lack; its decorators are not used here."""
+    if "pytest" in sys.modules:
+        return
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        import types
+        stub = types.ModuleType("pytest")
+        ident = lambda *a, **k: (lambda f: f)  # noqa: E731
+        stub.fixture = lambda *a, **k: (a[0] if a and callable(a[0]) else (lambda f: f))
+        stub.mark = types.SimpleNamespace(parametrize=ident, skipif=ident)
+        sys.modules["pytest"] = stub
+
+
+def lora_file(with_diff_m=True):
+    _pytest_stub()
+    from test_loader_lora import lora_tensors, write_lora
+    name = "lightx2v_layout.safetensors" if with_diff_m else "no_diff_m.safetensors"
+    p = TMP / "loras" / name
+    if not p.exists():
+        p.parent.mkdir(exist_ok=True)
+        d = lora_tensors(1)
+        if not with_diff_m:
+            d = {k: v for k, v in d.items() if v[0] != "diff_m"}
+        write_lora(p, d, "kijai")
+    return str(p)
+
+
+def model_inputs(seed=5, sigma=0.7):
+    cond = make_cond()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, T, H, W, generator=g)
+    return cond, x, torch.tensor([sigma])
+
+
+def native_x0(model, cond, x, sigma, lowvram=0):
+    """One denoiser call through ComfyUI: load (full, or partial with ``lowvram`` bytes), BaseModel.apply_model."""
+    mm.unload_all_models()
+    if lowvram:
+        model.patch_model(torch.device("cpu"), lowvram_model_memory=lowvram)  # a partial load, by hand
+        LOWVRAM_STATE["partial"] = bool(model.model.model_lowvram)
+    else:
+        mm.load_models_gpu([model])
+    try:
+        with torch.no_grad():
+            return model.model.apply_model(
+                x, sigma, c_concat=cond.y, c_crossattn=torch.nn.functional.pad(cond.context, (0, 0, 0, 505)),
+                clip_fea=cond.clip_fea, clip_fea_c=cond.clip_fea_c, pose_latents=cond.cond_pos, ref_x=cond.ref_x,
+                ref_c=cond.ref_c, transformer_options={})
+    finally:
+        if lowvram:
+            model.unpatch_model(torch.device("cpu"))
+
+
+def ref_x0(module, cond, x, sigma):
+    with torch.no_grad():
+        v = module(x, sigma * 1000, cond.context, cond.clip_fea, cond.clip_fea_c, cond.y, cond.cond_pos, cond.ref_x,
+                   cond.ref_c)
+    return x - sigma.view(-1, 1, 1, 1, 1) * v
+
+
+LOWVRAM_STATE = {}
+
+
+def check_lora():
+    import folder_paths
+    import nodes as comfy_nodes
+    folder_paths.add_model_folder_path("loras", str(TMP / "loras"))
+    lora_file(True), lora_file(False)
+    cond, x, sigma = model_inputs()
+    out = {}
+    reads = []
+    orig = mn.load_model
+
+    def counted(*a, **k):
+        reads.append(a[0])
+        return orig(*a, **k)
+
+    for kind in ("f32", "fp8", "gguf"):
+        path = float_file() if kind == "f32" else quant_file(kind)
+        base = native(path)
+        stored = {n: m.weight.dtype for n, m in base.model.diffusion_model.named_modules() if hasattr(m, "qkind")}
+        plain = ref_x0(reference(path), cond, x, sigma)
+        mn.load_model = counted
+        try:
+            for strength in (1.0, 0.5):
+                ref = reference(path)
+                loader.apply_loras(ref, [(lora_file(True), strength)])
+                want = ref_x0(ref, cond, x, sigma)
+                ref = reference(path)
+                loader.apply_loras(ref, [(lora_file(False), strength)])
+                want_no_m = ref_x0(ref, cond, x, sigma)
+                (core,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(base, "lightx2v_layout.safetensors",
+                                                                                 strength)
+                (ours,) = mn.SteadyDancerLoraLoader().apply(base, lora_file(True), strength)
+                tag = f"{kind}_s{strength}"
+                got = native_x0(core, cond, x, sigma)
+                out[f"lora_core_{tag}_rel"] = rel(got, want)
+                out[f"lora_core_{tag}_vs_no_lora_rel"] = rel(got, plain)
+                out[f"lora_core_{tag}_vs_no_diff_m_rel"] = rel(got, want_no_m)
+                out[f"lora_core_{tag}_lowvram_rel"] = rel(native_x0(core, cond, x, sigma, lowvram=200_000), want)
+                out[f"lora_core_{tag}_lowvram_was_partial"] = LOWVRAM_STATE.get("partial")
+                out[f"lora_ours_{tag}_rel"] = rel(native_x0(ours, cond, x, sigma), want)
+                del ref, core, ours
+            out[f"lora_{kind}_unpatched_base_rel"] = rel(native_x0(base, cond, x, sigma), plain)
+            now = {n: m.weight.dtype for n, m in base.model.diffusion_model.named_modules() if hasattr(m, "qkind")}
+            out[f"lora_{kind}_quantized_layers_kept_stored"] = (now == stored, len(stored))
+        finally:
+            mn.load_model = orig
+        del base
+        mm.unload_all_models()
+    out["lora_base_file_reads_during_strength_changes"] = len(reads)
+    return out
+
+
+CHECKS = {"official": check_official, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora}
 
 if __name__ == "__main__":
     names = sys.argv_orig if hasattr(sys, "argv_orig") else None
