@@ -91,7 +91,8 @@ def native(path):
     return model
 
 
-def make_cond(seed=3, neg_pose=True):
+def make_cond(seed=3, neg_pose=True, frames=T):
+    T = frames
     cfg = U.tiny_config()
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -107,16 +108,30 @@ def comfy_conds(cond):
     return cn.native_conditioning(cond, [[cond.context, {}]], [[cond.context_null, {}]])
 
 
-def empty_latent():
-    return {"samples": torch.zeros(1, 16, T, H, W)}
+def empty_latent(frames=T):
+    return {"samples": torch.zeros(1, 16, frames, H, W)}
 
 
-def run_official_native(model, cond, seed, steps, shift, g, solver="unipc", callback_guider=None):
+def run_official_native(model, cond, seed, steps, shift, g, solver="unipc"):
     pos, neg = comfy_conds(cond)
     guider = ns.make_guider(model, pos, neg, g)
     sampler = ns.native().FlowSampler(solver)
     sigmas = sn.official_sigmas(steps, shift, model)
-    return ns.sample_custom_advanced(guider, sampler, sigmas, empty_latent(), seed)["samples"]
+    return ns.sample_custom_advanced(guider, sampler, sigmas, empty_latent(cond.y.shape[2]), seed)["samples"]
+
+
+def count_blocks(model):
+    """Counts DiT block-stack runs (one per forward that is not skipped by a cache)."""
+    dit = model.model.diffusion_model
+    calls = []
+    orig = type(dit).run_blocks
+
+    def run_blocks(*a, **k):
+        calls.append(a[0].shape[0])
+        return orig(dit, *a, **k)
+
+    dit.run_blocks = run_blocks
+    return calls, lambda: dit.__dict__.pop("run_blocks", None)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -275,10 +290,125 @@ def check_lora():
     return out
 
 
-CHECKS = {"official": check_official, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora}
+def big_file():
+    """A ~0.3 GB float32 DiT, so that freeing it shows in the process RSS."""
+    p = TMP / "big.safetensors"
+    if not p.exists():
+        from steadydancer_turbo.steadydancer.config import SteadyDancerConfig
+        from steadydancer_turbo.steadydancer.model import SteadyDancerDiT
+        cfg = SteadyDancerConfig.tiny(**{**U.CFG, "dim": 1024, "num_heads": 8, "ffn_dim": 4096, "num_layers": 4})
+        U.write_safetensors({k: v.contiguous() for k, v in SteadyDancerDiT(cfg).state_dict().items()}, p)
+    return str(p)
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+
+def check_free():
+    """What "Unload models" (POST /free, unload_models + free_memory) does in the server: ComfyUI's
+    unload_all_models, then the executor drops its cached node outputs; here the MODEL reference is dropped."""
+    path = big_file()
+    gc.collect()
+    before = rss_mb()
+    model = native(path)
+    ref = weakref.ref(model.model.diffusion_model)
+    mm.load_models_gpu([model])
+    loaded = rss_mb()
+    mm.unload_all_models()
+    del model
+    gc.collect()
+    mm.soft_empty_cache()
+    after = rss_mb()
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages; the server process does the same
+    return {"free_rss_after_trim_mb": rss_mb(),"free_rss_before_mb": before, "free_rss_loaded_mb": loaded, "free_rss_after_mb": after,
+            "free_dit_object_released": ref() is None, "free_file_mb": os.path.getsize(path) / 2 ** 20}
+
+
+def check_compose():
+    from comfy_extras import nodes_context_windows, nodes_easycache, nodes_model_advanced, nodes_torch_compile
+    import comfy.utils
+    out = {}
+    ref, model, cond = reference(float_file()), native(float_file()), make_cond()
+    g = sampling.Guidance(5.0, 1.0, 0.1, 0.4)
+    # ModelSamplingSD3: shift 8 via the model; our sigmas node reads it (shift 0)
+    (m8,) = nodes_model_advanced.ModelSamplingSD3().patch(model, 8.0)
+    out["msd3_sigmas_equal_official_shift8"] = bool(torch.equal(sn.official_sigmas(10, 0, m8),
+                                                                sampling.official_schedule(10, 8.0)[0]))
+    want = latents.denormalize(sampling.sample_official(ref, cond, seed=7, steps=10, shift=8.0, guidance=g))
+    out["msd3_sampling_rel"] = rel(run_official_native(m8, cond, 7, 10, 0, g), want)
+    # EasyCache: fewer DiT runs, result still close
+    (ec,) = nodes_easycache.EasyCacheNode.execute(model, 0.2, 0.15, 0.95, False).result
+    calls, undo = count_blocks(ec)
+    got = run_official_native(ec, cond, 7, 20, 5.0, g)
+    undo()
+    plain_calls, undo = count_blocks(model)
+    base = run_official_native(model, cond, 7, 20, 5.0, g)
+    undo()
+    out["easycache_block_runs"], out["easycache_block_runs_without"] = len(calls), len(plain_calls)
+    out["guider_max_batch"] = max(plain_calls)  # the passes of a step ran as one batched forward
+    out["easycache_rel_vs_uncached"] = rel(got, base)
+    # core context windows (Wan node): 7 latent frames, windows of 5 with overlap 2
+    cond7 = make_cond(frames=7)
+    (cw,) = nodes_context_windows.WanContextWindowsManualNode.execute(model, 17, 8, __import__("comfy.context_windows").context_windows.ContextSchedules.STATIC_STANDARD, 1, False,
+                                                                 "pyramid", False).result
+    calls, undo = count_blocks(cw)
+    got = run_official_native(cw, cond7, 7, 4, 5.0, sampling.Guidance(5.0, 0.0))
+    undo()
+    full = run_official_native(model, cond7, 7, 4, 5.0, sampling.Guidance(5.0, 0.0))
+    out["context_windows_block_runs"] = len(calls)
+    out["context_windows_shape_ok"] = list(got.shape) == list(full.shape)
+    out["context_windows_rel_vs_full"] = rel(got, full)
+    # TorchCompileModel (inductor on CPU needs a C++ compiler; any failure is reported)
+    try:
+        (tc,) = nodes_torch_compile.TorchCompileModel.execute(model, "inductor").result
+        got = run_official_native(tc, cond, 7, 3, 5.0, g)
+        want = run_official_native(model, cond, 7, 3, 5.0, g)
+        out["torch_compile_rel"] = rel(got, want)
+    except Exception as e:  # noqa: BLE001
+        out["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    # previews and interrupt through ComfyUI's progress hook (what main.py installs)
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append((value, total, preview is not None))
+        if value == 2 and INTERRUPT[0]:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        INTERRUPT[0] = False
+        run_official_native(model, cond, 7, 4, 5.0, g)
+        out["preview_steps_with_image"] = sum(p for _, _, p in seen)
+        out["preview_steps"] = len(seen)
+        seen.clear()
+        INTERRUPT[0] = True
+        calls, undo = count_blocks(model)
+        try:
+            run_official_native(model, cond, 7, 10, 5.0, sampling.Guidance(5.0, 0.0))
+            out["interrupt_raised"] = False
+        except mm.InterruptProcessingException:
+            out["interrupt_raised"] = True
+        undo()
+        out["interrupt_steps_reported"] = len(seen)
+        out["interrupt_block_runs"] = len(calls)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+    return out
+
+
+INTERRUPT = [False]
+
+CHECKS = {"free": check_free, "official": check_official, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora,
+          "compose": check_compose}
 
 if __name__ == "__main__":
-    names = sys.argv_orig if hasattr(sys, "argv_orig") else None
     results = {}
     for name in (os.environ.get("SD_CHECKS") or ",".join(CHECKS)).split(","):
         try:
