@@ -85,6 +85,8 @@ class SteadyDancerOfficialSigmas:
     DESCRIPTION = "The official SteadyDancer schedule (shifted flow sigmas starting at 0.999, final 0) as SIGMAS."
     CATEGORY = SAMPLING
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("sigmas",)
+    OUTPUT_TOOLTIPS = ("The official schedule (float32, descending, final 0), for SamplerCustomAdvanced.",)
     FUNCTION = "get"
 
     @classmethod
@@ -100,6 +102,8 @@ class SteadyDancerTurboSigmas:
     DESCRIPTION = "Few-step sigmas: the lightx2v shift schedule or TurboDiffusion's rCM TrigFlow schedule."
     CATEGORY = SAMPLING
     RETURN_TYPES = ("SIGMAS",)
+    RETURN_NAMES = ("sigmas",)
+    OUTPUT_TOOLTIPS = ("Few-step sigmas (float32, final 0), for SamplerCustomAdvanced with the rCM sampler.",)
     FUNCTION = "get"
 
     @classmethod
@@ -115,6 +119,8 @@ class SteadyDancerGuider:
                    "a window of the schedule; the passes of a step run as one batch when memory allows.")
     CATEGORY = SAMPLING
     RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("Text + pose guidance for SamplerCustomAdvanced.",)
     FUNCTION = "get"
 
     @classmethod
@@ -140,6 +146,8 @@ class SteadyDancerSamplerUniPC:
                    "official code. Use with the SteadyDancer sigmas and guider in SamplerCustomAdvanced.")
     CATEGORY = SAMPLING
     RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("The official flow UniPC / Euler solver, for SamplerCustomAdvanced.",)
     FUNCTION = "get"
 
     @classmethod
@@ -156,6 +164,8 @@ class SteadyDancerSamplerRCM:
                    "it with core BasicGuider, or CFGGuider at cfg 1).")
     CATEGORY = SAMPLING
     RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("The rCM few-step sampler, for SamplerCustomAdvanced.",)
     FUNCTION = "get"
 
     @classmethod
