@@ -78,7 +78,8 @@ class SDTestClipVisionEncode:
 
 def _torch_module(obj, depth=0):
     if isinstance(obj, torch.nn.Module):
-        return obj
+        dm = getattr(obj, "diffusion_model", None)        # a ComfyUI BaseModel: its DiT is what runs
+        return dm if isinstance(dm, torch.nn.Module) else obj
     if depth > 3:
         return None
     for name in ("diffusion_model", "model", "dit", "module"):
