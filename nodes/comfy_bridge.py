@@ -1,4 +1,7 @@
-"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``, ``latent_preview``).
+"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``, ``latent_preview``),
+besides the two bridge-side modules that subclass ComfyUI's classes and import ``comfy`` lazily, only inside
+ComfyUI: ``native_model.py`` (the MODEL: BaseModel / ModelPatcher / config, the diff_m LoRA adapter) and
+``native_sampling.py`` (GUIDER / SAMPLER classes over the core sampling loops).
 
 Everything here also works when ComfyUI is absent (CI, scripts): file lists come back empty, progress bars and
 interrupt checks become no-ops, devices fall back to plain torch, and a function that truly needs ComfyUI (such as
@@ -143,12 +146,6 @@ def intermediate_device() -> torch.device:
     if HAVE_COMFY:
         return _mm.intermediate_device()
     return torch.device("cpu")
-
-
-def free_memory(bytes_needed: float, device: torch.device) -> None:
-    """Ask ComfyUI to unload other models (text encoder, CLIP vision, VAE) until ``bytes_needed`` is free."""
-    if HAVE_COMFY and device.type != "cpu":
-        _mm.free_memory(bytes_needed, device)
 
 
 def soft_empty_cache() -> None:
