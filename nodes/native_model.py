@@ -126,6 +126,16 @@ def native():
             dit.eval()
             comfy.model_management.archive_model_dtypes(dit)
 
+        def memory_required(self, input_shape, cond_shapes={}):
+            """Core's Wan estimate, for the activations' real dtype (the compute dtype, not the float32 inputs
+            ``get_dtype`` declares) and the two reference frames the DiT appends to the F latent frames."""
+            m = super().memory_required(input_shape, cond_shapes)
+            mm = comfy.model_management
+            if mm.xformers_enabled() or mm.pytorch_attention_flash_attention():
+                m *= mm.dtype_size(self.diffusion_model.compute_dtype) / mm.dtype_size(self.get_dtype_inference())
+            frames = input_shape[2] if len(input_shape) == 5 else 1
+            return m * (frames + 2) / max(1, frames)
+
         def concat_cond(self, **kwargs):
             y = kwargs.get(KEY_Y)
             if y is None:

@@ -30,7 +30,10 @@ def _setup():
     sys.path.insert(0, str(PACK_ROOT / "tests"))
     import comfy.options
     comfy.options.enable_args_parsing()
-    sys.argv = [sys.argv[0], "--cpu", "--preview-method", "latent2rgb"]
+    # SD_NATIVE_ARGS: ComfyUI flags instead of --cpu, e.g. "--lowvram" on a GPU machine (then the references still
+    # run on the CPU and the ComfyUI side on the GPU: compare with a looser tolerance there)
+    extra = os.environ.get("SD_NATIVE_ARGS", "--cpu").split()
+    sys.argv = [sys.argv[0], *extra, "--preview-method", "latent2rgb"]
     spec = importlib.util.spec_from_file_location("steadydancer_turbo", PACK_ROOT / "__init__.py",
                                                   submodule_search_locations=[str(PACK_ROOT)])
     mod = importlib.util.module_from_spec(spec)
