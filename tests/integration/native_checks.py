@@ -62,7 +62,7 @@ T, H, W = 3, 4, 6
 
 
 def rel(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max())
 
 
