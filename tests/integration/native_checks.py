@@ -409,8 +409,84 @@ def check_compose():
 
 INTERRUPT = [False]
 
+
+def check_windows():
+    """Our context windows on the native MODEL (options in transformer_options, the DiT call windows itself)
+    against the core samplers with ``context=`` on the same file: 7 latent frames, windows (0,3) (2,5) (4,7)."""
+    import comfy.utils
+    import nodes as comfy_nodes
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+    from steadydancer_turbo.steadydancer.sampling import context_windows as cwin
+    out = {}
+    ref, model, cond = reference(float_file()), native(float_file()), make_cond(frames=7)
+    ctx = cwin.ContextOptions(window=3, overlap=1)
+    out["windows_planned"] = [list(w) for w in ctx.windows(7)]
+    g = sampling.Guidance(5.0, 1.0, 0.1, 0.4)
+    pos, neg = comfy_conds(cond)
+    lat7 = empty_latent(7)
+    # the one-node samplers with the context input = sample_official / sample_rcm with context=
+    (lat,) = sn.SteadyDancerSampler().sample(model, pos, neg, lat7, 7, 6, 5.0, 5.0, 1.0, 0.1, 0.4, "unipc",
+                                             context=ctx)
+    want = latents.denormalize(sampling.sample_official(ref, cond, seed=7, steps=6, shift=5.0, guidance=g,
+                                                        context=ctx))
+    out["windows_official_node_rel"] = rel(lat["samples"], want)
+    out["windows_official_node_vs_no_windows_rel"] = rel(
+        lat["samples"], latents.denormalize(sampling.sample_official(ref, cond, seed=7, steps=6, shift=5.0,
+                                                                     guidance=g)))
+    for schedule, mode in (("rcm", "sde"), ("shift", "ode")):
+        (lat,) = sn.SteadyDancerTurboSampler().sample(model, pos, lat7, 11, 4, schedule, 5.0, 200.0, mode, context=ctx)
+        want = latents.denormalize(rcm.sample_rcm(ref, cond, seed=11, steps=4, schedule=schedule, mode=mode,
+                                                  context=ctx))
+        out[f"windows_rcm_{schedule}_{mode}_node_rel"] = rel(lat["samples"], want)
+    # SamplerCustomAdvanced with our pieces and core RandomNoise on a windowed MODEL = sample_official(noise=that)
+    wm = nm.with_context(model, ctx)
+    guider = ns.make_guider(wm, pos, neg, g)
+    noise = Noise_RandomNoise(7).generate_noise(lat7)
+    got = ns.sample_custom_advanced(guider, ns.native().FlowSampler("unipc"), sn.official_sigmas(6, 5.0), lat7, 7)
+    want = latents.denormalize(sampling.sample_official(ref, cond, seed=7, steps=6, shift=5.0, guidance=g,
+                                                        noise=noise, context=ctx))
+    out["windows_custom_advanced_rel"] = rel(got["samples"], want)
+    # KSampler on the windowed MODEL: every step runs the DiT per window (cond + uncond batched or not)
+    calls, undo = count_blocks(wm)
+    (ks,) = comfy_nodes.common_ksampler(wm, 5, 3, 4.0, "euler", "simple", pos, neg, lat7)
+    undo()
+    out["windows_ksampler_shape"] = list(ks["samples"].shape)
+    out["windows_ksampler_finite"] = bool(torch.isfinite(ks["samples"]).all())
+    out["windows_ksampler_block_runs"] = len(calls)
+    # progress per window pass (turbo: 4 steps x 3 windows) and interrupt after a window pass
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append((value, total))
+        if value == 2 and INTERRUPT[0]:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        INTERRUPT[0] = False
+        sn.SteadyDancerTurboSampler().sample(model, pos, lat7, 11, 4, "shift", 5.0, 200.0, "sde", context=ctx)
+        out["windows_progress"] = seen[-1] if seen else None
+        out["windows_progress_updates"] = len(seen)
+        seen.clear()
+        INTERRUPT[0] = True
+        calls, undo = count_blocks(model)
+        try:
+            sn.SteadyDancerTurboSampler().sample(model, pos, lat7, 11, 4, "shift", 5.0, 200.0, "sde", context=ctx)
+            out["windows_interrupt_raised"] = False
+        except mm.InterruptProcessingException:
+            out["windows_interrupt_raised"] = True
+        undo()
+        out["windows_interrupt_block_runs"] = len(calls)
+    finally:
+        INTERRUPT[0] = False
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+    return out
+
+
 CHECKS = {"free": check_free, "official": check_official, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora,
-          "compose": check_compose}
+          "compose": check_compose, "windows": check_windows}
 
 if __name__ == "__main__":
     results = {}

@@ -96,3 +96,21 @@ def test_previews_and_interrupt(results):
     assert results["preview_steps_with_image"] == results["preview_steps"] == 4
     assert results["interrupt_raised"] and results["interrupt_steps_reported"] == 2
     assert results["interrupt_block_runs"] == 2
+
+
+def test_context_windows_on_the_native_model(results):
+    """Our Context Windows on the MODEL (transformer_options; the DiT call windows itself): the one-node samplers
+    equal the core sample_official / sample_rcm with context= (FreeNoise start noise, WindowNoise SDE draws);
+    SamplerCustomAdvanced with core RandomNoise equals sample_official with that noise; KSampler runs windowed;
+    our SAMPLERs' progress counts window passes and Cancel stops after the window pass in flight."""
+    assert results["windows_planned"] == [[0, 3], [2, 5], [4, 7]]
+    for k in ("windows_official_node_rel", "windows_rcm_rcm_sde_node_rel", "windows_rcm_shift_ode_node_rel",
+              "windows_custom_advanced_rel"):
+        assert results[k] < 1e-5, (k, results[k])
+    assert results["windows_official_node_vs_no_windows_rel"] > 1e-3      # the windows did change the result
+    assert results["windows_ksampler_shape"] == [1, 16, 7, 4, 6] and results["windows_ksampler_finite"]
+    assert results["windows_ksampler_block_runs"] >= 3 * 3                 # 3 steps x 3 windows (passes batched)
+    assert results["windows_progress"] == [4 * 3, 4 * 3], results["windows_progress"]
+    assert results["windows_progress_updates"] >= 4 * 3
+    # interrupted at window pass 2: that pass was the last DiT run
+    assert results["windows_interrupt_raised"] and results["windows_interrupt_block_runs"] == 2
