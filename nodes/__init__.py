@@ -3,7 +3,7 @@ May import: the core (steadydancer/, turbo/, dwpose/); ComfyUI only through comf
 """
 from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
-from .context_nodes import SteadyDancerColourGuard, SteadyDancerContextOptions
+from .context_nodes import SteadyDancerApplyContextWindows, SteadyDancerColourGuard, SteadyDancerContextOptions
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
 from .sampler_nodes import (SteadyDancerGuider, SteadyDancerOfficialSigmas, SteadyDancerSampler,
@@ -27,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
     "SteadyDancerContextOptions": SteadyDancerContextOptions,
     "SteadyDancerColourGuard": SteadyDancerColourGuard,
+    "SteadyDancerApplyContextWindows": SteadyDancerApplyContextWindows,
     "SteadyDancerOfficialSigmas": SteadyDancerOfficialSigmas,
     "SteadyDancerTurboSigmas": SteadyDancerTurboSigmas,
     "SteadyDancerGuider": SteadyDancerGuider,
@@ -45,6 +46,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",
     "SteadyDancerContextOptions": "SteadyDancer Context Windows (long video)",
     "SteadyDancerColourGuard": "SteadyDancer Colour Guard (long video)",
+    "SteadyDancerApplyContextWindows": "SteadyDancer Context Windows on Model (core samplers)",
     "SteadyDancerOfficialSigmas": "SteadyDancer Sigmas (official)",
     "SteadyDancerTurboSigmas": "SteadyDancer Sigmas (turbo / rCM)",
     "SteadyDancerGuider": "SteadyDancer Guider (text + pose CFG)",

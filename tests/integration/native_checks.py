@@ -438,8 +438,10 @@ def check_windows():
         want = latents.denormalize(rcm.sample_rcm(ref, cond, seed=11, steps=4, schedule=schedule, mode=mode,
                                                   context=ctx))
         out[f"windows_rcm_{schedule}_{mode}_node_rel"] = rel(lat["samples"], want)
-    # SamplerCustomAdvanced with our pieces and core RandomNoise on a windowed MODEL = sample_official(noise=that)
-    wm = nm.with_context(model, ctx)
+    # SamplerCustomAdvanced with our pieces and core RandomNoise on a windowed MODEL (the Context Windows on Model
+    # node) = sample_official(noise=that)
+    from steadydancer_turbo.nodes.context_nodes import SteadyDancerApplyContextWindows
+    (wm,) = SteadyDancerApplyContextWindows().apply(model, ctx)
     guider = ns.make_guider(wm, pos, neg, g)
     noise = Noise_RandomNoise(7).generate_noise(lat7)
     got = ns.sample_custom_advanced(guider, ns.native().FlowSampler("unipc"), sn.official_sigmas(6, 5.0), lat7, 7)
