@@ -104,9 +104,13 @@ class Soak:
         elif kind == "rejected_steps":
             out = self.rejected(self.prompt(inputs={(self.sampler, "steps"): 50}), self.sampler, "value_bigger_than_max")
         elif kind == "rejected_missing":
-            out = self.rejected(self.prompt(model="SteadyDancer_absent.safetensors"), self.loader, "value_not_in_list")
+            # the loader's VALIDATE_INPUTS takes model_name, so ComfyUI leaves the list check (and its type) to it
+            out = self.rejected(self.prompt(model="SteadyDancer_absent.safetensors"), self.loader,
+                                "custom_validation_failed")
         elif kind == "wrong_model":
-            out = self.failed(self.prompt(model="some_other_model.safetensors"), self.loader, "SteadyDancerModelLoader")
+            # refused when queued: the loader's VALIDATE_INPUTS reads the header (issue 11), nothing runs
+            out = self.rejected(self.prompt(model="some_other_model.safetensors"), self.loader,
+                                "custom_validation_failed")
         elif kind == "broken_image":
             out = self.failed(self.prompt(inputs={(self.image, "image"): "broken.png"}), self.image, "LoadImage")
         elif kind == "interrupt":
@@ -176,8 +180,8 @@ def test_fifty_prompts_leave_the_server_healthy_and_its_memory_flat(comfy):
 
     expected = {"good": "success", "switch": "success", "lora": "success", "interrupt": "interrupted",
                 "slow_running": "interrupted", "pending_deleted": "deleted",
-                "rejected_steps": "rejected:value_bigger_than_max", "rejected_missing": "rejected:value_not_in_list",
-                "wrong_model": "failed:SteadyDancerModelLoader", "broken_image": "failed:LoadImage"}
+                "rejected_steps": "rejected:value_bigger_than_max", "rejected_missing": "rejected:custom_validation_failed",
+                "wrong_model": "rejected:custom_validation_failed", "broken_image": "failed:LoadImage"}
     assert [(k, o) for _, k, o in soak.outcomes] == [(k, expected[k]) for k in kinds]
     q = comfy.client.get_json("/queue")
     assert q["queue_running"] == [] and q["queue_pending"] == [], q
