@@ -138,6 +138,25 @@ def count_blocks(model):
     return calls, lambda: dit.__dict__.pop("run_blocks", None)
 
 
+INTERRUPT = [False]
+
+
+def install_progress_hook():
+    """ComfyUI's progress hook as main.py installs it (progress, previews, interrupt check), recording
+    (value, total, has preview) per update; with INTERRUPT[0] set it interrupts at value 2."""
+    import comfy.utils
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append((value, total, preview is not None))
+        if value == 2 and INTERRUPT[0]:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    return seen
+
+
 # ---------------------------------------------------------------------------------------------- checks
 def check_official():
     ref, model, cond = reference(float_file()), native(float_file()), make_cond()
@@ -376,15 +395,7 @@ def check_compose():
     except Exception as e:  # noqa: BLE001
         out["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     # previews and interrupt through ComfyUI's progress hook (what main.py installs)
-    seen = []
-
-    def hook(value, total, preview, prompt_id=None, node_id=None):
-        seen.append((value, total, preview is not None))
-        if value == 2 and INTERRUPT[0]:
-            mm.interrupt_current_processing(True)
-        mm.throw_exception_if_processing_interrupted()
-
-    comfy.utils.set_progress_bar_global_hook(hook)
+    seen = install_progress_hook()
     try:
         INTERRUPT[0] = False
         run_official_native(model, cond, 7, 4, 5.0, g)
@@ -405,9 +416,6 @@ def check_compose():
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(None)
     return out
-
-
-INTERRUPT = [False]
 
 
 def check_windows():
@@ -456,19 +464,11 @@ def check_windows():
     out["windows_ksampler_finite"] = bool(torch.isfinite(ks["samples"]).all())
     out["windows_ksampler_block_runs"] = len(calls)
     # progress per window pass (turbo: 4 steps x 3 windows) and interrupt after a window pass
-    seen = []
-
-    def hook(value, total, preview, prompt_id=None, node_id=None):
-        seen.append((value, total))
-        if value == 2 and INTERRUPT[0]:
-            mm.interrupt_current_processing(True)
-        mm.throw_exception_if_processing_interrupted()
-
-    comfy.utils.set_progress_bar_global_hook(hook)
+    seen = install_progress_hook()
     try:
         INTERRUPT[0] = False
         sn.SteadyDancerTurboSampler().sample(model, pos, lat7, 11, 4, "shift", 5.0, 200.0, "sde", context=ctx)
-        out["windows_progress"] = seen[-1] if seen else None
+        out["windows_progress"] = list(seen[-1][:2]) if seen else None
         out["windows_progress_updates"] = len(seen)
         seen.clear()
         INTERRUPT[0] = True
