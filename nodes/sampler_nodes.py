@@ -9,8 +9,8 @@ Long videos: the optional ``context`` input (SteadyDancer Context Windows node) 
 transformer_options (nodes/native_model.py ``with_context``); the DiT call then runs the core
 ``ContextWindowModel`` (steadydancer/sampling/context_windows.py) on every window and fuses them, and the start
 noise is the core's FreeNoise draw (``WindowNoise``), so the result is the core ``sample_official`` /
-``sample_rcm`` with ``context=``. Progress counts steps (core SamplerCustomAdvanced's bar); Cancel is checked
-after every window pass.
+``sample_rcm`` with ``context=``. The progress bar counts window passes (native_sampling.WindowProgress) and
+Cancel is checked after every window pass. For core samplers: the Context Windows on Model node.
 """
 from __future__ import annotations
 
