@@ -3,14 +3,18 @@ May import: the core (steadydancer/, turbo/, dwpose/); ComfyUI only through comf
 """
 from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
-from .context_nodes import SteadyDancerColourGuard, SteadyDancerContextOptions
+from .context_nodes import SteadyDancerApplyContextWindows, SteadyDancerColourGuard, SteadyDancerContextOptions
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
-from .multigpu_nodes import SteadyDancerMultiGPU
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
-from .sampler_nodes import SteadyDancerSampler, SteadyDancerTurboSampler
+from .sampler_nodes import (SteadyDancerGuider, SteadyDancerOfficialSigmas, SteadyDancerSampler,
+                            SteadyDancerSamplerRCM, SteadyDancerSamplerUniPC, SteadyDancerTurboSampler,
+                            SteadyDancerTurboSigmas)
 from .video_nodes import SteadyDancerResampleFrames
 
 comfy_bridge.register_model_folders()
+if comfy_bridge.HAVE_COMFY:
+    from .native_model import register_lora_adapter
+    register_lora_adapter()
 
 NODE_CLASS_MAPPINGS = {
     "SteadyDancerPoseExtract": SteadyDancerPoseExtract,
@@ -18,12 +22,17 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerResampleFrames": SteadyDancerResampleFrames,
     "SteadyDancerModelLoader": SteadyDancerModelLoader,
     "SteadyDancerLoraLoader": SteadyDancerLoraLoader,
-    "SteadyDancerMultiGPU": SteadyDancerMultiGPU,
     "SteadyDancerConditioning": SteadyDancerConditioning,
     "SteadyDancerSampler": SteadyDancerSampler,
     "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
     "SteadyDancerContextOptions": SteadyDancerContextOptions,
     "SteadyDancerColourGuard": SteadyDancerColourGuard,
+    "SteadyDancerApplyContextWindows": SteadyDancerApplyContextWindows,
+    "SteadyDancerOfficialSigmas": SteadyDancerOfficialSigmas,
+    "SteadyDancerTurboSigmas": SteadyDancerTurboSigmas,
+    "SteadyDancerGuider": SteadyDancerGuider,
+    "SteadyDancerSamplerUniPC": SteadyDancerSamplerUniPC,
+    "SteadyDancerSamplerRCM": SteadyDancerSamplerRCM,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,10 +41,15 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerResampleFrames": "SteadyDancer Resample Frames (fps)",
     "SteadyDancerModelLoader": "SteadyDancer Model Loader",
     "SteadyDancerLoraLoader": "SteadyDancer LoRA",
-    "SteadyDancerMultiGPU": "SteadyDancer Multi-GPU",
     "SteadyDancerConditioning": "SteadyDancer Conditioning",
     "SteadyDancerSampler": "SteadyDancer Sampler (official)",
     "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",
     "SteadyDancerContextOptions": "SteadyDancer Context Windows (long video)",
     "SteadyDancerColourGuard": "SteadyDancer Colour Guard (long video)",
+    "SteadyDancerApplyContextWindows": "SteadyDancer Context Windows on Model (core samplers)",
+    "SteadyDancerOfficialSigmas": "SteadyDancer Sigmas (official)",
+    "SteadyDancerTurboSigmas": "SteadyDancer Sigmas (turbo / rCM)",
+    "SteadyDancerGuider": "SteadyDancer Guider (text + pose CFG)",
+    "SteadyDancerSamplerUniPC": "SteadyDancer Sampler UniPC (official)",
+    "SteadyDancerSamplerRCM": "SteadyDancer Sampler rCM (turbo)",
 }

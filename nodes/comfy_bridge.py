@@ -1,4 +1,7 @@
-"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``, ``latent_preview``).
+"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``, ``latent_preview``),
+besides the two bridge-side modules that subclass ComfyUI's classes and import ``comfy`` lazily, only inside
+ComfyUI: ``native_model.py`` (the MODEL: BaseModel / ModelPatcher / config, the diff_m LoRA adapter) and
+``native_sampling.py`` (GUIDER / SAMPLER classes over the core sampling loops).
 
 Everything here also works when ComfyUI is absent (CI, scripts): file lists come back empty, progress bars and
 interrupt checks become no-ops, devices fall back to plain torch, and a function that truly needs ComfyUI (such as
@@ -145,12 +148,6 @@ def intermediate_device() -> torch.device:
     return torch.device("cpu")
 
 
-def free_memory(bytes_needed: float, device: torch.device) -> None:
-    """Ask ComfyUI to unload other models (text encoder, CLIP vision, VAE) until ``bytes_needed`` is free."""
-    if HAVE_COMFY and device.type != "cpu":
-        _mm.free_memory(bytes_needed, device)
-
-
 def soft_empty_cache() -> None:
     if HAVE_COMFY:
         _mm.soft_empty_cache()
@@ -228,43 +225,21 @@ def get_folder_paths(kind: str) -> list[str]:
         return []
 
 
-def install_memory_hooks(on_free, on_unload_all, mm=None) -> bool:
-    """Let ComfyUI's memory management release our model too.
+def need_comfy(what: str) -> None:
+    """Raise ComfyUnavailable naming ``what`` when ComfyUI is not importable."""
+    _need(what)
 
-    ComfyUI only evicts models it loaded itself. Our DiT is a plain module kept in our own cache, so we hook the
-    two entry points (once; idempotent):
-    - ``model_management.free_memory(memory_required, device, ...)``, called whenever ComfyUI needs room for a
-      model (VAE decode, text encoder ...): ``on_free(memory_required, device)`` runs first (ours moves to CPU
-      RAM when it is idle on that device);
-    - ``model_management.unload_all_models()`` ("Unload models" button, POST /free): ``on_unload_all()`` drops
-      our cached model entirely.
-    ``mm`` is the module to hook (default: comfy.model_management). Returns False outside ComfyUI.
-    """
-    mm = mm if mm is not None else _mm
-    if mm is None:
-        return False
-    if getattr(mm, "_steadydancer_hooked", False):
-        mm._steadydancer_hooks[:] = [(on_free, on_unload_all)]
-        return True
-    hooks = [(on_free, on_unload_all)]
-    orig_free, orig_unload = mm.free_memory, mm.unload_all_models
 
-    def free_memory(memory_required, device, *args, **kwargs):
-        for f, _ in hooks:
-            try:
-                f(memory_required, device)
-            except Exception as e:  # noqa: BLE001 - never break ComfyUI's own memory management
-                log.warning("SteadyDancer: releasing the model failed: %s", e)
-        return orig_free(memory_required, device, *args, **kwargs)
+def load_torch_file(path: str) -> dict:
+    """A LoRA / weights file as ComfyUI reads it (safetensors or torch with weights_only)."""
+    _need("Reading a LoRA file")
+    return _cu.load_torch_file(path, safe_load=True)
 
-    def unload_all_models(*args, **kwargs):
-        for _, u in hooks:
-            try:
-                u()
-            except Exception as e:  # noqa: BLE001
-                log.warning("SteadyDancer: unloading the model failed: %s", e)
-        return orig_unload(*args, **kwargs)
 
-    mm.free_memory, mm.unload_all_models = free_memory, unload_all_models
-    mm._steadydancer_hooked, mm._steadydancer_hooks = True, hooks
-    return True
+def add_lora_patches(model, lora_sd: dict, strength: float):
+    """A clone of MODEL ``model`` with the LoRA ``lora_sd`` (ComfyUI key layout) added as ComfyUI patches, exactly
+    as core LoraLoaderModelOnly does (comfy.sd.load_lora_for_models; unmatched keys are logged by ComfyUI)."""
+    _need("Applying a LoRA")
+    import comfy.sd  # type: ignore
+    new_model, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)
+    return new_model

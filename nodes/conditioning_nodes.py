@@ -17,28 +17,39 @@ Facts this node relies on (checked in ComfyUI 0.33.0 source):
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..steadydancer.sampling.conditioning import CLIP_DIM, CLIP_TOKENS, TEXT_DIM, TEXT_LEN
 from ..steadydancer.sampling.latents import LATENT_CHANNELS
 from . import comfy_bridge as cb
-from .frames import (CATEGORY, COND_TYPE, FIT_MODES, adjust_length, adjust_size, latent_shape, resize_images,
+from .frames import (CATEGORY, FIT_MODES, adjust_length, adjust_size, latent_shape, resize_images,
                      tooltip)
 
 
-@dataclasses.dataclass
-class SteadyDancerCondBundle:
-    """What flows on a STEADYDANCER_CONDITIONING wire."""
-    cond: object  # steadydancer.sampling.conditioning.SteadyDancerConditioning
-    width: int
-    height: int
-    length: int
+class ClipFeatures:
+    """A CLIP_VISION_OUTPUT stand-in holding only the validated ``penultimate_hidden_states`` (what WAN21 reads)."""
 
-    @property
-    def latent_shape(self):
-        return latent_shape(self.width, self.height, self.length)
+    def __init__(self, h: torch.Tensor):
+        self.penultimate_hidden_states = h
+
+
+def native_conditioning(cond, positive, negative):
+    """(positive, negative) CONDITIONING carrying SteadyDancer's inputs, as WanImageToVideo's carry its image:
+    every entry gets the text (zero-padded to 512 tokens, as the DiT pads it) and, under the keys of
+    nodes/native_model.py, the normalized image latent + mask (``y``), both pose latents, ``ref_x``, ``ref_c`` and
+    both CLIP features. ``cond``: the validated core ``SteadyDancerConditioning``."""
+    from . import native_model as nm
+
+    shared = {nm.KEY_Y: cond.y, nm.KEY_POSE: cond.cond_pos, nm.KEY_REF_X: cond.ref_x, nm.KEY_REF_C: cond.ref_c,
+              "clip_vision_output": ClipFeatures(cond.clip_fea), nm.KEY_CLIP_POSE: ClipFeatures(cond.clip_fea_c)}
+    if cond.cond_neg is not None:
+        shared[nm.KEY_POSE_NEG] = cond.cond_neg
+
+    def entries(src, text):
+        text = torch.nn.functional.pad(text, (0, 0, 0, TEXT_LEN - text.shape[1]))
+        return [[text, {**src[0][1], **shared}]]
+
+    return entries(positive, cond.context), entries(negative, cond.context_null)
 
 
 def text_from_conditioning(conditioning, what: str, node_id=None) -> torch.Tensor:
@@ -93,10 +104,12 @@ class SteadyDancerConditioning:
                    "latents, CLIP features, text) from native ComfyUI text/CLIP-vision/VAE outputs, with the "
                    "official semantics.")
     CATEGORY = f"{CATEGORY}/conditioning"
-    RETURN_TYPES = (COND_TYPE, "INT", "INT", "INT")
-    RETURN_NAMES = ("conditioning", "width", "height", "length")
-    OUTPUT_TOOLTIPS = ("Conditioning for the SteadyDancer samplers.", "Width used (multiple of 16).",
-                       "Height used (multiple of 16).", "Frame count used (4n+1).")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT", "INT", "INT", "INT")
+    RETURN_NAMES = ("positive", "negative", "latent", "width", "height", "length")
+    OUTPUT_TOOLTIPS = ("Prompt + every SteadyDancer input, for KSampler / the SteadyDancer guider and samplers.",
+                       "Negative prompt + the same SteadyDancer inputs.",
+                       "Empty Wan2.1 video latent of the generation size, for the sampler.",
+                       "Width used (multiple of 16).", "Height used (multiple of 16).", "Frame count used (4n+1).")
     FUNCTION = "build"
 
     @classmethod
@@ -193,4 +206,7 @@ class SteadyDancerConditioning:
             ref_c=sdc.build_ref_c(z_pose0),
         )
         pbar.update(1)
-        return (SteadyDancerCondBundle(cond, w, h, n), w, h, n)
+        pos, neg = native_conditioning(cond, positive, negative)
+        latent = {"samples": torch.zeros((1, *latent_shape(w, h, n)), dtype=torch.float32,
+                                         device=cb.intermediate_device())}
+        return (pos, neg, latent, w, h, n)

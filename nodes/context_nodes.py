@@ -82,3 +82,31 @@ class SteadyDancerColourGuard:
         if float(strength) == 0.0:
             return (images,)
         return (colour_guard(images, reference_image, context, float(strength)).to(images.device),)
+
+
+class SteadyDancerApplyContextWindows:
+    DESCRIPTION = ("Puts the Context Windows options on a SteadyDancer MODEL, for core samplers (KSampler, "
+                   "SamplerCustomAdvanced with the SteadyDancer or core pieces): every model call then runs on the "
+                   "windows and blends them. The SteadyDancer one-node samplers take the options on their 'context' "
+                   "input instead (and also start from the windowed FreeNoise draw and count window passes).")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model, running on context windows.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", tooltip("SteadyDancer model (loader / LoRA output).")),
+                "context": (CONTEXT_TYPE, tooltip("From the SteadyDancer Context Windows node.")),
+            }
+        }
+
+    def apply(self, model, context):
+        from . import native_model
+
+        if not native_model.is_steadydancer(model):
+            raise ValueError("model: connect a SteadyDancer Model Loader output (or a LoRA node after it)")
+        return (native_model.with_context(model, context),)

@@ -13,8 +13,7 @@ from ..steadydancer.sampling.conditioning import latent_frames
 from ..steadydancer.sampling.latents import LATENT_CHANNELS, VAE_STRIDE
 
 CATEGORY = "SteadyDancer"
-MODEL_TYPE = "STEADYDANCER_MODEL"
-COND_TYPE = "STEADYDANCER_CONDITIONING"
+MODEL_TYPE = "MODEL"
 CONTEXT_TYPE = "STEADYDANCER_CONTEXT"  # steadydancer.sampling.context_windows.ContextOptions
 POSE_TYPE = "POSE_KEYPOINT"  # the type comfyui_controlnet_aux and others use: list of per-frame OpenPose dicts
 

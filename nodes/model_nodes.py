@@ -1,20 +1,16 @@
 """Model loader and LoRA nodes.
 
-STEADYDANCER_MODEL is a ``SteadyDancerModelHandle``: a recipe (file, load options, LoRA list) plus the loaded
-module, kept in a one-slot process cache so a second run, or a LoRA change, does not always re-read 16-33 GB
-(a changed/removed LoRA or strength is undone in place where exact: see ``_ModelCache._switch_loras``).
-The loader node loads eagerly (a missing/broken file fails on the loader node); LoRA nodes only add to the recipe
-(chainable, never mutate the loaded module in place); the sampler materializes the recipe.
+The loader returns a native ComfyUI ``MODEL`` (nodes/native_model.py): ComfyUI's model management loads it to the
+GPU when a sampler needs it, partially (lowvram) when it does not fit, moves it back to RAM for other models,
+and frees it on "Unload models" (POST /free); no cache or memory hook of our own. ComfyUI's node cache keeps the
+loaded model while the loader's inputs stay the same. LoRAs are ComfyUI patches on a clone of the MODEL (core
+``LoraLoaderModelOnly`` or our LoRA node), so a strength change never re-reads the base file.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import threading
-
-import torch
 
 from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
 from . import comfy_bridge as cb
@@ -25,10 +21,6 @@ log = logging.getLogger("steadydancer_turbo")
 
 WEIGHT_STORAGE = list(STORAGE_MODES)
 COMPUTE_DTYPES = list(LOADER_DTYPES)  # the names the loader maps to torch dtypes
-# CPU RAM allowed for copies of the float weights a LoRA is merged into, so a LoRA change can be undone without
-# re-reading the model file. fp8/GGUF models: only biases, norms, modulations and non-block layers are merged
-# (well under this); a bf16 model with a LoRA on every block Linear would need ~28 GB: it reloads instead.
-LORA_UNDO_RAM_BYTES = 2 << 30
 
 
 def attention_choices() -> list:
@@ -42,19 +34,14 @@ def attention_choices() -> list:
 
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
+    """The loader's options. Memory placement is ComfyUI's (full / partial load by free VRAM, --lowvram,
+    --novram, --reserve-vram): the former block_swap / vram_budget_gb / offload_after options are gone."""
     weight_storage: str = "auto"
     compute_dtype: str = "bf16"
     attention: str = "auto"
-    block_swap: int = 0
-    vram_budget_gb: float = 0.0
-    offload_after: bool = True
     sparse_topk: float = 0.15
     fp8_matmul: bool = False
     compile: bool = False
-
-    def load_key(self) -> tuple:
-        """The options that need a fresh load; attention / sparse_topk / compile are switched on the loaded module."""
-        return (self.weight_storage, self.compute_dtype, self.block_swap, self.vram_budget_gb, self.fp8_matmul)
 
     def attention_backend(self) -> str:
         if self.attention == "flex_sparse":
@@ -75,171 +62,18 @@ def apply_speed_options(module, o: LoadOptions) -> None:
         module._sd_compiled = False
 
 
-@dataclasses.dataclass(frozen=True)
-class SteadyDancerModelHandle:
-    path: str
-    options: LoadOptions
-    loras: tuple = ()  # ((path, strength), ...)
-    multi_gpu: tuple = ()  # (gpus, layout) from the Multi-GPU node: the samplers run on a worker pool
-
-    def with_lora(self, path: str, strength: float) -> "SteadyDancerModelHandle":
-        return dataclasses.replace(self, loras=self.loras + ((path, float(strength)),))
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)
-
-    def materialize(self, device=None):
-        """The loaded module with exactly this handle's LoRAs applied (re-reading the base file if needed)."""
-        return _CACHE.get(self, device)
-
-
-class _ModelCache:
-    """One loaded DiT at a time (a 14B model does not leave room for two)."""
-
-    def __init__(self):
-        self.lock = threading.RLock()
-        self.key = None
-        self.loras = ()
-        self.module = None
-        self.busy = 0  # > 0 while loading or sampling: ComfyUI must not move the model then
-        self.on_clear = []  # callbacks when the cached model goes (the multi-GPU pool shuts its workers down)
-
-    def clear(self):
-        for f in self.on_clear:
-            try:
-                f()
-            except Exception as e:  # noqa: BLE001 - never keep a model alive because a hook failed
-                log.warning("SteadyDancer: %s", e)
-        self.key, self.loras, self.module = None, (), None
-        cb.soft_empty_cache()
-
-    # ComfyUI memory-management hooks (see comfy_bridge.install_memory_hooks)
-    def on_comfy_free(self, memory_required, device) -> None:
-        """ComfyUI needs room on ``device``: move our idle model off it."""
-        m = self.module
-        if m is None or self.busy or torch.device(device).type == "cpu":
-            return
-        if any(p.device == torch.device(device) for p in m.parameters()):
-            log.info("SteadyDancer: moving the model to %s so ComfyUI can load another model", cb.offload_device())
-            offload(m)
-
-    def on_comfy_unload_all(self) -> None:
-        """'Unload models' / POST /free: forget the cached model (frees its RAM/VRAM)."""
-        if self.module is not None and not self.busy:
-            log.info("SteadyDancer: unloading the cached model")
-            self.clear()
-
-    def get(self, handle: SteadyDancerModelHandle, device=None):
-        from ..steadydancer.weights import loader  # core; imported lazily so the pack imports without it
-        key = (handle.path, handle.options.load_key())
-        with self.lock, self.using():
-            if self.module is not None and self.key == key:
-                if self.loras != handle.loras:
-                    self._switch_loras(handle.loras)
-                if self.module is not None:  # None: the LoRA change needs a fresh load
-                    apply_speed_options(self.module, handle.options)
-                    return self.module
-            self.clear()  # different file/options, or a LoRA change that cannot be undone exactly
-            o = handle.options
-            device = device or cb.torch_device()
-            cb.free_memory(_expected_bytes(handle.path, o), device)
-            module = loader.load_steadydancer(
-                handle.path,
-                compute_dtype=o.compute_dtype,
-                storage=o.weight_storage,
-                device=device,
-                offload_device=cb.offload_device(),
-                block_swap=int(o.block_swap),
-                vram_budget_gb=float(o.vram_budget_gb) or None,
-                fp8_matmul=bool(o.fp8_matmul),
-                attention=o.attention_backend(),
-            )
-            # cached before the LoRAs: a bad LoRA file then costs no reload once it is fixed
-            self.key, self.loras, self.module = key, (), module
-            if handle.loras:
-                self._apply_loras(handle.loras)
-            apply_speed_options(module, o)
-            return module
-
-    def _switch_loras(self, loras: tuple) -> None:
-        """Bring the cached module from ``self.loras`` to ``loras`` without re-reading the base file when
-        possible: LoRAs added at the end are just applied; any other change removes all LoRAs (runtime
-        patches dropped, merged float weights restored from their recorded originals) and applies the new
-        list. Where merged float weights were not recorded (too large), the cache is cleared: fresh load."""
-        from ..steadydancer.weights import lora
-        n = len(self.loras)
-        if loras[:n] == self.loras:
-            self._apply_loras(loras[n:])
-        elif lora.can_remove_loras(self.module):
-            lora.remove_loras(self.module)
-            self.loras = ()
-            if loras:
-                self._apply_loras(loras)
-            log.info("SteadyDancer: LoRAs changed: re-applied on the loaded model (no reload), %d LoRA(s)",
-                     len(loras))
-        else:
-            log.info("SteadyDancer: LoRA list changed and the old LoRAs were merged into float weights; "
-                     "reloading the model")
-            self.clear()
-
-    def _apply_loras(self, extra: tuple) -> None:
-        """Apply ``extra`` on top of ``self.loras``. On failure the module is left with no half-applied recipe:
-        a bad file is refused before anything changes; any later error removes all LoRAs (or, where that is
-        not exact, drops the cached module so the next run reloads)."""
-        from ..steadydancer.weights import loader, lora
-        from ..steadydancer.checkpoints import CheckpointError
-        try:
-            loader.apply_loras(self.module, list(extra), undo_limit_bytes=LORA_UNDO_RAM_BYTES)
-        except CheckpointError:
-            raise  # validation: raised before the module was changed, self.loras still describes it
-        except BaseException:
-            if lora.can_remove_loras(self.module):
-                lora.remove_loras(self.module)
-                self.loras = ()
-            else:
-                self.clear()
-            raise
-        self.loras = self.loras + tuple(extra)
-
-    @contextlib.contextmanager
-    def using(self):
-        """Marks the model busy (loading or sampling) for the duration of the block."""
-        self.busy += 1
-        try:
-            yield
-        finally:
-            self.busy -= 1
-
-
-_CACHE = _ModelCache()
-cb.install_memory_hooks(_CACHE.on_comfy_free, _CACHE.on_comfy_unload_all)
-
-
-def _expected_bytes(path: str, o: LoadOptions) -> float:
-    """Rough GPU bytes the DiT will take, for asking ComfyUI to free room first."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return 0.0
-    if o.vram_budget_gb:
-        return o.vram_budget_gb * (1 << 30)
-    if o.block_swap:
-        return size * max(0.1, 1.0 - o.block_swap / 40.0)
-    return float(size)
-
-
-def on_device(module, device=None) -> None:
-    """Put the (possibly block-swapped) model back on its compute device after an offload."""
+def load_model(path: str, o: "LoadOptions"):
+    """Read a SteadyDancer file into host RAM (the offload device) and wrap it as a ComfyUI MODEL."""
     from ..steadydancer.weights import loader
-    loader.ensure_on_device(module)
+    from . import native_model
 
-
-def offload(module) -> None:
-    """Everything to the offload device (CPU RAM), device cache released."""
-    from ..steadydancer.weights import loader
-    loader.offload_model(module, cb.offload_device())
-    cb.soft_empty_cache()
+    cb.need_comfy("The SteadyDancer Model Loader")
+    module = loader.load_steadydancer(
+        path, compute_dtype=o.compute_dtype, storage=o.weight_storage, device=cb.offload_device(),
+        offload_device=cb.offload_device(), fp8_matmul=bool(o.fp8_matmul), attention=o.attention_backend(),
+        compute_device=cb.torch_device())
+    apply_speed_options(module, o)
+    return native_model.make_model_patcher(module), module
 
 
 class SteadyDancerModelLoader:
@@ -287,16 +121,6 @@ class SteadyDancerModelLoader:
                     "torch.compile each transformer block (fuses norms, modulation, RoPE, GELU): ~15-20% faster "
                     "steps after the first, which compiles (tens of seconds, longer for a new resolution). Needs "
                     "a working Triton (Linux + NVIDIA).", default=False)),
-                "block_swap": ("INT", tooltip(
-                    "Number of the 40 transformer blocks kept in CPU RAM and streamed to the GPU each step. "
-                    "More = less VRAM, slower.", default=0, min=0, max=40, step=1)),
-                "vram_budget_gb": ("FLOAT", tooltip(
-                    "If > 0, choose the block swap automatically to keep the model weights under this many GB of "
-                    "VRAM (activations not included); block_swap then counts as the minimum.",
-                    default=0.0, min=0.0, max=256.0, step=0.5)),
-                "offload_after": ("BOOLEAN", tooltip(
-                    "Move the model to CPU RAM after sampling so the VAE decode and other models have room.",
-                    default=True)),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -306,30 +130,28 @@ class SteadyDancerModelLoader:
         return validation.validate_file(cb.DIFFUSION_FOLDER, model_name, "model")  # header only, before any node runs
 
     def load(self, model_name, weight_storage, compute_dtype, attention, sparse_topk, fp8_matmul, compile,
-             block_swap, vram_budget_gb, offload_after, unique_id=None):
+             unique_id=None):
         path = cb.get_full_path(cb.DIFFUSION_FOLDER, model_name)
-        opts = LoadOptions(weight_storage, compute_dtype, attention, int(block_swap), float(vram_budget_gb),
-                           bool(offload_after), float(sparse_topk), bool(fp8_matmul), bool(compile))
-        handle = SteadyDancerModelHandle(path, opts)
+        opts = LoadOptions(weight_storage, compute_dtype, attention, float(sparse_topk), bool(fp8_matmul),
+                           bool(compile))
         try:
-            module = handle.materialize()
+            model, module = load_model(path, opts)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
             raise RuntimeError(f"SteadyDancer: could not load {validation.load_error(model_name, path, e)}") from e
         notes = list(getattr(module, "load_info", {}).get("notes", ()))
         if notes:
             cb.node_message(unique_id, "; ".join(notes))
-        if offload_after:
-            offload(module)
-        return (handle,)
+        return (model,)
 
 
 class SteadyDancerLoraLoader:
-    DESCRIPTION = ("Adds a Wan2.1-I2V-14B LoRA (e.g. the lightx2v step-distill LoRA) to a SteadyDancer model. "
-                   "Chain several; they are applied in order when the sampler runs.")
+    DESCRIPTION = ("Adds a Wan2.1-I2V-14B LoRA (e.g. the lightx2v step-distill LoRA) to a SteadyDancer MODEL through "
+                   "ComfyUI's own LoRA patches, like LoraLoaderModelOnly, and also reads what core does not: "
+                   "lightx2v modulation deltas (diff_m), PEFT/diffusers/kohya spellings of our module names.")
     CATEGORY = f"{CATEGORY}/model"
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with this LoRA added.",)
+    OUTPUT_TOOLTIPS = ("The model with this LoRA added (the loaded weights are shared, never re-read).",)
     FUNCTION = "apply"
 
     @classmethod
@@ -350,8 +172,24 @@ class SteadyDancerLoraLoader:
         return validation.validate_file(cb.LORA_FOLDER, lora_name, "lora")
 
     def apply(self, model, lora_name, strength, unique_id=None):
+        from ..steadydancer.weights import lora as sdl
+        from . import native_model
+
+        if not native_model.is_steadydancer(model):
+            raise ValueError("model: connect a SteadyDancer Model Loader output (or a LoRA node after it)")
         if strength == 0:
             return (model,)
         path = cb.get_full_path(cb.LORA_FOLDER, lora_name)
-        validation.check_lora(unique_id, lora_name, path, model.path)  # keys/shapes vs the model's header, here
-        return (model.with_lora(path, strength),)
+        dit = model.model.diffusion_model
+        model_path = getattr(dit, "load_info", {}).get("path")
+        if model_path:
+            validation.check_lora(unique_id, lora_name, path, model_path)  # keys/shapes vs the model's header, here
+        sd = cb.load_torch_file(path)
+        std, unknown = sdl.standard_layout(sd, [n for n, _ in dit.named_modules() if n])
+        if not std:
+            raise ValueError(f"LoRA {lora_name!r} matches no SteadyDancer/Wan module ({len(sd)} keys, e.g. "
+                             f"{sorted(sd)[:3]})")
+        if unknown:
+            log.warning("SteadyDancer LoRA %s: %d keys with no LoRA meaning ignored: %s", lora_name, len(unknown),
+                        unknown[:5])
+        return (cb.add_lora_patches(model, std, float(strength)),)

@@ -1,7 +1,8 @@
-"""The persistent multi-GPU worker pool (what the ComfyUI Multi-GPU node uses), on CPU with gloo: this process
-is rank 0, one worker subprocess is rank 1. Checked against the unsharded model in this process: both samplers
-within 1e-6 relative; an interrupt in rank 0's callback stops both ranks and leaves the pool usable; a factory
-error and a killed worker give WorkerPoolError naming the rank, and no worker process survives."""
+"""The persistent multi-GPU worker pool (core; the ComfyUI Multi-GPU node that used it is removed until it is
+rebuilt on the native MODEL), on CPU with gloo: this process is rank 0, one worker subprocess is rank 1.
+Checked against the unsharded model in this process: both samplers within 1e-6 relative; an interrupt in rank
+0's callback stops both ranks and leaves the pool usable; a factory error and a killed worker give
+WorkerPoolError naming the rank, and no worker process survives."""
 from __future__ import annotations
 
 import os

@@ -160,3 +160,21 @@ def test_loader_fp8_matmul_quantizes_a_float_file_at_load(files, monkeypatch):
     assert ql and all(n.startswith("blocks.") for n in ql)
     assert all(x.fp8_matmul and x.weight.dtype == torch.float8_e4m3fn for x in ql.values())
     assert m.load_info["fp8_matmul_layers"] == len(ql) and m.load_info["notes"] == []
+
+
+def test_a_loaded_model_is_freed_when_dropped_without_the_cycle_collector(files):
+    """model.block_swap refers back to the model only weakly: dropping the last reference frees the weights at
+    once (ComfyUI's server runs the cycle collector only every 10 s of idle time; a cycle kept every replaced
+    model's weights alive until then)."""
+    import gc
+    import weakref
+    gc.collect()
+    gc.disable()
+    try:
+        m = load_steadydancer(str(files / "f32.safetensors"), compute_dtype="fp32", device="cpu")
+        assert m.block_swap.model is m
+        ref = weakref.ref(m)
+        del m
+        assert ref() is None
+    finally:
+        gc.enable()

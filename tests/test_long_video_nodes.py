@@ -113,3 +113,30 @@ def test_frame_count_nodes_accept_30_seconds_and_adjust_non_4n_plus_1():
     images = torch.zeros(500, 2, 2, 3)
     out, fps, count = node.resample(images, 16.0, 16.0, 0, True)
     assert count == 497 and out.shape[0] == 497
+
+
+class _FakePatcher:
+    """What the node uses of a ComfyUI ModelPatcher: clone() with its own model_options (ComfyUI deep-copies them)."""
+
+    def __init__(self, steadydancer=True, options=None):
+        self.model = type("M", (), {"is_steadydancer": steadydancer})()
+        self.model_options = options or {"transformer_options": {"other": 1}}
+
+    def clone(self):
+        import copy
+        return _FakePatcher(self.model.is_steadydancer, copy.deepcopy(self.model_options))
+
+
+def test_context_windows_on_model_node_sets_the_options_on_a_clone():
+    """The DiT call reads them from transformer_options (nodes/native_model.py; the windowed run itself is checked
+    in real ComfyUI: tests/integration/test_comfyui_native.py); the input MODEL is left as it was."""
+    from steadydancer_turbo.nodes import native_model as nm
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerApplyContextWindows"]()
+    opts = cw.ContextOptions(window=3, overlap=1)
+    base = _FakePatcher()
+    (m,) = node.apply(base, opts)
+    assert m is not base and nm.context_of(m.model_options) is opts
+    assert m.model_options["transformer_options"]["other"] == 1           # other options kept
+    assert nm.context_of(base.model_options) is None
+    with pytest.raises(ValueError, match="SteadyDancer Model Loader"):
+        node.apply(_FakePatcher(steadydancer=False), opts)

@@ -56,9 +56,19 @@ def test_lora_validate_inputs_and_fit_on_the_lora_node(folders, monkeypatch):
     assert Lora.VALIDATE_INPUTS("good.safetensors") is True
     assert "full model" in Lora.VALIDATE_INPUTS("a_model.safetensors")
     assert Lora.VALIDATE_INPUTS("for_14b.safetensors") is True      # a valid LoRA file: the fit is the node's job
-    handle = pack.nodes.model_nodes.SteadyDancerModelHandle(str(dit), pack.nodes.model_nodes.LoadOptions())
+    # the LoRA node on a native MODEL: a stand-in ModelPatcher around the loaded DiT (ComfyUI's own patching is
+    # tested in tests/integration); the fit check runs before any file is read as a LoRA
+    from safetensors.torch import load_file
+    from steadydancer_turbo.steadydancer.weights import loader
+    import types
+    dit_module = loader.load_steadydancer(str(dit), compute_dtype="fp32", device="cpu")
+    handle = types.SimpleNamespace(model=types.SimpleNamespace(is_steadydancer=True, diffusion_model=dit_module))
+    patched = []
+    monkeypatch.setattr(cb, "load_torch_file", lambda p: load_file(p))
+    monkeypatch.setattr(cb, "add_lora_patches", lambda m, sd, st: patched.append((m, sorted(sd), st)) or "patched")
     (out,) = Lora().apply(handle, "good.safetensors", 1.0, unique_id="3")
-    assert out.loras == ((str(folders / cb.LORA_FOLDER / "good.safetensors"), 1.0),)
+    assert out == "patched" and patched[0][0] is handle and patched[0][2] == 1.0
+    assert patched[0][1] and all(k.startswith("diffusion_model.") for k in patched[0][1])
     with pytest.raises(CheckpointError) as e:
         Lora().apply(handle, "for_14b.safetensors", 1.0, unique_id="3")
     assert str(e.value).startswith("for_14b.safetensors: LoRA does not fit") and "dit.safetensors" in str(e.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import re
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ from steadydancer_turbo.nodes import frames as common  # noqa: E402
 
 WIDGET = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 KNOWN_SOCKETS = {"IMAGE", "MASK", "LATENT", "CONDITIONING", "VAE", "CLIP_VISION_OUTPUT", "POSE_KEYPOINT",
-                 "STEADYDANCER_MODEL", "STEADYDANCER_CONDITIONING", "STEADYDANCER_CONTEXT"}
+                 "MODEL", "SIGMAS", "GUIDER", "SAMPLER", "STEADYDANCER_CONTEXT"}
 
 
 def test_pack_imports_without_comfyui_and_registers_all_nodes():
@@ -24,7 +25,7 @@ def test_pack_imports_without_comfyui_and_registers_all_nodes():
         assert name not in sys.modules, name
     m = pack.NODE_CLASS_MAPPINGS
     assert set(m) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(m) == 11
+    assert len(m) == 16
     for node_id in m:
         assert node_id.startswith("SteadyDancer")
 
@@ -154,35 +155,25 @@ def test_dwpose_model_choices_list_standard_names_and_found_files(monkeypatch):
     assert "depth_anything.onnx" not in det + est
 
 
-def test_memory_hooks_wrap_comfy_free_and_unload_once():
-    import types
-
-    calls = []
-    mm = types.SimpleNamespace(free_memory=lambda req, dev, keep_loaded=[]: calls.append(("orig_free", req, dev)),
-                               unload_all_models=lambda: calls.append(("orig_unload",)))
-
-    def bad_free(req, dev):
-        raise RuntimeError("boom")  # a failing hook must not stop ComfyUI's own eviction
-
-    assert cb.install_memory_hooks(bad_free, lambda: calls.append(("ours_unload",)), mm=mm)
-    mm.free_memory(5, "cuda:0", keep_loaded=[])
-    assert calls == [("orig_free", 5, "cuda:0")]
-    assert cb.install_memory_hooks(lambda r, d: calls.append(("ours_free", r, d)), lambda: calls.append(("ours_unload",)), mm=mm)
-    calls.clear()
-    mm.free_memory(7, "cuda:1")
-    mm.unload_all_models()
-    assert calls == [("ours_free", 7, "cuda:1"), ("orig_free", 7, "cuda:1"), ("ours_unload",), ("orig_unload",)]
-    assert not cb.install_memory_hooks(lambda r, d: None, lambda: None)  # outside ComfyUI: nothing to hook
+def test_no_model_management_patching_and_no_model_cache():
+    """ComfyUI's model management owns the model now: the pack assigns nothing into comfy modules and keeps no
+    model of its own (the loader returns a MODEL; ComfyUI's node cache holds it)."""
+    import pathlib
+    root = pathlib.Path(pack.__file__).parent
+    for f in list((root / "nodes").glob("*.py")):
+        src = f.read_text()
+        assert "install_memory_hooks" not in src, f
+        assert not re.search(r"\b(_mm|mm|model_management)\.\w+\s*=[^=]", src), f
+    from steadydancer_turbo.nodes import model_nodes
+    assert not hasattr(model_nodes, "_CACHE") and not hasattr(model_nodes, "_ModelCache")
 
 
-def test_model_cache_releases_only_when_idle():
-    from steadydancer_turbo.nodes.model_nodes import _ModelCache
-
-    c = _ModelCache()
-    c.module, c.key = torch.nn.Linear(2, 2), ("x", None)
-    c.on_comfy_free(1e9, "cpu")  # CPU RAM is not what ComfyUI frees here
-    with c.using():
-        c.on_comfy_unload_all()
-        assert c.module is not None  # busy (sampling): left alone
-    c.on_comfy_unload_all()
-    assert c.module is None and c.key is None
+def test_native_model_nodes_say_comfyui_is_needed(tmp_path):
+    """Outside ComfyUI the loader / LoRA / sampler pieces fail with a message naming what is missing."""
+    from steadydancer_turbo.nodes import model_nodes
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="needs ComfyUI"):
+        model_nodes.SteadyDancerModelLoader().load(str(f), "auto", "bf16", "sdpa", 0.15, False, False)
+    with pytest.raises(ValueError, match="SteadyDancer Model Loader"):
+        model_nodes.SteadyDancerLoraLoader().apply(object(), "x.safetensors", 1.0)

@@ -13,6 +13,24 @@ pytest.importorskip("steadydancer_turbo.steadydancer.sampling.conditioning")
 pack = importlib.import_module("steadydancer_turbo")
 
 
+class Built:
+    """The node's outputs, read back from the native CONDITIONING entries (keys of nodes/native_model.py)."""
+
+    def __init__(self, out):
+        from steadydancer_turbo.nodes import native_model as nm
+        pos, neg, latent, self.w, self.h, self.length = out
+        assert len(pos) == len(neg) == 1
+        (self.context, p), (self.context_null, q) = pos[0], neg[0]
+        for key in (nm.KEY_Y, nm.KEY_POSE, nm.KEY_REF_X, nm.KEY_REF_C):   # shared by both
+            assert p[key] is q[key]
+        self.y, self.cond_pos, self.ref_x, self.ref_c = p[nm.KEY_Y], p[nm.KEY_POSE], p[nm.KEY_REF_X], p[nm.KEY_REF_C]
+        self.cond_neg = p.get(nm.KEY_POSE_NEG)
+        self.clip_fea = p["clip_vision_output"].penultimate_hidden_states
+        self.clip_fea_c = p[nm.KEY_CLIP_POSE].penultimate_hidden_states
+        self.latent = latent["samples"]
+        self.cond = self  # the old bundle.cond spelling
+
+
 def _cond_inputs(W=32, H=48, F=9, seed=0, neg=True, n_text=(7, 5)):
     g = torch.Generator().manual_seed(seed)
     ref = torch.rand(1, H, W, 3, generator=g)
@@ -27,16 +45,16 @@ def _cond_inputs(W=32, H=48, F=9, seed=0, neg=True, n_text=(7, 5)):
 def test_conditioning_node_builds_official_tensors():
     node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
     inp = _cond_inputs()
-    bundle, w, h, n = node.build(**inp)
-    c = bundle.cond
+    c = bundle = Built(node.build(**inp))
+    w, h, n = c.w, c.h, c.length
     vae = FakeWanVAE(3)  # same weights, fresh: expected values computed independently of the node
     ref, poses = inp["reference_image"], inp["pose_frames"]
     T, lh, lw = 3, 6, 4
     assert (w, h, n) == (32, 48, 9)
-    # text: the real tokens of the 512-row ComfyUI conditioning, nothing else
-    assert c.context.shape == (1, 7, 4096) and c.context_null.shape == (1, 5, 4096)
-    assert torch.equal(c.context, inp["positive"][0][0][:, :7])
-    assert torch.equal(c.context_null, inp["negative"][0][0][:, :5])
+    # text: the real tokens of the 512-row ComfyUI conditioning, zero rows after them (the DiT's own padding)
+    assert c.context.shape == c.context_null.shape == (1, 512, 4096)
+    assert torch.equal(c.context[:, :7], inp["positive"][0][0][:, :7]) and c.context[:, 7:].abs().max() == 0
+    assert torch.equal(c.context_null[:, :5], inp["negative"][0][0][:, :5]) and c.context_null[:, 5:].abs().max() == 0
     assert torch.equal(c.clip_fea, inp["clip_vision_reference"].penultimate_hidden_states)
     assert torch.equal(c.clip_fea_c, inp["clip_vision_pose"].penultimate_hidden_states)
     # y = cat(mask, latent(ref + gray frames)); mask 1 on latent frame 0 only
@@ -51,15 +69,16 @@ def test_conditioning_node_builds_official_tensors():
     torch.testing.assert_close(c.cond_pos.double(), comfy_process_in(vae.encode(poses)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(c.cond_neg.double(), comfy_process_in(vae.encode(inp["negative_pose_frames"])),
                                rtol=1e-5, atol=1e-5)
-    assert bundle.latent_shape == (16, T, lh, lw)
+    # the empty LATENT to sample into (all zeros: ComfyUI leaves a zero latent unnormalized)
+    assert c.latent.shape == (1, 16, T, lh, lw) and c.latent.abs().max() == 0
 
 
 def test_conditioning_node_adjusts_length_and_size():
     node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
     inp = _cond_inputs(F=11, neg=False)
     inp.update(length=81, width=40, height=50)  # 11 pose frames -> 9; 40x50 -> 48x48 (multiples of 16)
-    bundle, w, h, n = node.build(**inp)
-    assert (w, h, n) == (48, 48, 9)
+    bundle = Built(node.build(**inp))
+    assert (bundle.w, bundle.h, bundle.length) == (48, 48, 9)
     assert bundle.cond.y.shape == (1, 20, 3, 6, 6) and bundle.cond.cond_neg is None
 
 
@@ -74,22 +93,24 @@ def test_conditioning_length_0_means_all_pose_frames(monkeypatch):
         notes.clear()
         inp = _cond_inputs(F=frames, neg=False)
         inp["length"] = length
-        bundle, _, _, n = node.build(**inp)
+        bundle = Built(node.build(**inp))
+        n = bundle.length
         assert n == expect == bundle.length, (frames, length)
         assert bundle.cond.cond_pos.shape[2] == (expect - 1) // 4 + 1
         assert bool(notes) == ((frames, length) in [(15, 0), (13, 81), (13, 10)]), (frames, length, notes)
     inp = _cond_inputs(F=13)  # negative pose frames: all of both
     inp["negative_pose_frames"] = inp["negative_pose_frames"][:9]
     inp["length"] = 0
-    assert node.build(**inp)[3] == 9
+    assert node.build(**inp)[5] == 9
 
 
 def test_conditioning_node_cuts_long_text_to_512_and_rejects_wrong_encoders():
     node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
     inp = _cond_inputs()
     inp["positive"] = text_conditioning(600, 9)
-    bundle, *_ = node.build(**inp)
-    assert bundle.cond.context.shape == (1, 512, 4096)
+    bundle = Built(node.build(**inp))
+    assert bundle.context.shape == (1, 512, 4096)
+    assert torch.equal(bundle.context, inp["positive"][0][0][:, :512])
     inp = _cond_inputs()
     inp["positive"] = [[torch.randn(1, 77, 768), {}]]
     with pytest.raises(ValueError, match="umt5"):

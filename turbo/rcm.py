@@ -29,7 +29,7 @@ lightx2v's Wan2.1-I2V distill LoRA; the model then gets ``1000*sigma`` in float3
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -175,21 +175,47 @@ def sample_rcm(
     noise = draw()
     kwargs = cond.to(device=device, dtype=model_dtype).model_kwargs(text, pose)
     args = [kwargs[k] for k in KWARG_ORDER]
-    s_dev = s.to(device)
 
-    x = noise.to(device=device, dtype=torch.float64) * s_dev[0]
+    def velocity(i, xin):
+        return model(xin, t_model[i].repeat(B).to(device), *args)
+
+    return rcm_loop(velocity, noise.to(device), s, draw, mode, callback, model_dtype)
+
+
+def rcm_loop(velocity: Callable[[int, torch.Tensor], torch.Tensor], noise: torch.Tensor, sigmas: torch.Tensor,
+             gen: Union[torch.Generator, Callable[[], torch.Tensor]], mode: str = "sde",
+             callback: Optional[Callback] = None,
+             model_dtype: Optional[torch.dtype] = None,
+             on_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+    """The rCM step loop for any velocity source ``velocity(i, x_model) -> v`` (x_model: x in ``model_dtype``,
+    default float32). ``noise``: the float32 start noise; ``gen``: the CPU generator that drew it (the SDE's
+    fresh noise continues from it), or a callable returning the next fresh noise (``cw.WindowNoise`` for
+    context windows); ``sigmas``: float64 [n+1] ending in 0. Returns float32. Used by
+    ``sample_rcm`` and by the ComfyUI SAMPLER node (nodes/native_sampling.py): one loop for both."""
+    if mode not in ("sde", "ode"):
+        raise ValueError("mode must be 'sde' or 'ode'")
+    device = noise.device
+    if isinstance(gen, torch.Generator):
+        shape = tuple(noise.shape)
+        draw = lambda: torch.randn(shape, generator=gen, dtype=torch.float32)  # noqa: E731
+    else:
+        draw = gen
+    s_dev = sigmas.to(device=device, dtype=torch.float64)
+    n = len(s_dev) - 1
+    x = noise.to(dtype=torch.float64) * s_dev[0]
     with torch.no_grad():
         for i in range(n):
             t_cur, t_next = s_dev[i], s_dev[i + 1]
             xin = x.to(model_dtype if model_dtype is not None else torch.float32)
-            ts = t_model[i].repeat(B).to(device)
-            v = model(xin, ts, *args).to(torch.float64)
+            v = velocity(i, xin).to(torch.float64)
             x0 = x - t_cur * v
             if mode == "ode":
                 x = x - (t_cur - t_next) * v
             else:
                 fresh = draw().to(device)
                 x = (1 - t_next) * x0 + t_next * fresh  # t_next*fresh is float32, as TurboDiffusion
+            if on_step is not None:
+                on_step(i, x0, x)
             if callback is not None:
                 callback(i, n, x0.float())
     return x.float()

@@ -220,7 +220,7 @@ class WanAttentionBlock(nn.Module):
         cd = x.dtype
         # SteadyDancer: modulation + e in bf16 (official block runs it under bf16 autocast with bf16 params;
         # base Wan2.1 does this in fp32). ``1 + scale`` is therefore also rounded to cd, as in the official run.
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.to(cd) + e0).chunk(6, dim=1)
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.to(e0.device, cd) + e0).chunk(6, dim=1)
         h = layer_norm_fp32(x, self.norm1).to(cd) * (1 + scale) + shift
         x = x + self.self_attn(h, freqs, backend, rope_dtype) * gate
         h = layer_norm_fp32(x, self.norm3).to(cd) if self.norm3 is not None else x
@@ -240,7 +240,7 @@ class Head(nn.Module):
     def forward(self, x, e):
         """x [B, L, dim], e [B, dim] (time embedding before time_projection), both in cd."""
         cd = x.dtype
-        shift, scale = (self.modulation.to(cd) + e.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = (self.modulation.to(e.device, cd) + e.unsqueeze(1)).chunk(2, dim=1)
         return apply_cd(self.head, layer_norm_fp32(x, self.norm).to(cd) * (1 + scale) + shift, cd)
 
 

@@ -40,22 +40,23 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _affine_as(mod: nn.Module, dtype: torch.dtype):
-    """A norm's optional weight and bias, in ``dtype``."""
-    return tuple(None if p is None else p.to(dtype) for p in (mod.weight, mod.bias))
+def _affine_as(mod: nn.Module, dtype: torch.dtype, device=None):
+    """A norm's optional weight and bias, in ``dtype`` on ``device`` (a host-resident weight, e.g. a layer
+    that a memory manager left in CPU RAM, is copied over for the call)."""
+    return tuple(None if p is None else p.to(device, dtype) for p in (mod.weight, mod.bias))
 
 
 def layer_norm_fp32(x: torch.Tensor, mod: nn.LayerNorm) -> torch.Tensor:
     """LayerNorm computed in fp32 (official: ``super().forward(x.float())`` / autocast layer_norm). Returns fp32."""
     x = upcast(x)
-    w, b = _affine_as(mod, x.dtype)
+    w, b = _affine_as(mod, x.dtype, x.device)
     return F.layer_norm(x, mod.normalized_shape, w, b, mod.eps)
 
 
 def group_norm_fp32(x: torch.Tensor, mod: nn.GroupNorm) -> torch.Tensor:
     """GroupNorm in fp32 (autocast runs group_norm in fp32 and returns fp32)."""
     x = upcast(x)
-    w, b = _affine_as(mod, x.dtype)
+    w, b = _affine_as(mod, x.dtype, x.device)
     return F.group_norm(x, mod.num_groups, w, b, mod.eps)
 
 
@@ -74,7 +75,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = upcast(x)
         y = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
-        return y * self.weight.to(x.dtype)
+        return y * self.weight.to(x.device, x.dtype)
 
 
 def hsigmoid(x: torch.Tensor) -> torch.Tensor:

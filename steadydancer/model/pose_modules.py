@@ -133,7 +133,7 @@ class LayerNorm2D(nn.Module):
         mean = x.mean(dim=1, keepdim=True)
         var = x.var(dim=1, keepdim=True, unbiased=False)
         x = (x - mean) / torch.sqrt(var + self.eps)
-        return x * self.weight.to(x.dtype) + self.bias.to(x.dtype)
+        return x * self.weight.to(x.device, x.dtype) + self.bias.to(x.device, x.dtype)
 
 
 class PixelTemporalAttention(nn.Module):
@@ -157,8 +157,8 @@ class PixelTemporalAttention(nn.Module):
     def forward(self, query: torch.Tensor, kv: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
         n, t, e = query.shape
         h, d = self.num_heads, e // self.num_heads
-        w = self.in_proj_weight.to(cd)
-        b = self.in_proj_bias.to(cd)
+        w = self.in_proj_weight.to(query.device, cd)
+        b = self.in_proj_bias.to(query.device, cd)
         q = F.linear(query.to(cd), w[:e], b[:e])
         kvp = F.linear(kv.to(cd), w[e:], b[e:])
         k, v = kvp[..., :e], kvp[..., e:]

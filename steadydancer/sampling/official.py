@@ -263,34 +263,61 @@ def sample_official(
     max_passes = max(len(guidance.passes(i, n)) for i in range(n))
     act_dtype = model_dtype or getattr(model, "compute_dtype", None) or torch.bfloat16
     batch = should_batch(batch_passes, model, cond, device, max_passes - 1, torch.finfo(act_dtype).bits // 8)
-    scheduler = make_unipc_scheduler(s64, device) if solver == "unipc" else None
     kw_cache = {}
 
+    def velocity(idx, latent):
+        """The guided velocity of step ``idx`` (the official passes, batched or one by one)."""
+        passes = guidance.passes(idx, n)
+        if batch and len(passes) > 1:
+            if passes not in kw_cache:
+                kw_cache[passes] = concat_kwargs([mcond.model_kwargs(*p) for p in passes])
+            k = len(passes)
+            t = timesteps[idx].repeat(B * k).to(device)
+            out = _call_model(model, latent.repeat(k, 1, 1, 1, 1), t, kw_cache[passes], model_dtype)
+            outputs = dict(zip(passes, out.chunk(k, 0)))
+        else:
+            t = timesteps[idx].repeat(B).to(device)
+            outputs = {p: _call_model(model, latent, t, mcond.model_kwargs(*p), model_dtype) for p in passes}
+        return guidance.combine(outputs)
+
+    try:
+        return flow_solver_loop(velocity, latent, sig32, solver, callback)
+    finally:
+        del kw_cache, mcond
+
+
+def flow_solver_loop(velocity: Callable[[int, torch.Tensor], torch.Tensor], latent: torch.Tensor,
+                     sigmas: torch.Tensor, solver: str = "unipc", callback: Optional[Callback] = None,
+                     on_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+    """The official solver loop, for any velocity source: ``velocity(idx, latent) -> v`` (float32, guided).
+
+    ``sigmas``: float32 [n+1] ending in 0 (``official_schedule(...)[0]`` or any ComfyUI SIGMAS in (0, 1]);
+    ``latent``: the float32 start (raw noise for a full denoise, as official). UniPC = diffusers' scheduler as
+    ``make_unipc_scheduler`` (it computes in the float32 sigmas, so float32 input loses nothing), Euler =
+    ``x + (sigma' - sigma) v``. ``callback(step, total, x0)`` / ``on_step(step, x0, latent)`` after each step
+    (x0 = ``latent - sigma v`` before the step). Used by ``sample_official`` and by the ComfyUI SAMPLER node
+    (nodes/native_sampling.py), so both run this one loop.
+    """
+    if solver not in ("unipc", "euler"):
+        raise ValueError("solver must be 'unipc' or 'euler'")
+    sig32 = sigmas.detach().to("cpu", torch.float32)
+    n = len(sig32) - 1
+    scheduler = make_unipc_scheduler(sig32[:-1].double().numpy(), latent.device) if solver == "unipc" else None
+    timesteps = scheduler.timesteps if scheduler is not None else None
     try:
         with torch.no_grad():
             for idx in range(n):
-                passes = guidance.passes(idx, n)
-                if batch and len(passes) > 1:
-                    if passes not in kw_cache:
-                        kw_cache[passes] = concat_kwargs([mcond.model_kwargs(*p) for p in passes])
-                    k = len(passes)
-                    t = timesteps[idx].repeat(B * k).to(device)
-                    out = _call_model(model, latent.repeat(k, 1, 1, 1, 1), t, kw_cache[passes], model_dtype)
-                    outputs = dict(zip(passes, out.chunk(k, 0)))
-                else:
-                    t = timesteps[idx].repeat(B).to(device)
-                    outputs = {p: _call_model(model, latent, t, mcond.model_kwargs(*p), model_dtype)
-                               for p in passes}
-                v = guidance.combine(outputs)
-                del outputs
+                v = velocity(idx, latent)
                 sigma = sig32[idx].item()
                 x0 = latent - sigma * v  # same as the scheduler's flow->x0 conversion
                 if scheduler is not None:
                     latent = scheduler.step(v, timesteps[idx], latent, return_dict=False)[0]
                 else:
                     latent = latent + (sig32[idx + 1] - sig32[idx]).item() * v
+                if on_step is not None:
+                    on_step(idx, x0, latent)
                 if callback is not None:
                     callback(idx, n, x0)
     finally:
-        del scheduler, kw_cache, mcond
+        del scheduler
     return latent

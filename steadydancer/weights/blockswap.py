@@ -112,7 +112,10 @@ class BlockSwap:
 
     def __init__(self, model: nn.Module, blocks_to_swap: int, device, offload_device="cpu",
                  prefetch: int = 1, pin_memory: bool = True, arenas=None):
-        self.model = model
+        # a weak reference: the model holds this controller (``model.block_swap``), and a strong one back would
+        # make a cycle that keeps all the weights alive until Python's cycle collector runs (ComfyUI runs it only
+        # every 10 s of idle time), instead of freeing them when the last user drops the model
+        self._model = weakref.ref(model)
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.blocks = list(model.blocks)
@@ -133,6 +136,13 @@ class BlockSwap:
         self.stats = {"prefetches": 0, "loads": 0}
         self.swapped = list(range(n))
         self._setup()
+
+    @property
+    def model(self) -> nn.Module:
+        m = self._model()
+        if m is None:
+            raise RuntimeError("BlockSwap: the model it controls was freed")
+        return m
 
     # -- placement -------------------------------------------------------------------------
     def _setup(self):

@@ -165,10 +165,14 @@ def _resolve_device(device):
 
 @torch.no_grad()
 def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device=None, offload_device="cpu",
-                      block_swap=0, vram_budget_gb=None, fp8_matmul=False, attention="sdpa"):
+                      block_swap=0, vram_budget_gb=None, fp8_matmul=False, attention="sdpa", compute_device=None):
     """Load a SteadyDancer DiT from ``path`` (see the module docstring). Returns ``SteadyDancerDiT``
     in eval mode with ``model.compute_dtype = compute_dtype``, ``model.block_swap`` (the
-    :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``."""
+    :class:`~.blockswap.BlockSwap` controller, also for ``block_swap=0``) and ``model.load_info``.
+
+    ``compute_device``: where the model will run when that is not ``device`` (a host that loads to CPU RAM and
+    moves the weights itself, e.g. ComfyUI's ModelPatcher): decides fp8_matmul support and where dequantizing /
+    quantizing at load runs. Default: ``device``."""
     from ..model.dit import build_meta
 
     cd = _dtype(compute_dtype)
@@ -176,6 +180,7 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
     device = _resolve_device(device)
     offload_device = torch.device(offload_device)
+    run_device = torch.device(compute_device) if compute_device is not None else device
 
     reader = CheckpointReader(path)
     model = None
@@ -191,8 +196,8 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
         notes = []
         eff_storage = storage
         if fp8_matmul:
-            if not fp8_matmul_supported(device):
-                notes.append(f"fp8_matmul ignored: {device} has no fp8 tensor cores (needs an NVIDIA GPU of "
+            if not fp8_matmul_supported(run_device):
+                notes.append(f"fp8_matmul ignored: {run_device} has no fp8 tensor cores (needs an NVIDIA GPU of "
                              "compute capability 8.9+: Ada / Hopper or newer)")
                 fp8_matmul = False
             elif storage == "dequantize":
@@ -230,7 +235,7 @@ def load_steadydancer(path, compute_dtype=torch.bfloat16, storage="auto", device
             for m in model.blocks[i].modules():
                 allocs[id(m)] = a
         on_device = _Alloc(device)
-        work = device if device.type == "cuda" else torch.device("cpu")
+        work = run_device if run_device.type == "cuda" else torch.device("cpu")
 
         # stream the weights in, one tensor at a time
         for mname, mod in model.named_modules():

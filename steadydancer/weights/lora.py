@@ -250,3 +250,27 @@ def apply_loras(model: nn.Module, loras, undo_limit_bytes: int = 0) -> nn.Module
                 delta = tensors[0].to(dev, torch.float32).reshape(p.shape)
             p.data.copy_((p.data.to(torch.float32) + delta * scale).to(p.dtype))
     return model
+
+
+_STANDARD_SUFFIX = {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha", "diff": ".diff",
+                    "diff_b": ".diff_b"}
+
+
+def standard_layout(sd: dict, module_names, prefix: str = "diffusion_model.") -> tuple[dict, list]:
+    """The LoRA ``sd`` with every key in one standard spelling: ``<prefix><official module>`` + ``.lora_down.weight``
+    / ``.lora_up.weight`` / ``.alpha`` / ``.diff`` / ``.diff_b``, whatever the file used (PEFT ``lora_A/B``, kohya
+    ``lora_unet_...``, diffusers' Wan module names, no prefix). lightx2v's ``<block>.diff_m`` (modulation delta)
+    becomes ``<block>.modulation.diff``: a full-difference patch on the ``modulation`` parameter. Pure renaming
+    (tensors untouched), for hosts that apply patches themselves (ComfyUI's LoRA loader: nodes/model_nodes.py).
+    Returns (renamed dict, keys with no LoRA meaning)."""
+    groups, unknown = _group(sd, module_names)
+    out = {}
+    for mpath, roles in groups.items():
+        for role, (k, v) in roles.items():
+            if role == "diff_m":
+                out[prefix + keymap.target_param(mpath, "diff_m") + ".diff"] = v
+            elif role in _STANDARD_SUFFIX:
+                out[prefix + mpath + _STANDARD_SUFFIX[role]] = v
+            else:
+                unknown.append(k)
+    return out, unknown

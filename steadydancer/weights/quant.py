@@ -80,6 +80,9 @@ class _Patched(nn.Module):
         self.fp8_act_scaling = "tensor"  # its activation scaling / accumulation (the fastest measured on H100,
         self.fp8_fast_accum = True       # bench/perf_notes.md; same error as per-token at the FFN shape)
         self._patches = []              # (kind, buffer names, scale)
+        # optional ``fn(weight_fp32) -> weight``: extra patches from a host application (e.g. ComfyUI's
+        # ModelPatcher LoRA patches, attached by nodes/native_model.py), applied after ours, before the cast
+        self.weight_patch_fn = None
         self.register_buffer("weight", None)
         self.register_buffer("weight_scale", None)
 
@@ -98,18 +101,30 @@ class _Patched(nn.Module):
                 delattr(self, n)
         self._patches = []
 
-    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+    def dequantized_weight(self, dtype=None, device=None) -> torch.Tensor:
+        """The float weight in ``dtype`` on ``device`` (default: where the stored weight is). A stored weight
+        left in host RAM (a memory manager's partial load) is copied over in its stored (quantized) form."""
         dtype = dtype or self.compute_dtype
-        has_patch = bool(self._patches)
+        has_patch = bool(self._patches) or self.weight_patch_fn is not None
         base_dtype = torch.float32 if has_patch else dtype
+        raw, scale = self.weight, self.weight_scale
+        if device is not None and raw.device != torch.device(device):
+            raw = raw.to(device, non_blocking=True)
+            scale = scale.to(device, non_blocking=True) if scale is not None else None
         if self.qkind == "fp8":
-            w = dequantize_fp8(self.weight, self.weight_scale, base_dtype).reshape(self.weight_shape)
+            w = dequantize_fp8(raw, scale, base_dtype).reshape(self.weight_shape)
         else:
-            w = dequantize_gguf(self.weight, self.qtype, self.weight_shape, base_dtype)
+            w = dequantize_gguf(raw, self.qtype, self.weight_shape, base_dtype)
+        if self._patches:
+            w = w + self.patch_delta(torch.float32).to(w.device)
+        if self.weight_patch_fn is not None:
+            w = self.weight_patch_fn(w)
         if has_patch:
-            w = w + self.patch_delta(torch.float32)
             w = w.to(dtype)
         return w
+
+    def _bias(self, x):
+        return self.bias.to(x.device, self.compute_dtype) if self.bias is not None else None
 
     def patch_delta(self, dtype=torch.float32) -> torch.Tensor:
         delta = None
@@ -148,7 +163,8 @@ class QuantLinear(_Patched):
         no full-difference LoRA patch)."""
         return (self.fp8_matmul and self.fp8_matmul_capable()
                 and _f8.scaled_mm_shape_ok(self.in_features, self.out_features)
-                and all(kind == "lowrank" for kind, _, _ in self._patches)
+                and all(kind == "lowrank" for kind, _, _ in self._patches) and self.weight_patch_fn is None
+                and self.weight.device == x.device
                 and _f8.fp8_matmul_supported(x.device))
 
     def forward(self, x):
@@ -161,9 +177,7 @@ class QuantLinear(_Patched):
                 up, down = getattr(self, up), getattr(self, down)
                 out = out + F.linear(F.linear(x, down.flatten(1)), up.flatten(1)) * scale
             return out
-        w = self.dequantized_weight(cd)
-        b = self.bias.to(cd) if self.bias is not None else None
-        return F.linear(x, w, b)
+        return F.linear(x, self.dequantized_weight(cd, x.device), self._bias(x))
 
 
 class QuantConv(_Patched):
@@ -181,8 +195,7 @@ class QuantConv(_Patched):
 
     def forward(self, x):
         cd = self.compute_dtype
-        w = self.dequantized_weight(cd)
-        b = self.bias.to(cd) if self.bias is not None else None
+        w, b = self.dequantized_weight(cd, x.device), self._bias(x)
         op = F.conv3d if self.dims == 3 else F.conv2d
         return op(x.to(cd), w, b, self.stride, self.padding, self.dilation, self.groups)
 

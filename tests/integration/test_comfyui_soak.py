@@ -104,11 +104,11 @@ class Soak:
         elif kind == "rejected_steps":
             out = self.rejected(self.prompt(inputs={(self.sampler, "steps"): 50}), self.sampler, "value_bigger_than_max")
         elif kind == "rejected_missing":
-            # the loader validates its file itself (VALIDATE_INPUTS), so ComfyUI's own list check reports through it
+            # the loader's VALIDATE_INPUTS takes model_name, so ComfyUI leaves the list check (and its type) to it
             out = self.rejected(self.prompt(model="SteadyDancer_absent.safetensors"), self.loader,
                                 "custom_validation_failed")
         elif kind == "wrong_model":
-            # a file that is not SteadyDancer is refused at prompt validation (header only), before any node runs
+            # refused when queued: the loader's VALIDATE_INPUTS reads the header (issue 11), nothing runs
             out = self.rejected(self.prompt(model="some_other_model.safetensors"), self.loader,
                                 "custom_validation_failed")
         elif kind == "broken_image":

@@ -76,8 +76,8 @@ def test_long_workflow_runs_windows_to_a_video_with_the_exact_frame_count(comfy)
 
 
 def test_lora_strength_change_reuses_the_loaded_model(comfy):
-    """In the real executor the loader node stays cached when only a LoRA strength changes; the sampler then
-    re-applies the LoRA on the loaded model: no second "SteadyDancer loaded" (a read of the model file)."""
+    """In the real executor the loader node stays cached when only a LoRA strength changes; the LoRA node then
+    patches a clone of the loaded MODEL (ComfyUI patches): no second "SteadyDancer loaded" (a read of the file)."""
     _ready(comfy)
     comfy.need("lora")
     prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH, steps=1)
@@ -86,14 +86,12 @@ def test_lora_strength_change_reuses_the_loaded_model(comfy):
     hist, _ = comfy.run(prompt, timeout=900)
     assert hist["status"]["status_str"] == "success", hist["status"]
     loads = comfy.log().count("SteadyDancer loaded:")
-    reapplied = comfy.log().count("re-applied on the loaded model")
     for strength in (0.4, 0.0):    # 0 = the LoRA node passes the model through: LoRA removed
         prompt[lora]["inputs"]["strength"] = strength
         hist, _ = comfy.run(prompt, timeout=900)
         assert hist["status"]["status_str"] == "success", hist["status"]
     log = comfy.log()
     assert log.count("SteadyDancer loaded:") == loads, log[-3000:]
-    assert log.count("re-applied on the loaded model") == reapplied + 2, log[-3000:]
 
 
 def test_out_of_range_input_on_our_node_is_a_validation_error(comfy):

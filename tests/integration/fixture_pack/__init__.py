@@ -78,7 +78,8 @@ class SDTestClipVisionEncode:
 
 def _torch_module(obj, depth=0):
     if isinstance(obj, torch.nn.Module):
-        return obj
+        dm = getattr(obj, "diffusion_model", None)        # a ComfyUI BaseModel: its DiT is what runs
+        return dm if isinstance(dm, torch.nn.Module) else obj
     if depth > 3:
         return None
     for name in ("diffusion_model", "model", "dit", "module"):
@@ -140,7 +141,40 @@ class SDTestSlowModel:
         raise RuntimeError(f"SDTestSlowModel: no torch module found in {type(model).__name__}")
 
 
+class SDTestMemoryProbe:
+    """Live SteadyDancer DiT objects in the server process and its RSS after glibc returned freed pages
+    (malloc_trim), as a JSON string (for the "Unload models" test)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tag": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "probe"
+    CATEGORY = "SteadyDancer/testing"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return time.time()
+
+    def probe(self, tag):
+        import ctypes
+        import gc
+        gc.collect()
+        live = sum(1 for o in gc.get_objects() if type(o).__name__ in ("SteadyDancerDiT", "ComfySteadyDancerDiT"))
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        with open("/proc/self/status") as f:
+            rss = next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:"))
+        text = json.dumps({"tag": tag, "live_dits": live, "rss_mb": rss})
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
 NODE_CLASS_MAPPINGS = {
+    "SDTestMemoryProbe": SDTestMemoryProbe,
     "SDTestTextEncode": SDTestTextEncode,
     "SDTestClipVisionEncode": SDTestClipVisionEncode,
     "SDTestSlowModel": SDTestSlowModel,

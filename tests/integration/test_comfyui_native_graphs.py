@@ -1,0 +1,88 @@
+"""The shipped dance graph rebuilt on core samplers in a real ComfyUI server: core KSampler, and core
+SamplerCustomAdvanced with RandomNoise + our sigmas / guider / sampler nodes, run to a video; "Unload models"
+(POST /free) releases the DiT's RAM in the server process (measured with a ~0.3 GB float32 DiT)."""
+import time
+
+from comfyui_harness import api_workflow, models, nodes_of, run_workflow, small
+
+W, H, LENGTH = 64, 96, 9
+
+
+def _dance(comfy):
+    comfy.need("dit", "vae", "det", "pose")
+    prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=2)
+    (sampler,) = nodes_of(prompt, "SteadyDancerSampler")
+    return prompt, sampler
+
+
+def _video(comfy, prompt):
+    hist, events = comfy.run(prompt, timeout=900)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    (f,) = [f for f in run_workflow.output_files(hist) if f["filename"].endswith((".mp4", ".webm", ".mkv"))]
+    n, w, h, _ = models.video_info(comfy.output_path(f))
+    assert (n, w, h) == (LENGTH, W, H)
+    return events
+
+
+def test_core_ksampler_runs_steadydancer_to_a_video(comfy):
+    prompt, sampler = _dance(comfy)
+    i = prompt[sampler]["inputs"]
+    prompt[sampler] = {"class_type": "KSampler", "inputs": {
+        "model": i["model"], "positive": i["positive"], "negative": i["negative"], "latent_image": i["latent"],
+        "seed": 3, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
+    events = _video(comfy, prompt)
+    assert any(t == "progress" and str(d.get("node")) == sampler for t, d in events)
+
+
+def test_sampler_custom_advanced_with_our_pieces_runs_to_a_video(comfy):
+    prompt, sampler = _dance(comfy)
+    i = prompt[sampler]["inputs"]
+    prompt.update({
+        "901": {"class_type": "SteadyDancerOfficialSigmas", "inputs": {"steps": 2, "shift": 0.0, "model": i["model"]}},
+        "902": {"class_type": "SteadyDancerGuider", "inputs": {
+            "model": i["model"], "positive": i["positive"], "negative": i["negative"], "text_guidance": 5.0,
+            "pose_guidance": 1.0, "pose_guidance_start": 0.1, "pose_guidance_end": 0.4}},
+        "903": {"class_type": "SteadyDancerSamplerUniPC", "inputs": {"solver": "unipc"}},
+        "904": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
+    })
+    prompt[sampler] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": ["904", 0], "guider": ["902", 0], "sampler": ["903", 0], "sigmas": ["901", 0],
+        "latent_image": i["latent"]}}
+    _video(comfy, prompt)
+
+
+def _probe(comfy, tag):
+    import json
+    hist, _ = comfy.run({"1": {"class_type": "SDTestMemoryProbe", "inputs": {"tag": tag}}}, timeout=120)
+    return json.loads(hist["outputs"]["1"]["text"][0])
+
+
+def test_unload_models_frees_the_dit_ram(comfy):
+    import torch
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
+    from safetensors.torch import save_file
+
+    path = comfy.base / "models" / "diffusion_models" / "big_steadydancer.safetensors"
+    if not path.exists():
+        cfg = SteadyDancerConfig(**{k: v for k, v in {**models.TINY_DIT, "dim": 1024, "num_heads": 8,
+                                                         "ffn_dim": 4096, "num_layers": 4}.items()
+                                    if k in SteadyDancerConfig.__dataclass_fields__})
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in SteadyDancerDiT(cfg).state_dict().items()}, str(path))
+    size_mb = path.stat().st_size / 2 ** 20
+    prompt, sampler = _dance(comfy)
+    prompt[nodes_of(prompt, "SteadyDancerModelLoader")[0]]["inputs"].update(model_name=path.name,
+                                                                           compute_dtype="fp32")
+    comfy.client.post_json("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(2)
+    before = _probe(comfy, "before")
+    _video(comfy, prompt)
+    loaded = _probe(comfy, "loaded")
+    comfy.client.post_json("/free", {"unload_models": True, "free_memory": True})
+    time.sleep(2)             # the prompt worker applies the flags on its next loop (<= ~1 s when idle)
+    after = _probe(comfy, "after")
+    print(f"server: {before}, {loaded}, {after} ({size_mb:.0f} MB DiT file)")
+    assert before["live_dits"] == 0 and loaded["live_dits"] >= 1 and after["live_dits"] == 0
+    assert loaded["rss_mb"] - before["rss_mb"] > 0.5 * size_mb
+    assert loaded["rss_mb"] - after["rss_mb"] > 0.5 * size_mb
