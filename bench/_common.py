@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import time
@@ -145,27 +144,10 @@ def bf16_params_on(device: str, dtype=torch.bfloat16):
         nn.Module.register_parameter = orig
 
 
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0):
-    """Deterministic random weights with sane scales, generated on the GPU: matrices ~ N(0, 1/fan_in),
-    1-D weights of norms = 1, biases ~ N(0, 0.02), other 1-D / modulation tables ~ N(0, 1/sqrt(dim))."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if not p.is_floating_point():
-            continue
-        if p.dim() >= 2 and "modulation" not in name and "scale_shift_table" not in name:
-            fan_in = p[0].numel()
-            p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
-        elif name.endswith("bias"):
-            p.normal_(0.0, 0.02, generator=g)
-        elif "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
-
-
 def random_model(make) -> nn.Module:
-    """``make()`` built directly on the bench device in bf16, in eval mode, frozen, with ``randomize_``'s weights."""
+    """``make()`` built directly on the bench device in bf16, in eval mode, frozen, with the pack's deterministic
+    random weights (``steadydancer/model/random_init.py``)."""
+    from steadydancer_turbo.steadydancer.model.random_init import randomize_
     with bf16_params_on(DEV):
         model = make()
     model.eval().requires_grad_(False)

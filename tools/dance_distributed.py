@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import pathlib
 import sys
 import time
@@ -52,6 +51,7 @@ from steadydancer_turbo.steadydancer.sampling.conditioning import (  # noqa: E40
     SteadyDancerConditioning, build_i2v_mask, build_ref_c, build_ref_x, build_y, latent_frames)
 from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig  # noqa: E402
 from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT  # noqa: E402
+from steadydancer_turbo.steadydancer.model.random_init import randomize_  # noqa: E402
 from steadydancer_turbo.steadydancer.sampling.official import Guidance, sample_official  # noqa: E402
 from steadydancer_turbo.turbo.rcm import sample_rcm  # noqa: E402
 
@@ -82,23 +82,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- model
-@torch.no_grad()
-def randomize_(model, seed: int = 0) -> None:
-    """Same weights on every rank of one GPU type: matrices ~ N(0, 1/fan_in), norms 1, biases N(0, 0.02), other
-    vectors N(0, 1/sqrt(dim)), from a generator on the parameters' device."""
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2 and "modulation" not in name:
-            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
-        elif name.endswith("bias"):
-            p.normal_(0.0, 0.02, generator=g)
-        elif "norm" in name:
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
-
-
 def model_config(kind: str) -> SteadyDancerConfig:
     if kind == "tiny":
         return SteadyDancerConfig.tiny(dim=256, ffn_dim=320, num_heads=8, text_dim=64, freq_dim=64, clip_dim=64)
