@@ -145,16 +145,22 @@ def test_wrong_model_file_is_a_clear_validation_error(comfy):
     assert "Error" not in detail.split("-", 1)[1], detail
 
 
+def _slow_model(comfy, prompt, loader, log_name, delay=0.4):
+    """Node "900": the fixture SDTestSlowModel around the loader's (slow-file) model, logging each DiT call to
+    temp/``log_name``; the caller wires "900" where the model goes. Returns (log path, seconds per call)."""
+    prompt[loader]["inputs"]["model_name"] = "tiny_steadydancer_slow.safetensors"   # own cache entry
+    log = comfy.base / "temp" / log_name
+    log.write_text("")
+    prompt["900"] = {"class_type": "SDTestSlowModel",
+                     "inputs": {"model": [loader, 0], "seconds_per_call": delay, "log_file": str(log)}}
+    return log, delay
+
+
 def test_interrupt_during_sampling_stops_within_one_step(comfy):
     _ready(comfy)
     prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=8)
     loader, sampler = _loader(prompt), _sampler(prompt)
-    prompt[loader]["inputs"]["model_name"] = "tiny_steadydancer_slow.safetensors"   # own cache entry
-    log = comfy.base / "temp" / "forward_calls.txt"
-    log.write_text("")
-    delay = 0.4
-    prompt["900"] = {"class_type": "SDTestSlowModel",
-                     "inputs": {"model": [loader, 0], "seconds_per_call": delay, "log_file": str(log)}}
+    log, delay = _slow_model(comfy, prompt, loader, "forward_calls.txt")
     prompt[sampler]["inputs"]["model"] = ["900", 0]
     state = {}
 
@@ -190,12 +196,7 @@ def test_interrupt_during_long_sampling_stops_within_one_window_pass(comfy):
     (ctx,) = nodes_of(prompt, "SteadyDancerContextOptions")
     prompt[ctx]["inputs"].update(window_frames=5, overlap_frames=4)
     loader, sampler = _loader(prompt), _sampler(prompt)
-    prompt[loader]["inputs"]["model_name"] = "tiny_steadydancer_slow.safetensors"   # own cache entry
-    log = comfy.base / "temp" / "forward_calls_long.txt"
-    log.write_text("")
-    delay = 0.4
-    prompt["900"] = {"class_type": "SDTestSlowModel",
-                     "inputs": {"model": [loader, 0], "seconds_per_call": delay, "log_file": str(log)}}
+    log, delay = _slow_model(comfy, prompt, loader, "forward_calls_long.txt")
     (lora,) = nodes_of(prompt, "SteadyDancerLoraLoader")
     prompt[lora]["inputs"]["model"] = ["900", 0]
     state = {}
