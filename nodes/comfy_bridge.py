@@ -1,4 +1,4 @@
-"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``, ``latent_preview``),
+"""The one place in the pack that touches ComfyUI (``comfy``, ``folder_paths``, ``server``),
 besides the two bridge-side modules that subclass ComfyUI's classes and import ``comfy`` lazily, only inside
 ComfyUI: ``native_model.py`` (the MODEL: BaseModel / ModelPatcher / config, the diff_m LoRA adapter) and
 ``native_sampling.py`` (GUIDER / SAMPLER classes over the core sampling loops).
@@ -177,30 +177,6 @@ class Progress:
         self.current = min(int(value), self.total)
         if self._bar is not None:
             self._bar.update_absolute(self.current, self.total, preview)
-
-
-def wan21_previewer(device=None):
-    """A latent previewer for Wan2.1 latents (latent2rgb or TAEW per the server's --preview-method), or None."""
-    if not HAVE_COMFY:
-        return None
-    try:
-        import latent_preview  # type: ignore
-        import comfy.latent_formats  # type: ignore
-        return latent_preview.get_previewer(device or torch_device(), comfy.latent_formats.Wan21())
-    except Exception as e:  # noqa: BLE001 - previews are optional
-        log.debug("SteadyDancer: no latent previewer: %s", e)
-        return None
-
-
-def preview_image(previewer, x0: torch.Tensor):
-    """x0: normalized Wan latent [B,16,T,H,W] (model space, as ComfyUI's own samplers pass it)."""
-    if previewer is None:
-        return None
-    try:
-        return previewer.decode_latent_to_preview_image("JPEG", x0)
-    except Exception as e:  # noqa: BLE001
-        log.debug("SteadyDancer: preview failed: %s", e)
-        return None
 
 
 def node_message(node_id, text: str) -> None:
