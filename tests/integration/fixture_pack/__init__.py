@@ -142,8 +142,9 @@ class SDTestSlowModel:
 
 
 class SDTestMemoryProbe:
-    """Live SteadyDancer DiT objects in the server process and its RSS after glibc returned freed pages
-    (malloc_trim), as a JSON string (for the "Unload models" test)."""
+    """Live SteadyDancer DiT objects in the server process, its RSS after glibc returned freed pages
+    (malloc_trim) and, on a GPU, torch's allocated/reserved CUDA memory, as a JSON string (for the "Unload
+    models" test)."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -169,7 +170,13 @@ class SDTestMemoryProbe:
             pass
         with open("/proc/self/status") as f:
             rss = next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:"))
-        text = json.dumps({"tag": tag, "live_dits": live, "rss_mb": rss})
+        info = {"tag": tag, "live_dits": live, "rss_mb": rss}
+        import torch
+        if torch.cuda.is_available():   # the GPU run (COMFYUI_TEST_GPU=1): what the DiT holds on the card
+            torch.cuda.synchronize()
+            info["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2 ** 20
+            info["cuda_reserved_mb"] = torch.cuda.memory_reserved() / 2 ** 20
+        text = json.dumps(info)
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
