@@ -236,20 +236,24 @@ def model_inputs(seed=5, sigma=0.7):
 def native_x0(model, cond, x, sigma, lowvram=0):
     """One denoiser call through ComfyUI: load (full, or partial with ``lowvram`` bytes), BaseModel.apply_model."""
     mm.unload_all_models()
-    if lowvram:
-        model.patch_model(torch.device("cpu"), lowvram_model_memory=lowvram)  # a partial load, by hand
+    if lowvram:   # a partial load by hand, onto ComfyUI's load device (the GPU in a COMFYUI_TEST_GPU run)
+        model.patch_model(mm.get_torch_device(), lowvram_model_memory=lowvram)
         LOWVRAM_STATE["partial"] = bool(model.model.model_lowvram)
     else:
         mm.load_models_gpu([model])
     try:
         with torch.no_grad():
-            return model.model.apply_model(
+            return _apply(model,
                 x, sigma, c_concat=cond.y, c_crossattn=torch.nn.functional.pad(cond.context, (0, 0, 0, 505)),
                 clip_fea=cond.clip_fea, clip_fea_c=cond.clip_fea_c, pose_latents=cond.cond_pos, ref_x=cond.ref_x,
                 ref_c=cond.ref_c, transformer_options={})
     finally:
         if lowvram:
-            model.unpatch_model(torch.device("cpu"))
+            model.unpatch_model(model.offload_device)
+
+
+def _apply(model, *args, **kw):
+    return model.model.apply_model(*args, **kw).cpu()
 
 
 def ref_x0(module, cond, x, sigma):
@@ -498,4 +502,5 @@ if __name__ == "__main__":
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
             import traceback
             results[f"{name}_error"] = "".join(traceback.format_exception(e))[-3000:]
+    results["device"] = str(mm.get_torch_device())
     print("NATIVE_RESULTS " + json.dumps(results))

@@ -30,15 +30,22 @@ def results():
     return r
 
 
+def tol(results):
+    """1e-5 when ComfyUI runs on the CPU, as the references do. On a GPU (SD_NATIVE_ARGS without --cpu) the ComfyUI
+    side runs on the card and the references on the CPU: one H200 gave 7.5e-5 to 1.3e-4 (10 float32 steps of
+    GPU-vs-CPU rounding), so 5e-4 there; the CPU run is the parity proof."""
+    return 1e-5 if results.get("device", "cpu") == "cpu" else 5e-4
+
+
 def test_sampler_custom_advanced_reproduces_sample_official(results):
     # float32 tiny model, 10 steps, text CFG 5 + pose CFG 1 in (0.1, 0.4); measured 7.7e-7 (UniPC), 6.4e-7 (Euler)
     for k in ("official_unipc_rel", "official_euler_rel", "official_node_rel"):
-        assert results[k] < 1e-5, (k, results[k])
+        assert results[k] < tol(results), (k, results[k])
 
 
 def test_rcm_sampler_reproduces_sample_rcm(results):
     for k in ("rcm_rcm_sde_rel", "rcm_shift_sde_rel", "rcm_rcm_ode_rel"):
-        assert results[k] < 1e-5, (k, results[k])
+        assert results[k] < tol(results), (k, results[k])
 
 
 def test_core_ksampler_runs_steadydancer(results):
@@ -50,10 +57,10 @@ def test_core_ksampler_runs_steadydancer(results):
 @pytest.mark.parametrize("strength", ["1.0", "0.5"])
 def test_core_lora_loader_equals_our_lora_path(results, kind, strength):
     tag = f"{kind}_s{strength}"
-    assert results[f"lora_core_{tag}_rel"] < 1e-5            # core LoraLoaderModelOnly, full load
+    assert results[f"lora_core_{tag}_rel"] < tol(results)            # core LoraLoaderModelOnly, full load
     assert results[f"lora_core_{tag}_lowvram_was_partial"]    # ... and a partial (lowvram) load
-    assert results[f"lora_core_{tag}_lowvram_rel"] < 1e-5
-    assert results[f"lora_ours_{tag}_rel"] < 1e-5            # the pack's LoRA node
+    assert results[f"lora_core_{tag}_lowvram_rel"] < tol(results)
+    assert results[f"lora_ours_{tag}_rel"] < tol(results)            # the pack's LoRA node
     assert results[f"lora_core_{tag}_vs_no_lora_rel"] > 1e-3  # the LoRA does something ...
     assert results[f"lora_core_{tag}_vs_no_diff_m_rel"] > 1e-3  # ... and so do its modulation deltas (diff_m)
 
@@ -82,7 +89,7 @@ def test_guider_batches_the_passes(results):
 
 
 def test_composition_with_core_nodes(results):
-    assert results["msd3_sigmas_equal_official_shift8"] and results["msd3_sampling_rel"] < 1e-5
+    assert results["msd3_sigmas_equal_official_shift8"] and results["msd3_sampling_rel"] < tol(results)
     assert results["easycache_block_runs"] < results["easycache_block_runs_without"]
     assert results["easycache_rel_vs_uncached"] < 0.1
     assert results["context_windows_shape_ok"] and results["context_windows_block_runs"] > 4
@@ -106,7 +113,7 @@ def test_context_windows_on_the_native_model(results):
     assert results["windows_planned"] == [[0, 3], [2, 5], [4, 7]]
     for k in ("windows_official_node_rel", "windows_rcm_rcm_sde_node_rel", "windows_rcm_shift_ode_node_rel",
               "windows_custom_advanced_rel"):
-        assert results[k] < 1e-5, (k, results[k])
+        assert results[k] < tol(results), (k, results[k])
     assert results["windows_official_node_vs_no_windows_rel"] > 1e-3      # the windows did change the result
     assert results["windows_ksampler_shape"] == [1, 16, 7, 4, 6] and results["windows_ksampler_finite"]
     assert results["windows_ksampler_block_runs"] >= 3 * 3                 # 3 steps x 3 windows (passes batched)

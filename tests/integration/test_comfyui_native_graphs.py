@@ -84,11 +84,12 @@ def test_unload_models_frees_the_dit_ram(comfy):
     after = _probe(comfy, "after")
     print(f"server: {before}, {loaded}, {after} ({size_mb:.0f} MB DiT file)")
     assert before["live_dits"] == 0 and loaded["live_dits"] >= 1 and after["live_dits"] == 0
-    assert after["rss_mb"] - before["rss_mb"] < 0.5 * size_mb          # nothing of the DiT left in RAM
     if "cuda_allocated_mb" not in loaded:   # --cpu: the weights lived in the server's RAM
+        assert after["rss_mb"] - before["rss_mb"] < 0.5 * size_mb      # nothing of the DiT left in RAM
         assert loaded["rss_mb"] - before["rss_mb"] > 0.5 * size_mb
         assert loaded["rss_mb"] - after["rss_mb"] > 0.5 * size_mb
-    else:                                   # COMFYUI_TEST_GPU=1: the weights went to the card and came off it
+    else:   # COMFYUI_TEST_GPU=1: the weights went to the card and came off it (RSS is no measure there: the first
+        # GPU run maps CUDA libraries into the process; H200: +180 MB RSS after a 350 MB DiT was freed)
         assert loaded["cuda_allocated_mb"] - before["cuda_allocated_mb"] > 0.9 * size_mb
         assert after["cuda_allocated_mb"] - before["cuda_allocated_mb"] < 0.05 * size_mb
         assert after["cuda_reserved_mb"] - before["cuda_reserved_mb"] < 0.1 * size_mb   # soft_empty_cache ran
