@@ -59,7 +59,6 @@ HubFile, parse_hf_url = _t.HubFile, _t.parse_hf_url
 HUB, FOLDERS, DIT_FP8, TURBO_LORA, ENCODERS = _t.HUB, _t.FOLDERS, _t.DIT_FP8, _t.TURBO_LORA, _t.ENCODERS
 dwpose_files, known_files = _t.dwpose_files, _t.known_files
 FP16_REPO, FP16_FOLDER, FP16_KNOWN = _t.FP16_REPO, _t.FP16_FOLDER, _t.FP16_KNOWN
-OFFICIAL_REPO, OFFICIAL_FOLDER = _t.OFFICIAL_REPO, _t.OFFICIAL_FOLDER
 GGUF_REPO, GGUF_DEFAULT_QUANT, VARIANTS, QUANT_RE = _t.GGUF_REPO, _t.GGUF_DEFAULT_QUANT, _t.VARIANTS, _t.QUANT_RE
 DIT_OFFICIAL, known_folders = _t.DIT_OFFICIAL, _t.known_folders
 
@@ -608,8 +607,8 @@ def main(argv=None, out=None):
         print(f"done: {len(written)} file(s) written, {len(jobs) - len(written)} already present.", file=out)
         if variant and variant.startswith("bf16"):
             print(f"note: the official shards (fp32, cast to the loader's compute dtype at load) are in "
-                  f"{models_dir}/diffusion_models/{OFFICIAL_FOLDER}/; pick {OFFICIAL_FOLDER!r} as the Model "
-                  f"Loader's model_name (refresh the page after the download).", file=out)
+                  f"{models_dir}/{DIT_OFFICIAL.directory}/{DIT_OFFICIAL.name}/; pick {DIT_OFFICIAL.name!r} as the "
+                  f"Model Loader's model_name (refresh the page after the download).", file=out)
     return 0
 
 

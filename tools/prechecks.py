@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import sys
 
+import model_files
 from comfy_client import RunError
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -177,17 +177,6 @@ def model_folder(class_type, input_name, hint=None):
     return LOADER_FOLDERS.get((class_type, input_name)) or INPUT_FOLDERS.get(input_name)
 
 
-def _model_table():
-    """tools/model_files.py, loaded by path under the name tools/fetch_models.py gives it (one module object)."""
-    name = "_steadydancer_model_files"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("model_files.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod         # its dataclasses look the module up while the file executes
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
 def known_models():
     """{file name: {"name", "url", "directory"}} of every file the pack knows: the shipped UI workflows'
     ``properties.models``, the sharded folders of tools/model_files.py (the official ``SteadyDancer-14B``, which
@@ -197,7 +186,7 @@ def known_models():
     for ui in sorted(WORKFLOW_DIR.glob("*.json")):
         for name, m in models_from_ui_workflow(ui).items():
             out.setdefault(name, m)
-    for f in _model_table().known_folders():
+    for f in model_files.known_folders():
         out.setdefault(f.name, f.entry())
     try:
         spec = importlib.util.spec_from_file_location("_sd_dwpose_models", PACK_ROOT / "dwpose" / "models.py")
