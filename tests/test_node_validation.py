@@ -16,12 +16,16 @@ Lora = pack.NODE_CLASS_MAPPINGS["SteadyDancerLoraLoader"]
 
 @pytest.fixture
 def folders(tmp_path, monkeypatch):
-    """models/<folder>/<name> lookups as ComfyUI's folder_paths answers them."""
+    """models/<folder>/<name> lookups as ComfyUI's folder_paths answers them: get_filename_list (files with a model
+    extension, recursively, a sub-folder's files named '<folder>/<file>'), get_folder_paths, get_full_path."""
     root = tmp_path / "models"
     for f in (cb.DIFFUSION_FOLDER, cb.LORA_FOLDER):
         (root / f).mkdir(parents=True)
     monkeypatch.setattr(cb, "HAVE_COMFY", True)
-    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(p.name for p in (root / kind).iterdir()))
+    monkeypatch.setattr(cb, "get_folder_paths", lambda kind: [str(root / kind)])
+    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(
+        str(p.relative_to(root / kind)) for p in (root / kind).rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".gguf")))
 
     def full_path(kind, name):
         p = root / kind / name
@@ -92,28 +96,6 @@ def test_load_error_names_the_file_once():
     assert validation.load_error("dir", "/m/dir", other) == "dir: /m/base.safetensors: truncated"
 
 
-@pytest.fixture
-def comfy_listing(tmp_path, monkeypatch):
-    """ComfyUI's view of models/<kind>: get_filename_list as folder_paths answers it (files with a model extension,
-    recursively, sub-folder files named '<folder>/<file>'), get_folder_paths and get_full_path."""
-    root = tmp_path / "models"
-    (root / cb.DIFFUSION_FOLDER).mkdir(parents=True)
-    monkeypatch.setattr(cb, "HAVE_COMFY", True)
-    monkeypatch.setattr(cb, "get_folder_paths", lambda kind: [str(root / kind)])
-    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(
-        str(p.relative_to(root / kind)) for p in (root / kind).rglob("*")
-        if p.is_file() and p.suffix in (".safetensors", ".gguf")))
-
-    def full_path(kind, name):
-        p = root / kind / name
-        if not p.is_file():
-            raise FileNotFoundError(f"Model file {name!r} not found in ComfyUI's {kind!r} folders")
-        return str(p)
-
-    monkeypatch.setattr(cb, "get_full_path", full_path)
-    return root / cb.DIFFUSION_FOLDER
-
-
 def _load_on_cpu(path, o):
     """The node's load_model without ComfyUI's ModelPatcher (the real one runs in tests/integration)."""
     from steadydancer_turbo.steadydancer.weights import loader
@@ -125,15 +107,16 @@ LOAD_ARGS = dict(weight_storage="auto", compute_dtype="bf16", attention="sdpa", 
                  compile=False)
 
 
-def test_official_sharded_folder_is_one_loader_entry_loaded_as_bf16(comfy_listing, monkeypatch):
+def test_official_sharded_folder_is_one_loader_entry_loaded_as_bf16(folders, monkeypatch):
     """What `fetch_models.py --variant bf16` writes: the official layout, fp32 shards + index + config.json
     (huggingface_hub's sharder), in diffusion_models/SteadyDancer-14B/."""
     from steadydancer_turbo.nodes import model_nodes
+    models = folders / cb.DIFFUSION_FOLDER
     sd = U.state_dict(U.reference_model())
-    folder = U.write_hub_sharded(sd, comfy_listing / "SteadyDancer-14B", dtype=torch.float32, max_shard_size="5MB")
+    folder = U.write_hub_sharded(sd, models / "SteadyDancer-14B", dtype=torch.float32, max_shard_size="5MB")
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     assert len(shards) >= 3
-    U.write_safetensors(sd, comfy_listing / "single.safetensors", dtype=torch.bfloat16)
+    U.write_safetensors(sd, models / "single.safetensors", dtype=torch.bfloat16)
     # the combo: the folder once, its shards not (a shard alone is no model), single files as before
     names = Loader.INPUT_TYPES()["required"]["model_name"][0]
     assert names == ["SteadyDancer-14B", "single.safetensors"]
@@ -151,10 +134,11 @@ def test_official_sharded_folder_is_one_loader_entry_loaded_as_bf16(comfy_listin
         assert torch.equal(loaded[k], v.to(torch.bfloat16)), k     # round-to-nearest-even of the stored fp32
 
 
-def test_sharded_folder_with_a_missing_or_truncated_shard_is_refused_by_name(comfy_listing, monkeypatch):
+def test_sharded_folder_with_a_missing_or_truncated_shard_is_refused_by_name(folders, monkeypatch):
     from steadydancer_turbo.nodes import model_nodes
+    models = folders / cb.DIFFUSION_FOLDER
     sd = U.state_dict(U.reference_model())
-    folder = U.write_hub_sharded(sd, comfy_listing / "SteadyDancer-14B", max_shard_size="5MB")
+    folder = U.write_hub_sharded(sd, models / "SteadyDancer-14B", max_shard_size="5MB")
     shards = sorted(folder.glob("*.safetensors"))
     index = "diffusion_pytorch_model.safetensors.index.json"
     # a shard cut short (an interrupted copy): named, with what is wrong, once; no path
@@ -162,7 +146,7 @@ def test_sharded_folder_with_a_missing_or_truncated_shard_is_refused_by_name(com
     shards[1].write_bytes(data[: len(data) // 2])
     msg = Loader.VALIDATE_INPUTS("SteadyDancer-14B")
     assert msg.startswith(f"SteadyDancer-14B: {shards[1].name}: ") and "truncated" in msg, msg
-    assert str(comfy_listing) not in msg
+    assert str(models) not in msg
     monkeypatch.setattr(model_nodes, "load_model", _load_on_cpu)
     with pytest.raises(RuntimeError) as e:
         Loader().load("SteadyDancer-14B", **LOAD_ARGS)

@@ -910,7 +910,7 @@ def test_fetch_missing_runs_the_real_fetcher_against_the_hub_then_queues(real_fe
             target = folder / path if repo == "MCG-NJU/SteadyDancer-14B" else models / "diffusion_models" / DIT
             assert target.read_bytes() == data, target
     assert not list(models.rglob(".*.part"))
-    assert probe.probe_model(folder).startswith("SteadyDancer DiT, dim 256, 3 blocks; sharded file (float32")
+    assert probe.probe_model(folder).startswith("SteadyDancer DiT, dim 256, 3 blocks; sharded folder (float32")
     gets = [r[1] for r in hub.requests if r[0] == "GET" and "/MCG-NJU/SteadyDancer-14B/resolve/" in r[1]]
     assert gets[-1].endswith("diffusion_pytorch_model.safetensors.index.json")     # the folder's index comes last
     assert len(fake.prompts) == 1
