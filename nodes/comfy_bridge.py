@@ -12,7 +12,8 @@ Model folders registered here (inside ComfyUI):
   installed (``custom_nodes/comfyui_controlnet_aux/ckpts``), so files it already fetched are reused.
   Extensions: ``.onnx``.
 - ``steadydancer_diffusion_models``: the very same folder list as ``diffusion_models`` (shared list object, so
-  ``extra_model_paths.yaml`` entries show up too) with ``.gguf`` added to the usual extensions.
+  ``extra_model_paths.yaml`` entries show up too) with ``.gguf`` added to the usual extensions. The Model Loader
+  lists it through ``get_model_list``: sharded checkpoint folders (index + shards) appear as one entry each.
 """
 from __future__ import annotations
 
@@ -127,6 +128,46 @@ def get_full_path(kind: str, name: str) -> str:
             "Download it (see the pack README's model table) and refresh the page."
         )
     return path
+
+
+def sharded_folders(kind: str, files=None) -> dict:
+    """{entry name: absolute path} of the sharded checkpoint folders (a ``*.safetensors.index.json`` with its
+    shards, e.g. the official MCG-NJU/SteadyDancer-14B release fetched by ``tools/fetch_models.py --variant bf16``)
+    in ComfyUI's ``kind`` folders. The entry name is the folder's path under the models folder, as ComfyUI names
+    the files in it. Candidates are the folders of the files ComfyUI already lists (its cached listing), so a
+    combo refresh walks nothing."""
+    from ..steadydancer.checkpoints import is_sharded_folder
+    files = get_filename_list(kind) if files is None else files
+    out = {}
+    for rel in sorted({os.path.dirname(f) for f in files} - {""}):
+        for root in get_folder_paths(kind):
+            p = os.path.join(root, rel)
+            if is_sharded_folder(p):
+                out[rel] = p
+                break
+    return out
+
+
+def get_model_list(kind: str) -> list[str]:
+    """The Model Loader's combo: ComfyUI's file list of ``kind`` with each sharded checkpoint folder as one entry
+    (the folder name) in place of its shard files, which are no model on their own."""
+    files = get_filename_list(kind)
+    folders = sharded_folders(kind, files)
+    return sorted([f for f in files if os.path.dirname(f) not in folders] + list(folders))
+
+
+def get_model_path(kind: str, name: str) -> str:
+    """Absolute path of a Model Loader entry: a sharded checkpoint folder (see ``sharded_folders``) or a file
+    (``get_full_path``, with its clear error)."""
+    from ..steadydancer.checkpoints import is_sharded_folder
+    if name and os.path.isabs(name) and is_sharded_folder(name):
+        return name
+    if name and not os.path.isabs(name):
+        for root in get_folder_paths(kind):
+            p = os.path.join(root, name)
+            if is_sharded_folder(p):
+                return p
+    return get_full_path(kind, name)
 
 
 # ---------------------------------------------------------------------------------------------- devices

@@ -77,8 +77,8 @@ def load_model(path: str, o: "LoadOptions"):
 
 
 class SteadyDancerModelLoader:
-    DESCRIPTION = ("Loads a SteadyDancer-14B diffusion model (.safetensors bf16/fp16/fp8-scaled or .gguf) from "
-                   "models/diffusion_models. Options trade speed for VRAM.")
+    DESCRIPTION = ("Loads a SteadyDancer-14B diffusion model (.safetensors bf16/fp16/fp8-scaled, .gguf, or the "
+                   "official sharded folder) from models/diffusion_models. Options trade speed for VRAM.")
     CATEGORY = f"{CATEGORY}/model"
     RETURN_TYPES = (MODEL_TYPE,)
     RETURN_NAMES = ("model",)
@@ -89,9 +89,10 @@ class SteadyDancerModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (cb.get_filename_list(cb.DIFFUSION_FOLDER), tooltip(
+                "model_name": (cb.get_model_list(cb.DIFFUSION_FOLDER), tooltip(
                     "SteadyDancer weights in models/diffusion_models (e.g. "
-                    "Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ.safetensors, or a .gguf).")),
+                    "Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ.safetensors, or a .gguf), or a sharded folder such "
+                    "as SteadyDancer-14B (the official release: index + shards, listed as one entry).")),
                 "weight_storage": (WEIGHT_STORAGE, tooltip(
                     "How weights are kept in memory. auto = as stored (fp8 stays fp8, GGUF stays quantized and is "
                     "dequantized layer by layer); dequantize = all to compute dtype at load (fastest, most memory); "
@@ -131,7 +132,7 @@ class SteadyDancerModelLoader:
 
     def load(self, model_name, weight_storage, compute_dtype, attention, sparse_topk, fp8_matmul, compile,
              unique_id=None):
-        path = cb.get_full_path(cb.DIFFUSION_FOLDER, model_name)
+        path = cb.get_model_path(cb.DIFFUSION_FOLDER, model_name)
         opts = LoadOptions(weight_storage, compute_dtype, attention, float(sparse_topk), bool(fp8_matmul),
                            bool(compile))
         try:

@@ -17,8 +17,14 @@ def _problem(e: Exception, path=None) -> str:
     """The error's text without the path repeated (CheckpointError carries the file name itself)."""
     from ..steadydancer.checkpoints import CheckpointError
     if isinstance(e, CheckpointError):
-        same = path is not None and os.path.realpath(e.path) == os.path.realpath(str(path))
-        return e.problem if same else str(e)
+        if path is None:
+            return str(e)
+        where, asked = os.path.realpath(e.path), os.path.realpath(str(path))
+        if where == asked:
+            return e.problem
+        if os.path.dirname(where) == asked:        # a shard of the sharded folder asked for: its name only
+            return f"{os.path.basename(where)}: {e.problem}"
+        return str(e)
     return str(e)
 
 
@@ -33,13 +39,14 @@ def validate_file(folder: str, name, kind: str):
     from ..steadydancer.checkpoints import CheckpointError
     if not isinstance(name, str):
         return True  # a linked input: checked when the node runs
-    if cb.HAVE_COMFY and not (os.path.isabs(name) and os.path.isfile(name)):
-        names = cb.get_filename_list(folder)
+    model = kind == "model"
+    if cb.HAVE_COMFY and not (os.path.isabs(name) and os.path.exists(name)):
+        names = cb.get_model_list(folder) if model else cb.get_filename_list(folder)
         if name not in names:
             return (f"Value not in list: {name!r} is not in ComfyUI's '{folder}' folders "
                     f"({len(names)} files listed); put the file there and refresh the page")
     try:
-        path = cb.get_full_path(folder, name)
+        path = cb.get_model_path(folder, name) if model else cb.get_full_path(folder, name)
         (probe.probe_model if kind == "model" else probe.probe_lora)(path)
     except FileNotFoundError as e:
         return str(e)

@@ -139,6 +139,19 @@ def write_sharded(sd, folder, dtype=torch.bfloat16, n_shards=3):
     return folder
 
 
+def write_hub_sharded(sd, folder, dtype=torch.float32, max_shard_size="1MB"):
+    """The official release's layout (MCG-NJU/SteadyDancer-14B: fp32 shards) written by huggingface_hub's own
+    sharder (``save_torch_state_dict``: safetensors shards ``diffusion_pytorch_model-0000N-of-0000M.safetensors``
+    and the ``.safetensors.index.json`` with ``metadata.total_size`` and ``weight_map``, as diffusers writes them)."""
+    from huggingface_hub import save_torch_state_dict
+    os.makedirs(folder, exist_ok=True)
+    save_torch_state_dict({k: v.to(dtype).contiguous() for k, v in sd.items()}, folder,
+                          filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size=max_shard_size)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"_class_name": "WanModel", "dim": CFG["dim"], "in_dim": 36, "model_type": "i2v"}, f)
+    return folder
+
+
 # ------------------------------------------------------------------------------ GGUF writer
 def random_k_blocks(qtype, rows, cols, rng):
     """Valid K-quant (or legacy) blocks with random payload and finite fp16 scales (gguf-py can't quantize K)."""

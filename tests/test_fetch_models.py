@@ -4,7 +4,8 @@ reached through HF_ENDPOINT) serving tiny files under the real repository and fi
 Checked against the hub's own bytes and hashes: full fetch, skip of present files, a connection cut half-way (the
 client resumes with a Range request), Ctrl-C then a resumed run, a corrupt download refused, 404 / 401 / 403, a
 full disk before and during the download, the variant resolution from the repositories' file lists, and the
-environment toggles. Also: the file table agrees with the shipped workflows' properties.models and the README."""
+environment toggles. Also: the file table agrees with the shipped workflows' properties.models and the README, and
+the official sharded folder has one name for the fetcher, the Model Loader's list and the run command's pre-check."""
 import errno
 import hashlib
 import importlib.util
@@ -99,6 +100,13 @@ def test_file_table_is_what_the_workflows_and_readme_list():
     for f in fm.known_files():
         assert f.url in readme and f.directory in readme and f.source.startswith("https://huggingface.co/")
     assert all(d in fm.FOLDERS for d in {f.directory for f in fm.known_files()})
+    # a sharded folder has no single URL ComfyUI's missing-model dialog could download: never in properties.models
+    # (neither the folder nor one of its shards); the README names it, its repository and its real size
+    for f in fm.known_folders():
+        assert f.name not in seen and not any(n.startswith("diffusion_pytorch_model") for n in seen)
+        assert f.directory in fm.FOLDERS and f.source.startswith(f"https://huggingface.co/{f.repo}")
+        assert f"`{f.directory}/{f.name}/`" in readme and f"https://huggingface.co/{f.repo}" in readme
+    assert "fp32" in readme and "65.6 GB" in readme
 
 
 # ---------------------------------------------------------------------------------------------- fetching
@@ -275,6 +283,46 @@ def test_bf16_shards_land_in_one_folder_and_verify_by_git_sha1(hub, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(j.name.split("/")[1] for j in jobs)
     assert (folder / "config.json").read_bytes() == b'{"model_type": "i2v"}'
     assert len([j for j in jobs if len(j.etag) == 40]) == 2                     # the two JSON files: not LFS
+
+
+def test_the_fetched_official_folder_is_what_the_loader_lists_and_the_precheck_knows(hub, tmp_path, monkeypatch):
+    """One name for the official sharded release everywhere: the folder --variant bf16 writes, the Model Loader's
+    combo entry for it (nodes/comfy_bridge.py, the shard files hidden), the run command's pre-check hint and the
+    entry --fetch-missing expands into the folder's files."""
+    from steadydancer_turbo.nodes import comfy_bridge as cb
+    spec = importlib.util.spec_from_file_location("sd_prechecks", ROOT / "tools" / "prechecks.py")
+    pc = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec.loader.exec_module(pc)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    jobs = fm.resolve_variant("bf16")
+    assert jobs[-1].name.endswith(".safetensors.index.json")           # the index last: see folder_jobs
+    fm.fetch(jobs, tmp_path, out=io.StringIO())
+    root = tmp_path / "diffusion_models"
+    (root / "single.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(cb, "HAVE_COMFY", True)
+    monkeypatch.setattr(cb, "get_folder_paths", lambda kind: [str(root)])
+    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(
+        str(p.relative_to(root)) for p in root.rglob("*.safetensors")))
+    assert cb.get_model_list(cb.DIFFUSION_FOLDER) == [fm.DIT_OFFICIAL.name, "single.safetensors"]
+    hint = pc.known_models()[fm.DIT_OFFICIAL.name]
+    assert hint == fm.DIT_OFFICIAL.entry() and hint["directory"] == "diffusion_models"
+    assert [(j.repo, j.path, j.name) for j in fm.jobs_from_entries([hint])] == [(j.repo, j.path, j.name) for j in jobs]
+    # the pre-check: the folder absent from the loader's combo is a missing model with its folder and page,
+    # not a "value not allowed"; an unknown name without a model extension still is
+    info = {"SteadyDancerModelLoader": {"input": {"required": {"model_name": [["single.safetensors"], {}]}},
+                                        "output_node": True}}
+    for value, missing in ((fm.DIT_OFFICIAL.name, True), ("my-folder", False)):
+        problems, found = pc.find_inputs({"1": {"class_type": "SteadyDancerModelLoader",
+                                                "inputs": {"model_name": value}}}, info, pc.known_models())
+        assert bool(found) == missing and bool(problems) != missing, (value, problems, found)
+    assert found == [] and "is not one of the allowed values" in problems[0]
+    problems, (entry,) = pc.find_inputs({"1": {"class_type": "SteadyDancerModelLoader",
+                                              "inputs": {"model_name": fm.DIT_OFFICIAL.name}}}, info, pc.known_models())
+    assert entry == {"name": "SteadyDancer-14B", "directory": "diffusion_models", "users": [
+        "node 1 (SteadyDancerModelLoader).model_name"], "url": "https://huggingface.co/MCG-NJU/SteadyDancer-14B/tree/main"}
 
 
 def _run(args, capsys):

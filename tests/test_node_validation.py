@@ -16,12 +16,16 @@ Lora = pack.NODE_CLASS_MAPPINGS["SteadyDancerLoraLoader"]
 
 @pytest.fixture
 def folders(tmp_path, monkeypatch):
-    """models/<folder>/<name> lookups as ComfyUI's folder_paths answers them."""
+    """models/<folder>/<name> lookups as ComfyUI's folder_paths answers them: get_filename_list (files with a model
+    extension, recursively, a sub-folder's files named '<folder>/<file>'), get_folder_paths, get_full_path."""
     root = tmp_path / "models"
     for f in (cb.DIFFUSION_FOLDER, cb.LORA_FOLDER):
         (root / f).mkdir(parents=True)
     monkeypatch.setattr(cb, "HAVE_COMFY", True)
-    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(p.name for p in (root / kind).iterdir()))
+    monkeypatch.setattr(cb, "get_folder_paths", lambda kind: [str(root / kind)])
+    monkeypatch.setattr(cb, "get_filename_list", lambda kind: sorted(
+        str(p.relative_to(root / kind)) for p in (root / kind).rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".gguf")))
 
     def full_path(kind, name):
         p = root / kind / name
@@ -86,5 +90,77 @@ def test_lora_validate_inputs_and_fit_on_the_lora_node(folders, monkeypatch):
 def test_load_error_names_the_file_once():
     e = CheckpointError("/models/diffusion_models/x.gguf", "the file is truncated")
     assert validation.load_error("x.gguf", "/models/diffusion_models/x.gguf", e) == "x.gguf: the file is truncated"
-    shard = CheckpointError("/m/dir/part-2.safetensors", "truncated")          # another file than the one asked
-    assert validation.load_error("dir", "/m/dir", shard) == "dir: /m/dir/part-2.safetensors: truncated"
+    shard = CheckpointError("/m/dir/part-2.safetensors", "truncated")          # a shard of the folder asked for
+    assert validation.load_error("dir", "/m/dir", shard) == "dir: part-2.safetensors: truncated"
+    other = CheckpointError("/m/base.safetensors", "truncated")                # another file than the one asked
+    assert validation.load_error("dir", "/m/dir", other) == "dir: /m/base.safetensors: truncated"
+
+
+def _load_on_cpu(path, o):
+    """The node's load_model without ComfyUI's ModelPatcher (the real one runs in tests/integration)."""
+    from steadydancer_turbo.steadydancer.weights import loader
+    m = loader.load_steadydancer(path, compute_dtype=o.compute_dtype, storage=o.weight_storage, device="cpu")
+    return m, m
+
+
+LOAD_ARGS = dict(weight_storage="auto", compute_dtype="bf16", attention="sdpa", sparse_topk=0.15, fp8_matmul=False,
+                 compile=False)
+
+
+def test_official_sharded_folder_is_one_loader_entry_loaded_as_bf16(folders, monkeypatch):
+    """What `fetch_models.py --variant bf16` writes: the official layout, fp32 shards + index + config.json
+    (huggingface_hub's sharder), in diffusion_models/SteadyDancer-14B/."""
+    from steadydancer_turbo.nodes import model_nodes
+    models = folders / cb.DIFFUSION_FOLDER
+    sd = U.state_dict(U.reference_model())
+    folder = U.write_hub_sharded(sd, models / "SteadyDancer-14B", dtype=torch.float32, max_shard_size="5MB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) >= 3
+    U.write_safetensors(sd, models / "single.safetensors", dtype=torch.bfloat16)
+    # the combo: the folder once, its shards not (a shard alone is no model), single files as before
+    names = Loader.INPUT_TYPES()["required"]["model_name"][0]
+    assert names == ["SteadyDancer-14B", "single.safetensors"]
+    assert cb.get_model_path(cb.DIFFUSION_FOLDER, "SteadyDancer-14B") == str(folder)
+    assert Loader.VALIDATE_INPUTS("SteadyDancer-14B") is True
+    assert "Value not in list" in Loader.VALIDATE_INPUTS(f"SteadyDancer-14B/{shards[0]}")
+    # loaded through the node: the fp32 shards are cast to the compute dtype at load, value for value
+    monkeypatch.setattr(model_nodes, "load_model", _load_on_cpu)
+    (m,) = Loader().load("SteadyDancer-14B", **LOAD_ARGS)
+    assert m.load_info["format"] == "sharded"
+    loaded = m.state_dict()
+    assert set(loaded) == set(sd)
+    for k, v in sd.items():
+        assert loaded[k].dtype == torch.bfloat16, k
+        assert torch.equal(loaded[k], v.to(torch.bfloat16)), k     # round-to-nearest-even of the stored fp32
+
+
+def test_sharded_folder_with_a_missing_or_truncated_shard_is_refused_by_name(folders, monkeypatch):
+    from steadydancer_turbo.nodes import model_nodes
+    models = folders / cb.DIFFUSION_FOLDER
+    sd = U.state_dict(U.reference_model())
+    folder = U.write_hub_sharded(sd, models / "SteadyDancer-14B", max_shard_size="5MB")
+    shards = sorted(folder.glob("*.safetensors"))
+    index = "diffusion_pytorch_model.safetensors.index.json"
+    # a shard cut short (an interrupted copy): named, with what is wrong, once; no path
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    msg = Loader.VALIDATE_INPUTS("SteadyDancer-14B")
+    assert msg.startswith(f"SteadyDancer-14B: {shards[1].name}: ") and "truncated" in msg, msg
+    assert str(models) not in msg
+    monkeypatch.setattr(model_nodes, "load_model", _load_on_cpu)
+    with pytest.raises(RuntimeError) as e:
+        Loader().load("SteadyDancer-14B", **LOAD_ARGS)
+    assert str(e.value).startswith(f"SteadyDancer: could not load SteadyDancer-14B: {shards[1].name}: ")
+    # a shard the index lists is gone (an unfinished download)
+    shards[1].unlink()
+    assert "SteadyDancer-14B" in Loader.INPUT_TYPES()["required"]["model_name"][0]
+    msg = Loader.VALIDATE_INPUTS("SteadyDancer-14B")
+    assert msg == (f"SteadyDancer-14B: 1 of the {len(shards)} shards listed in {index} are missing: "
+                   f"['{shards[1].name}'] (an unfinished download? fetch the missing files again)"), msg
+    with pytest.raises(RuntimeError, match="shards listed in .* are missing"):
+        Loader().load("SteadyDancer-14B", **LOAD_ARGS)
+    # no index (shards alone, e.g. a fetch stopped before its last file): no folder entry, only files
+    (folder / index).unlink()
+    names = Loader.INPUT_TYPES()["required"]["model_name"][0]
+    assert "SteadyDancer-14B" not in names and all(n.startswith("SteadyDancer-14B") for n in names)
+    assert "Value not in list" in Loader.VALIDATE_INPUTS("SteadyDancer-14B")

@@ -1,7 +1,10 @@
 """tools/run_workflow.py without ComfyUI: its aiohttp client (tools/comfy_client.py) against a small aiohttp
 server that speaks ComfyUI's protocol (messages as ComfyUI 0.33 sends them), the pre-queue checks
 (tools/prechecks.py) on real /object_info-shaped data and real media files, a server that dies, restarts or
-drops the websocket mid-run, the environment toggles, and --fetch-missing with a stand-in fetch_models module.
+drops the websocket mid-run, the environment toggles, and --fetch-missing: its contract with a stand-in
+fetch_models module, then end to end with the real tools/fetch_models.py against the stand-in hub (tests/_fake_hub.py,
+the real huggingface_hub client) fetching a file and the official sharded folder, and the hub's 404 / 401 / a
+corrupt shard.
 The same command is run against a real server in tests/integration."""
 import asyncio
 import importlib.util
@@ -848,3 +851,109 @@ def test_every_shipped_api_twin_has_a_short_name():
         api, ui = rw.resolve_workflow(short)
         assert api == rw.API_DIR / f"{stem}.json" and ui == rw.WORKFLOW_DIR / f"{stem}.json"
         assert all("class_type" in n for n in rw.load_prompt(api).values())
+
+
+# ------------------------------------------------------------- --fetch-missing with the real tools/fetch_models.py
+def _hub_repos(tmp_path):
+    """The stand-in hub's repositories under their real names: the fp8 DiT the shipped workflows list (tiny bytes)
+    and the official sharded release (a tiny real checkpoint, fp32 shards + index by huggingface_hub's sharder)."""
+    import torch  # noqa: F401  (the sharded checkpoint is a real one)
+    import _loader_util as U
+    src = U.write_hub_sharded(U.state_dict(U.reference_model()), tmp_path / "hub-src", max_shard_size="5MB")
+    fp8 = rw.known_models()[DIT]["url"].split("/resolve/main/", 1)[1]
+    return {"Kijai/WanVideo_comfy_fp8_scaled": {fp8: b"fp8 weights " * 5000},
+            "MCG-NJU/SteadyDancer-14B": {p.name: p.read_bytes() for p in src.iterdir()}}
+
+
+@pytest.fixture
+def real_fetch(tmp_path, monkeypatch):
+    """tools/fetch_models.py itself (not a stand-in) talking to tests/_fake_hub.py through HF_ENDPOINT."""
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("huggingface_hub")
+    pytest.importorskip("safetensors")
+    from _fake_hub import FakeHub
+    hub = FakeHub(_hub_repos(tmp_path)).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delitem(sys.modules, "fetch_models", raising=False)      # `import fetch_models` finds tools/
+    models = tmp_path / "models"
+    (models / "diffusion_models").mkdir(parents=True)
+    fake = FakeComfy(models_dir=models).serve()
+    yield hub, fake, models
+    fake.close()
+    hub.stop()
+
+
+def _two_models_prompt():
+    """The official sharded folder and the fp8 file, both needed (node 5 feeds node 2's output on)."""
+    p = _prompt(model=rw.known_models()["SteadyDancer-14B"]["name"])
+    p["5"] = {"class_type": "UNETLike", "inputs": {"model_name": DIT, "image": ["2", 0]}}
+    p["3"]["inputs"]["x"] = ["5", 0]
+    return p
+
+
+def _files(models):
+    return sorted(str(p.relative_to(models)) for p in models.rglob("*") if p.is_file())
+
+
+def test_fetch_missing_runs_the_real_fetcher_against_the_hub_then_queues(real_fetch, tmp_path, capsys):
+    from steadydancer_turbo.steadydancer.weights import probe
+    hub, fake, models = real_fetch
+    rc = _run_fake(tmp_path, fake, _two_models_prompt(), "--fetch-missing")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "fetching 2 missing model file(s)" in err
+    folder = models / "diffusion_models" / "SteadyDancer-14B"
+    for repo, files in hub.repos.items():           # every file the pre-check's two entries stand for, byte-exact
+        for path, data in files.items():
+            target = folder / path if repo == "MCG-NJU/SteadyDancer-14B" else models / "diffusion_models" / DIT
+            assert target.read_bytes() == data, target
+    assert not list(models.rglob(".*.part"))
+    assert probe.probe_model(folder).startswith("SteadyDancer DiT, dim 256, 3 blocks; sharded folder (float32")
+    gets = [r[1] for r in hub.requests if r[0] == "GET" and "/MCG-NJU/SteadyDancer-14B/resolve/" in r[1]]
+    assert gets[-1].endswith("diffusion_pytorch_model.safetensors.index.json")     # the folder's index comes last
+    assert len(fake.prompts) == 1
+    assert fake.prompts[0]["prompt"]["2"]["inputs"]["model_name"] == "SteadyDancer-14B"
+    # everything present now: a second run fetches nothing and queues at once
+    n = len(hub.requests)
+    assert _run_fake(tmp_path, fake, _two_models_prompt(), "--fetch-missing") == 0
+    assert "fetching" not in capsys.readouterr().err and len(hub.requests) == n
+
+
+@pytest.mark.parametrize("fault", ["404", "401", "corrupt shard"])
+def test_fetch_missing_hub_failures_are_exit_4_and_leave_nothing_half_written(real_fetch, tmp_path, capsys, fault):
+    hub, fake, models = real_fetch
+    shards = sorted(p for p in hub.repos["MCG-NJU/SteadyDancer-14B"] if p.endswith(".safetensors"))
+    if fault == "404":                                  # the fp8 file is gone from its repository (renamed)
+        repo = hub.repos["Kijai/WanVideo_comfy_fp8_scaled"]
+        repo["SteadyDancer/Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ_v2.safetensors"] = repo.pop(
+            rw.known_models()[DIT]["url"].split("/resolve/main/", 1)[1])
+    elif fault == "401":                                # a gated repository and no token
+        hub.gated.add("MCG-NJU/SteadyDancer-14B")
+    else:                                               # the second shard arrives with other bytes than its sha256
+        hub.corrupt.add(("MCG-NJU/SteadyDancer-14B", shards[1]))
+    rc = _run_fake(tmp_path, fake, _two_models_prompt(), "--fetch-missing")
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert "Traceback" not in err and fake.prompts == []
+    if fault == "404":
+        assert (f"error: --fetch-missing: Kijai/WanVideo_comfy_fp8_scaled:SteadyDancer/{DIT}: not found on the hub "
+                f"(404)") in err
+        assert "Wan21_SteadyDancer_fp8_e4m3fn_scaled_KJ_v2.safetensors" in err     # what the folder holds now
+    elif fault == "401":
+        assert "error: --fetch-missing: MCG-NJU/SteadyDancer-14B:/: the hub needs a token (401)" in err
+        assert "HF_TOKEN" in err
+    else:
+        assert f"error: --fetch-missing: MCG-NJU/SteadyDancer-14B:{shards[1]}: checksum mismatch" in err
+    fetched = _files(models / "diffusion_models")
+    assert not [f for f in fetched if f.endswith(".part")]          # no partial download left anywhere
+    if fault == "corrupt shard":
+        # the files before it are complete and checked; the corrupt one and the index (always last) are not
+        # there, so no loader sees a folder that looks like a checkpoint
+        assert fetched == ["SteadyDancer-14B/config.json", f"SteadyDancer-14B/{shards[0]}"]
+        for f in fetched:
+            assert (models / "diffusion_models" / f).read_bytes() == hub.repos["MCG-NJU/SteadyDancer-14B"][
+                f.split("/", 1)[1]]
+    else:
+        assert fetched == []                            # the hub is asked about every file before any download

@@ -59,8 +59,8 @@ HubFile, parse_hf_url = _t.HubFile, _t.parse_hf_url
 HUB, FOLDERS, DIT_FP8, TURBO_LORA, ENCODERS = _t.HUB, _t.FOLDERS, _t.DIT_FP8, _t.TURBO_LORA, _t.ENCODERS
 dwpose_files, known_files = _t.dwpose_files, _t.known_files
 FP16_REPO, FP16_FOLDER, FP16_KNOWN = _t.FP16_REPO, _t.FP16_FOLDER, _t.FP16_KNOWN
-OFFICIAL_REPO, OFFICIAL_FOLDER = _t.OFFICIAL_REPO, _t.OFFICIAL_FOLDER
 GGUF_REPO, GGUF_DEFAULT_QUANT, VARIANTS, QUANT_RE = _t.GGUF_REPO, _t.GGUF_DEFAULT_QUANT, _t.VARIANTS, _t.QUANT_RE
+DIT_OFFICIAL, known_folders = _t.DIT_OFFICIAL, _t.known_folders
 
 # ------------------------------------------------------------------------------------------------ jobs
 @dataclasses.dataclass
@@ -180,11 +180,7 @@ def resolve_variant(variant, token=None, revision="main"):
         files.sort(key=lambda p: (p.rsplit("/", 1)[-1] != FP16_KNOWN, p))
         return [Job(FP16_REPO, revision, files[0], "diffusion_models", files[0].rsplit("/", 1)[-1])]
     if kind == "bf16":
-        files = [p for p, _ in list_folder(OFFICIAL_REPO, "", revision, token)
-                 if p == "config.json" or re.fullmatch(r"diffusion_pytorch_model.*\.safetensors(\.index\.json)?", p)]
-        if not any(p.endswith(".index.json") for p in files):
-            raise FetchError(f"{HUB}/{OFFICIAL_REPO} no longer has diffusion_pytorch_model*.safetensors shards")
-        return [Job(OFFICIAL_REPO, revision, p, "diffusion_models", f"{OFFICIAL_FOLDER}/{p}") for p in sorted(files)]
+        return folder_jobs(DIT_OFFICIAL, token, revision)
     files = [(p, s) for p, s in list_folder(GGUF_REPO, "", revision, token, recursive=True)
              if p.lower().endswith(".gguf")]
     want = (arg or GGUF_DEFAULT_QUANT).strip()
@@ -207,18 +203,36 @@ def resolve_variant(variant, token=None, revision="main"):
     return [Job(GGUF_REPO, revision, p, "diffusion_models", p.rsplit("/", 1)[-1])]
 
 
+def folder_jobs(folder, token=None, revision=None):
+    """Jobs for a sharded checkpoint folder (model_files.HubFolder): config.json, the shards, then the index last,
+    so an unfinished fetch never leaves an index next to missing shards (the Model Loader lists a folder as a
+    model once it holds an index)."""
+    revision = revision or folder.revision
+    files = [p for p, _ in list_folder(folder.repo, "", revision, token)
+             if p == "config.json" or re.fullmatch(r"diffusion_pytorch_model.*\.safetensors(\.index\.json)?", p)]
+    if not any(p.endswith(".index.json") for p in files):
+        raise FetchError(f"{HUB}/{folder.repo} no longer has diffusion_pytorch_model*.safetensors shards")
+    files.sort(key=lambda p: (p.endswith(".index.json"), p))
+    return [Job(folder.repo, revision, p, folder.directory, f"{folder.name}/{p}") for p in files]
+
+
 def job_for(f: HubFile):
     return Job(f.repo, f.revision, f.path, f.directory, f.name)
 
 
 def jobs_from_entries(missing):
-    """Jobs for ``[{"name", "directory", "url"}]`` entries (the workflows' properties.models form)."""
+    """Jobs for ``[{"name", "directory", "url"}]`` entries (the workflows' properties.models form; an entry naming
+    a sharded folder of the table, e.g. ``SteadyDancer-14B`` in ``diffusion_models``, gets all its files)."""
     jobs = []
+    folders = {(f.directory, f.name): f for f in known_folders()}
     for m in missing:
         try:
             name, directory, url = m["name"], m["directory"], m["url"]
         except (KeyError, TypeError):
             raise FetchError(f"a model entry needs name, directory and url: {m!r}") from None
+        if (directory, name) in folders and url == folders[directory, name].url:
+            jobs += folder_jobs(folders[directory, name])
+            continue
         if not name or "/" in directory or ".." in pathlib.PurePath(name).parts or os.path.isabs(name):
             raise FetchError(f"refusing an unsafe target {directory!r}/{name!r}")
         repo, revision, path = parse_hf_url(url)
@@ -543,7 +557,8 @@ def parser():
     where.add_argument("--comfyui", metavar="PATH", help="ComfyUI folder (files go to PATH/models/<folder>/)")
     where.add_argument("--models-dir", metavar="DIR", help="a models folder (default: the ComfyUI this pack is in)")
     p.add_argument("--variant", metavar="V", help="SteadyDancer DiT: fp8 (16.4 GB, default), fp16, bf16 (the "
-                   "official shards, ~65 GB), gguf[:QUANT] (e.g. gguf:Q4_K_M, gguf:Q8_0; default Q4_K_M)")
+                   "official release: 7 fp32 shards, ~65.6 GB, cast to bf16 at load), gguf[:QUANT] (e.g. "
+                   "gguf:Q4_K_M, gguf:Q8_0; default Q4_K_M)")
     bo = argparse.BooleanOptionalAction
     p.add_argument("--turbo", action=bo, default=None, help="the lightx2v step-distill LoRA (turbo workflow)")
     p.add_argument("--dwpose", action=bo, default=None, help="DWPose yolox_l.onnx + dw-ll_ucoco_384.onnx")
@@ -591,8 +606,9 @@ def main(argv=None, out=None):
     if not args.dry_run:
         print(f"done: {len(written)} file(s) written, {len(jobs) - len(written)} already present.", file=out)
         if variant and variant.startswith("bf16"):
-            print(f"note: the official shards are in {models_dir}/diffusion_models/{OFFICIAL_FOLDER}/ (a folder); "
-                  f"the Model Loader node lists single files, so use fp16/fp8/gguf there.", file=out)
+            print(f"note: the official shards (fp32, cast to the loader's compute dtype at load) are in "
+                  f"{models_dir}/{DIT_OFFICIAL.directory}/{DIT_OFFICIAL.name}/; pick {DIT_OFFICIAL.name!r} as the "
+                  f"Model Loader's model_name (refresh the page after the download).", file=out)
     return 0
 
 

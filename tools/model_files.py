@@ -1,5 +1,5 @@
-"""The model files SteadyDancer Turbo downloads: the one table of repositories, file names, ComfyUI folders and
-where each name was checked. Plain data + URL parsing, standard library only; ``tools/fetch_models.py`` loads it,
+"""The model files SteadyDancer Turbo downloads: the one table of repositories, file names (and the sharded
+official folder), ComfyUI folders and where each name was checked. Plain data + URL parsing, standard library only; ``tools/fetch_models.py`` loads it,
 and tests/test_fetch_models.py checks the shipped workflows' ``properties.models`` and the README against it.
 """
 from __future__ import annotations
@@ -52,6 +52,28 @@ class HubFile:
         return {"name": self.name, "url": self.url, "directory": self.directory}
 
 
+@dataclasses.dataclass(frozen=True)
+class HubFolder:
+    """A sharded checkpoint on the hub (a diffusers-style ``*.safetensors.index.json`` + shards + config.json),
+    fetched into one folder ``models/<directory>/<name>/``; the Model Loader lists that folder as one entry named
+    ``name`` (nodes/comfy_bridge.py ``get_model_list``). Its files are read from the repository's file list at run
+    time by ``tools/fetch_models.py --variant <variant>``, which is also what ``--fetch-missing`` runs for it."""
+    repo: str
+    name: str
+    directory: str
+    variant: str
+    source: str
+    revision: str = "main"
+
+    @property
+    def url(self):
+        return f"{HUB}/{self.repo}/tree/{self.revision}"
+
+    def entry(self):
+        """The pre-check's hint for this folder (no single download URL: the shards come from the file list)."""
+        return {"name": self.name, "url": self.url, "directory": self.directory}
+
+
 # ------------------------------------------------------------------------------------------- the file table
 # The one list of download locations. The shipped workflows' properties.models and the README's model table
 # must agree with it (tests/test_fetch_models.py checks the workflows). The DWPose files come from the core's own
@@ -80,10 +102,18 @@ DWPOSE_DEFAULTS = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
 # - fp16: Kijai/WanVideo_comfy, folder SteadyDancer/, the *fp16.safetensors file there; its name has been
 #   Wan21_I2V_SteadyDancer_fp16.safetensors (https://huggingface.co/Kijai/WanVideo_comfy/discussions/110; the
 #   official README's GGUF note links https://huggingface.co/Kijai/WanVideo_comfy/tree/main/SteadyDancer).
-# - bf16: the official release https://huggingface.co/MCG-NJU/SteadyDancer-14B (diffusers-style
-#   diffusion_pytorch_model-0000N-of-00007.safetensors shards + index + config.json; the shard pages show 9.8 GB
-#   for 00002 and 6.08 GB for 00007, so about 65 GB: the sizes say fp32 storage). It lands in the folder
-#   diffusion_models/SteadyDancer-14B/.
+# - bf16 (the CLI name; the bytes are fp32): the official release https://huggingface.co/MCG-NJU/SteadyDancer-14B,
+#   diffusers-style diffusion_pytorch_model-0000N-of-00007.safetensors shards + index + config.json, in the folder
+#   diffusion_models/SteadyDancer-14B/ (DIT_OFFICIAL below), which the Model Loader lists as one entry.
+#   Stored dtype, checked 2026-12-01: the model has 16,396,718,736 parameters (our SteadyDancerConfig.full_14b(),
+#   built on the meta device), so fp32 is 65.59 GB and bf16 32.79 GB. The hub's shard pages
+#   (https://huggingface.co/MCG-NJU/SteadyDancer-14B/blob/main/diffusion_pytorch_model-00002-of-00007.safetensors:
+#   9.8 GB; .../diffusion_pytorch_model-00007-of-00007.safetensors: 6.08 GB) show seven ~10 GB shards, the layout
+#   of the fp32 Wan2.1-I2V-14B release (shards 9.95, 9.8, 9.98, 9.98, 9.9, 9.9, 6.08 GB = 65.59 GB, 4.0 bytes per
+#   parameter); 32.79 GB of bf16 would be four shards. The official loader also casts after reading
+#   (MCG-NJU/SteadyDancer wan/image2video_dancer.py: WanModel.from_pretrained(...) then .to(torch.bfloat16)).
+#   So: about 65.6 GB of fp32 on disk; our loader casts every float tensor to the compute dtype (bf16 by default)
+#   while it reads, one tensor at a time (tests/test_node_validation.py checks this on fp32 shards).
 # - gguf[:QUANT]: https://huggingface.co/MCG-NJU/SteadyDancer-GGUF (official README, 2025-12-04: "converted from
 #   Kijai weight by ComfyUI-GGUF"); names seen in use: Wan21_I2V_SteadyDancer_fp16-Q6_K_fix_5d_tensor_from_
 #   fp8_e4m3fn_scaled_KJ.gguf and an older Wan21_I2V_SteadyDancer_fp16-Q5_K_M_fix_5d_tensor.gguf, which is why the
@@ -92,6 +122,9 @@ FP16_REPO, FP16_FOLDER, FP16_KNOWN = "Kijai/WanVideo_comfy", "SteadyDancer", "Wa
 OFFICIAL_REPO, OFFICIAL_FOLDER = "MCG-NJU/SteadyDancer-14B", "SteadyDancer-14B"
 GGUF_REPO, GGUF_DEFAULT_QUANT = "MCG-NJU/SteadyDancer-GGUF", "Q4_K_M"
 VARIANTS = ("fp8", "fp16", "bf16", "gguf")
+DIT_OFFICIAL = HubFolder(
+    OFFICIAL_REPO, OFFICIAL_FOLDER, "diffusion_models", "bf16",
+    "https://huggingface.co/MCG-NJU/SteadyDancer-14B (7 fp32 shards, about 65.6 GB; see the note above)")
 QUANT_RE = re.compile(r"(?<![A-Za-z0-9])(BF16|F16|F32|Q\d_K(?:_[SML])?|Q\d_[01]|Q\d_K|IQ\d_[A-Z]+)(?![A-Za-z0-9])",
                        re.IGNORECASE)
 
@@ -115,6 +148,11 @@ def dwpose_files():
 def known_files():
     """Every fixed file of the table (the DiT variants resolved at run time are not in it)."""
     return (DIT_FP8, TURBO_LORA) + ENCODERS + dwpose_files()
+
+
+def known_folders():
+    """The sharded checkpoint folders the pack can fetch (the Model Loader lists each as one entry)."""
+    return (DIT_OFFICIAL,)
 
 
 def parse_hf_url(url):

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import pathlib
 
+import model_files
 from comfy_client import RunError
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -178,11 +179,15 @@ def model_folder(class_type, input_name, hint=None):
 
 def known_models():
     """{file name: {"name", "url", "directory"}} of every file the pack knows: the shipped UI workflows'
-    ``properties.models`` and the DWPose table (dwpose/models.py, the pack's one list of those URLs)."""
+    ``properties.models``, the sharded folders of tools/model_files.py (the official ``SteadyDancer-14B``, which
+    the Model Loader lists as one entry; its URL is the repository, --fetch-missing fetches all its files) and the
+    DWPose table (dwpose/models.py, the pack's one list of those URLs)."""
     out = {}
     for ui in sorted(WORKFLOW_DIR.glob("*.json")):
         for name, m in models_from_ui_workflow(ui).items():
             out.setdefault(name, m)
+    for f in model_files.known_folders():
+        out.setdefault(f.name, f.entry())
     try:
         spec = importlib.util.spec_from_file_location("_sd_dwpose_models", PACK_ROOT / "dwpose" / "models.py")
         mod = importlib.util.module_from_spec(spec)
@@ -233,7 +238,7 @@ def find_inputs(prompt, object_info, model_hints=None, folder_files=None):
                 files = folder_files(folder) if folder_files and folder in ALWAYS_LISTED_FOLDERS else None
                 if files is None or _present(value, files):
                     continue
-            elif not value.lower().endswith(MODEL_EXTS):
+            elif not (value.lower().endswith(MODEL_EXTS) or hint.get("directory")):  # a known folder is a model too
                 problems.append(f"node {nid} ({node['class_type']}).{name}: {value!r} is not one of the allowed "
                                 f"values {opts[:8]}{'...' if len(opts) > 8 else ''}")
                 continue

@@ -7,6 +7,23 @@ import struct
 
 from .tensor_info import CheckpointError
 
+#: what makes a folder one sharded checkpoint (diffusers / transformers ``save_pretrained``, huggingface_hub's
+#: ``save_torch_state_dict``): an index ``<stem>.safetensors.index.json`` whose ``weight_map`` names the shards
+SHARD_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def shard_indexes(folder) -> list:
+    """Names of the shard indexes in ``folder`` (sorted); [] for a file or a missing folder."""
+    try:
+        return sorted(n for n in os.listdir(str(folder)) if n.endswith(SHARD_INDEX_SUFFIX))
+    except (NotADirectoryError, FileNotFoundError, PermissionError):
+        return []
+
+
+def is_sharded_folder(path) -> bool:
+    """True for a folder holding a ``*.safetensors.index.json`` (read with its shards as one checkpoint)."""
+    return os.path.isdir(str(path)) and bool(shard_indexes(path))
+
 
 # ---------------------------------------------------------------------------------------------
 def sniff_format(path) -> str:

@@ -41,7 +41,7 @@ from .tensor_info import FLOAT_DTYPES, TensorInfo
 from .safetensors_file import _SafetensorsFile
 from .gguf_file import _GGUFFile
 from .pth_file import _PthFile
-from .detect import sniff_format
+from .detect import shard_indexes, sniff_format
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -95,7 +95,7 @@ class CheckpointReader:
                     self.config = json.load(f)
             except ValueError as e:
                 raise CheckpointError(cfg, f"config.json is not valid JSON ({e})") from None
-        index = [n for n in names if n.endswith(".safetensors.index.json")]
+        index = shard_indexes(self.path)
         if len(index) > 1:
             raise CheckpointError(self.path, f"several shard indexes in one folder: {index}")
         if index:
@@ -108,7 +108,9 @@ class CheckpointReader:
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not os.path.isfile(os.path.join(self.path, s))]
             if missing:
-                raise CheckpointError(self.path, f"shards listed in {index[0]} are missing: {missing}")
+                raise CheckpointError(self.path, f"{len(missing)} of the {len(shards)} shards listed in {index[0]} "
+                                                 f"are missing: {missing} (an unfinished download? fetch the "
+                                                 f"missing files again)")
             self._open_safetensors_files([os.path.join(self.path, s) for s in shards], weight_map=weight_map)
             self.format = "sharded"
             return

@@ -103,7 +103,8 @@ def _probe_model(path) -> str:
         cfg = config_of(path, reader)
         check_tensors(path, reader, expected_shapes(cfg))
         kinds = ", ".join(f"{n} x{c}" for n, c in sorted(reader.kinds().items(), key=lambda kv: -kv[1]))
-        return (f"SteadyDancer DiT, dim {cfg.dim}, {cfg.num_layers} blocks; {reader.format} file ({kinds})")
+        what = "folder" if os.path.isdir(str(path)) else "file"
+        return f"SteadyDancer DiT, dim {cfg.dim}, {cfg.num_layers} blocks; {reader.format} {what} ({kinds})"
     finally:
         reader.close()
 

@@ -136,3 +136,45 @@ def test_dwpose_gpu_fallback_warning_is_shown_on_the_node(comfy):
     texts = [d["text"] for d in notes if str(d["node"]) == ext]
     assert any("requested CUDAExecutionProvider" in t and "CPUExecutionProvider" in t for t in texts) or \
         any("CUDAExecutionProvider" in t and "retrying with CPUExecutionProvider" in t for t in texts), texts
+
+
+def test_official_sharded_folder_is_one_loader_entry_and_its_bad_shards_fail_at_validation(comfy):
+    """What `tools/fetch_models.py --variant bf16` writes (the official layout: fp32 shards + index + config.json,
+    here by huggingface_hub's own sharder from the tiny DiT): the Model Loader lists the folder once and no shard,
+    the run command's pre-check finds it present, it runs; a truncated or missing shard is refused when queued."""
+    comfy.need("dit", "vae")
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+    import torch
+
+    folder = comfy.base / "models" / "diffusion_models" / "SteadyDancer-14B"
+    sd = {k: v.to(torch.float32) for k, v in load_file(str(comfy.shelf.built["dit"])).items()}
+    folder.mkdir()
+    save_torch_state_dict(sd, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="5MB")
+    (folder / "config.json").write_text('{"_class_name": "WanModel", "model_type": "i2v"}')
+    shards = sorted(folder.glob("*.safetensors"))
+    try:
+        assert len(shards) >= 2
+        options = comfy.client.object_info("SteadyDancerModelLoader")["SteadyDancerModelLoader"]["input"][
+            "required"]["model_name"][0]
+        assert "SteadyDancer-14B" in options and not [o for o in options if "diffusion_pytorch_model" in o]
+        prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=1)
+        (loader,) = nodes_of(prompt, "SteadyDancerModelLoader")
+        prompt[loader]["inputs"]["model_name"] = "SteadyDancer-14B"
+        problems, missing = run_workflow.precheck(comfy.client, prompt, None)
+        assert not missing and not problems, (problems, missing)
+        hist, _ = comfy.run(prompt, timeout=600)
+        assert hist["status"]["status_str"] == "success", hist["status"]
+        # a shard cut short, then a shard gone: refused at queue time, the shard named, no path
+        data = shards[1].read_bytes()
+        shards[1].write_bytes(data[: len(data) // 2])
+        details = _rejected(comfy, prompt, loader)
+        assert f"SteadyDancer-14B: {shards[1].name}: " in details and "truncated" in details, details
+        assert str(comfy.base) not in details, details
+        shards[1].unlink()
+        details = _rejected(comfy, prompt, loader)
+        assert "shards listed in diffusion_pytorch_model.safetensors.index.json are missing" in details, details
+        assert shards[1].name in details, details
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
