@@ -64,7 +64,6 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
         for n, c in classes.items():
             if c in ("LoadVideo", "LoadImage", "SaveVideo"):
                 assert not warm["nodes"][n]["cached"] and warm["nodes"][n]["s"] > 0, (key, n, warm["nodes"][n])
-        assert warm["total_s"] < cold["total_s"], (key, warm["total_s"], cold["total_s"])
     assert "ESTIMATE" in md and "**queue -> saved video**" in md
 
     rc, so, se = _run(cmd, 120)           # resumable: the finished runs are kept, nothing is queued again
