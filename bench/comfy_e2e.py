@@ -27,6 +27,8 @@ the shipped workflows on full-size random-weight files in the real formats (issu
    extrapolated total for the workflow's steps from the measured per-step time (labelled as an estimate).
    OUTDIR gets results.json (everything, rewritten after every queue: a killed run keeps what finished; a rerun
    skips the runs already done unless --force), results.md (the tables, also printed), server logs and videos.
+   ``--input NAME=VALUE`` sets a widget input on every node that has it (``compile=true``, ``attention=...``); give
+   each such variant its own OUTDIR (results are keyed by run name).
 
 3. ``--tiny``: the same flow on a CPU against tiny models (tests/integration's), with the umt5 / CLIP vision encode
    nodes swapped for the test fixture pack's (no tiny variant of those exists that ComfyUI's loaders accept):
@@ -107,6 +109,18 @@ def prepare(run, args, image_name, video_name, seed):
             if isinstance(n["inputs"].get("steps"), int):
                 n["inputs"]["steps"] = want
     info["steps"] = want if (want is not None and steps) else info["workflow_steps"]
+    for item in args.input or []:
+        name, _, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        hit = [nid for nid, n in prompt.items() if name in n["inputs"] and not isinstance(n["inputs"][name], list)]
+        if not hit:
+            raise rw.RunError(f"--input {item}: no node of {prompt_path.name} has a widget input {name!r}", 2)
+        for nid in hit:
+            prompt[nid]["inputs"][name] = value
+        info.setdefault("inputs", {})[name] = value
     fp8_name = F.dit_name(F.workflow_models())
     info["dit"] = fp8_name
     if run["dit"] == "bf16":
@@ -327,7 +341,8 @@ def table(results):
     for key, rec in results.get("runs", {}).items():
         lines.append("")
         lines.append(f"### {key}: {rec.get('workflow', '?')} {rec.get('width')}x{rec.get('height')}, steps "
-                     f"{rec.get('steps')}, DiT {rec.get('dit')}, {'CPU' if rec.get('cpu') else 'GPU'}; "
+                     f"{rec.get('steps')}, DiT {rec.get('dit')}, {'CPU' if rec.get('cpu') else 'GPU'}"
+                     + (f", inputs {rec['inputs']}" if rec.get("inputs") else "") + "; "
                      f"server start {_f(rec.get('server_start_s'))} s"
                      + (f", idle VRAM {_f(rec['vram_idle_gib'])} GiB" if rec.get("vram_idle_gib") is not None else "")
                      + f"; {rec.get('status')}"
@@ -438,6 +453,9 @@ def build_parser():
     p.add_argument("--python", help="Python that runs ComfyUI (default: this one)")
     p.add_argument("--server-arg", action="append", metavar="ARG", help="extra ComfyUI argument (repeatable), "
                    "e.g. --server-arg=--highvram")
+    p.add_argument("--input", action="append", metavar="NAME=VALUE", help="set the widget input NAME on every node "
+                   "that has it (value parsed as JSON when it can be), e.g. --input compile=true "
+                   "--input attention=sage; repeatable; recorded in results.json")
     p.add_argument("--force", action="store_true", help="run again the runs results.json has as done")
     p.add_argument("--keep-base", action="store_true", help="keep each run's ComfyUI base directory")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait for one queue")
