@@ -144,8 +144,9 @@ def build_detector(input_hw=(640, 640), width=1.0, depth=1.0, planted=None, seed
     return model, net.macs, net.params
 
 
-def build_pose(input_hw=(384, 288), width=1.0, depth=1.0, k=133, seed=1):
-    """DWPose-L-sized stand-in: conv backbone to stride 32, 7x7 conv to K maps, SimCC linear heads."""
+def build_pose(input_hw=(384, 288), width=1.0, depth=1.0, k=133, seed=1, planted=None):
+    """DWPose-L-sized stand-in: conv backbone to stride 32, 7x7 conv to K maps, SimCC linear heads. ``planted``
+    = (simcc_x [k, 2W], simcc_y [k, 2H]): the outputs become heads * 0 + planted (same cost, a fixed skeleton)."""
     from onnx import TensorProto, helper
 
     net = _Net(seed)
@@ -162,10 +163,17 @@ def build_pose(input_hw=(384, 288), width=1.0, depth=1.0, k=133, seed=1):
     w1 = net.rng.standard_normal((flat, hid), dtype=np.float32) / np.float32(np.sqrt(flat))
     wx = net.rng.standard_normal((hid, input_hw[1] * 2), dtype=np.float32) / np.float32(np.sqrt(hid))
     wy = net.rng.standard_normal((hid, input_hw[0] * 2), dtype=np.float32) / np.float32(np.sqrt(hid))
+    hx, hy = (sx, sy) if planted is None else (net._name("hx"), net._name("hy"))
     net.nodes += [helper.make_node("Reshape", [y, net.const(np.array([0, k, -1], np.int64))], [r]),
                   helper.make_node("MatMul", [r, net.const(w1)], [m1]),
-                  helper.make_node("MatMul", [m1, net.const(wx)], [sx]),
-                  helper.make_node("MatMul", [m1, net.const(wy)], [sy])]
+                  helper.make_node("MatMul", [m1, net.const(wx)], [hx]),
+                  helper.make_node("MatMul", [m1, net.const(wy)], [hy])]
+    if planted is not None:
+        zero = net.const(np.array(0, np.float32))
+        for h, out, arr in ((hx, sx, planted[0]), (hy, sy, planted[1])):
+            z = net._name("z")
+            net.nodes += [helper.make_node("Mul", [h, zero], [z]),
+                          helper.make_node("Add", [z, net.const(np.asarray(arr, np.float32)[None])], [out])]
     net.macs += k * (flat * hid + hid * input_hw[1] * 2 + hid * input_hw[0] * 2)
     net.params += w1.size + wx.size + wy.size
     model = _model_bytes(net, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, *input_hw])],

@@ -20,7 +20,10 @@ import shutil
 import sys
 import tempfile
 
-import pytest
+try:
+    import pytest
+except ImportError:      # bench/comfy_e2e.py --tiny uses the prompt / model helpers with ComfyUI's Python
+    pytest = None
 
 HERE = pathlib.Path(__file__).resolve().parent
 PACK_ROOT = HERE.parents[1]

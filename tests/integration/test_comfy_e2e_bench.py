@@ -1,0 +1,74 @@
+"""bench/comfy_e2e.py --tiny end to end in a real ComfyUI: make-files, then the turbo and official workflows queued
+cold and warm on a fresh server each, the per-node table and JSON, the saved videos, and a rerun that resumes.
+
+Checked against the server's own records, not the bench's arithmetic: the nodes timed on the cold queue are exactly
+the nodes of the queued prompt (a fresh server caches nothing), the sum of the node times matches the server's
+execution_start -> execution_success timestamps, the warm queue re-runs the nodes fed by the new input files while
+the loaders come back as ComfyUI's execution_cached, and the mp4 decodes (PyAV) to the frame count and size asked.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+from comfyui_harness import PACK_ROOT, comfyui_path, models, run_workflow
+
+BENCH = PACK_ROOT / "bench" / "comfy_e2e.py"
+RUNS = ("turbo480", "official480")
+
+
+def _run(cmd, timeout):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=PACK_ROOT)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
+    comfy = comfyui_path()
+    python = run_workflow.comfy_python(comfy)
+    models_dir, out = tmp_path / "models", tmp_path / "out"
+    rc, so, se = _run([sys.executable, str(BENCH), "--tiny", "--make-files", str(models_dir), "--comfyui", str(comfy),
+                       "--python", python], 600)
+    assert rc == 0, se[-3000:]
+    assert (models_dir / "input" / "dance.mp4").is_file() and (models_dir / "input" / "dance_warm.mp4").is_file()
+
+    cmd = [python, str(BENCH), "--tiny", "--comfyui", str(comfy), "--models", str(models_dir), "--out", str(out),
+           "--runs", ",".join(RUNS)]
+    rc, so, se = _run(cmd, 1500)
+    assert rc == 0, (so + se)[-5000:]
+    res = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    assert md.strip() in so, "the table is printed"
+    for key in RUNS:
+        rec = res["runs"][key]
+        assert rec["status"] == "done", rec
+        cold, warm = rec["queues"]["cold"], rec["queues"]["warm"]
+        prompt = set(cold["prompt_nodes"])
+        timed = {n for n, e in cold["nodes"].items() if not e["cached"]}
+        assert timed == prompt, f"{key}: cold timed {sorted(timed)} vs prompt {sorted(prompt)}"
+        assert not cold["cached"], cold["cached"]
+        for n, e in cold["nodes"].items():
+            assert 0 < e["s"] < cold["total_s"], (key, n, e)
+            assert e["peak_rss_gib"] and 0.1 < e["peak_rss_gib"] < 64, (key, n, e)
+            assert f"| {n} {e['class_type']}" in md, (key, n)
+        for q in (cold, warm):
+            node_sum = sum(e["s"] for e in q["nodes"].values())
+            assert abs(node_sum - q["server_execution_s"]) < 0.5 + 0.1 * q["server_execution_s"], (key, node_sum, q)
+            assert node_sum <= q["total_s"] + 0.05, (key, node_sum, q["total_s"])
+            n, w, h, _ = models.video_info(q["video"])
+            assert (n, w, h) == (9, rec["width"], rec["height"]), (key, n, w, h)
+        # warm: new file names -> the loaders of media re-run; model loaders come back cached from ComfyUI
+        classes = {n: e["class_type"] for n, e in warm["nodes"].items()}
+        assert set(classes) == prompt, (key, sorted(classes))
+        cached = {classes[n] for n in warm["cached"]}
+        assert {"VAELoader", "SteadyDancerModelLoader"} <= cached, (key, cached)
+        for n, c in classes.items():
+            if c in ("LoadVideo", "LoadImage", "SaveVideo"):
+                assert not warm["nodes"][n]["cached"] and warm["nodes"][n]["s"] > 0, (key, n, warm["nodes"][n])
+    assert "ESTIMATE" in md and "**queue -> saved video**" in md
+
+    rc, so, se = _run(cmd, 120)           # resumable: the finished runs are kept, nothing is queued again
+    assert rc == 0, se[-3000:]
+    assert all(f"[{k}] already done" in se for k in RUNS), se[-2000:]
+    assert json.loads((out / "results.json").read_text())["runs"][RUNS[0]]["queues"]["cold"]["prompt_id"] == \
+        res["runs"][RUNS[0]]["queues"]["cold"]["prompt_id"]
+    assert pathlib.Path(res["runs"][RUNS[0]]["queues"]["cold"]["video"]).is_file()
