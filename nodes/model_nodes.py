@@ -50,9 +50,41 @@ class LoadOptions:
         return self.attention
 
 
-def apply_speed_options(module, o: LoadOptions) -> None:
-    """Attention backend (self-attention; cross-attention stays dense) and per-block torch.compile."""
+def compiles(o: LoadOptions) -> bool:
+    """Whether these options run torch.compile: the blocks (compile), the fp8 activation quantizer (fp8_matmul,
+    compiled on CUDA) or the flex_attention kernel of flex_sparse."""
+    return bool(o.compile or o.fp8_matmul or o.attention.startswith("flex_sparse"))
+
+
+_compile_cache: dict = {}
+
+
+def use_compile_cache() -> dict | None:
+    """Point torch.compile's on-disk caches at ComfyUI's user folder (comfy_bridge.compile_cache_folder), once
+    per process and before the first compile, unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR were set by the
+    user (speed_options.use_compile_cache). Outside ComfyUI torch's own defaults stay. A folder that cannot be
+    made leaves torch's default, with a warning."""
     from ..steadydancer.weights import speed_options as accel
+    folder = cb.compile_cache_folder()
+    if folder is None:
+        return None
+    if not _compile_cache:
+        try:
+            _compile_cache.update(accel.use_compile_cache(folder))
+            log.info("SteadyDancer: torch.compile cache in %s", _compile_cache["inductor"])
+        except OSError as e:
+            log.warning("SteadyDancer: cannot use %s for the torch.compile cache (%s); torch's default folder "
+                        "is used (compiles again after a restart when it is in a cleared temp folder)", folder, e)
+            return None
+    return dict(_compile_cache)
+
+
+def apply_speed_options(module, o: LoadOptions) -> None:
+    """Attention backend (self-attention; cross-attention stays dense) and per-block torch.compile; the compile
+    cache folder first when anything compiles."""
+    from ..steadydancer.weights import speed_options as accel
+    if compiles(o):
+        use_compile_cache()
     accel.use_attention(module, o.attention_backend())
     if o.compile and not getattr(module, "_sd_compiled", False):
         accel.compile_blocks(module, fullgraph=False)  # a graph break is a slowdown here, never a failed run
@@ -119,8 +151,10 @@ class SteadyDancerModelLoader:
                     "GGUF layers.", default=False)),
                 "compile": ("BOOLEAN", tooltip(
                     "torch.compile each transformer block (fuses norms, modulation, RoPE, GELU): ~15-20% faster "
-                    "steps after the first, which compiles (tens of seconds, longer for a new resolution). Needs "
-                    "a working Triton (Linux + NVIDIA).", default=False)),
+                    "steps after the first, which compiles (tens of seconds, longer for a new resolution; a "
+                    "few seconds after a restart: the compile cache is kept in ComfyUI's user folder, "
+                    "user/steadydancer/torch_compile_cache). Needs a working Triton (Linux + NVIDIA).",
+                    default=False)),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
