@@ -124,10 +124,13 @@ def uncompile_blocks(model: nn.Module, rope_dtype: torch.dtype = torch.float64) 
 
 def optimize(model: nn.Module, attention: str = "auto", fp8: bool = False, sparse_topk: float | None = None,
              compile: bool = False, fp8_act_scaling: str = "tensor", fp8_fast_accum: bool = True) -> nn.Module:
-    """One call for the switches above. ``sparse_topk`` (e.g. 0.1-0.2, turbo path) replaces ``attention`` for
-    self-attention (cross-attention stays dense). fp8 defaults to the fastest mode measured on an H100
+    """One call for the switches above. ``sparse_topk`` (e.g. 0.1-0.2, turbo path) is the self-attention backend
+    instead of ``attention`` (cross-attention stays dense); giving both is an error. fp8 defaults to the fastest mode measured on an H100
     (per-tensor activation scale, fast accumulation: same error as per-token at the FFN shape). fp8 needs
     sm_89+ for the fp8 matmul; elsewhere the layers dequantize (correct, not faster)."""
+    if sparse_topk and attention != "auto":
+        raise ValueError(f"sparse_topk runs top-k sparse self-attention on its own flex kernel; it cannot be "
+                         f"combined with attention={attention!r} (pass one of the two)")
     use_attention(model, sparse(sparse_topk) if sparse_topk else attention)
     if fp8:
         use_fp8(model, act_scaling=fp8_act_scaling, fast_accum=fp8_fast_accum)
