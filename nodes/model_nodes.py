@@ -13,6 +13,8 @@ import logging
 import os
 
 from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
+# imported with the pack, as ComfyUI starts: it notes the user's compile-cache environment before torch sets it
+from ..steadydancer.weights import speed_options as _accel  # noqa: F401
 from . import comfy_bridge as cb
 from . import validation
 from .frames import CATEGORY, MODEL_TYPE, tooltip
