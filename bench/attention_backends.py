@@ -26,7 +26,6 @@ Output: a table on stdout; with ``--out``, results.jsonl and table.txt there.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -36,18 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from _common import cuda_time, free_cuda, median, rel_l2  # noqa: E402
+from _common import cuda_time, free_cuda, median, record, rel_l2  # noqa: E402
 
-ROWS: list[dict] = []
 REF = "bench_fp32_reference"
-
-
-def record(**kw):
-    ROWS.append(kw)
-    print("RESULT", json.dumps(kw), flush=True)
-    if ARGS.out:
-        with open(os.path.join(ARGS.out, "results.jsonl"), "a") as f:
-            f.write(json.dumps(kw) + "\n")
 
 
 def _forced(backend_name: str):
@@ -183,18 +173,16 @@ def print_table():
              f"date={env.get('date')} tokens={ARGS.tokens} heads={ARGS.heads}x{ARGS.head_dim} bf16"]
     lines.append(f"{'section':8s} {'backend':18s} {'ms':>9s} {'TFLOP/s':>8s} {'relL2 vs sdpa':>14s} "
                  f"{'relL2 vs fp32':>14s}")
-    for r in ROWS:
+    for r in C.RESULTS:
+        if r.get("section") not in SECTIONS:
+            continue
         if "skipped" in r or "error" in r:
             lines.append(f"{r['section']:8s} {r['backend']:18s} {'-':>9s}  {r.get('skipped') or 'ERROR ' + r['error']}")
             continue
         fp32 = r.get("rel_l2_vs_fp32", r.get("rel_l2_vs_fp32_attention"))
         lines.append(f"{r['section']:8s} {r['backend']:18s} {r['ms']:9.2f} {r.get('tflops', float('nan')):8.1f} "
                      f"{r['rel_l2_vs_sdpa']:14.5f} {fp32:14.5f}")
-    txt = "\n".join(lines)
-    print("\n" + txt, flush=True)
-    if ARGS.out:
-        with open(os.path.join(ARGS.out, "table.txt"), "w") as f:
-            f.write(txt + "\n")
+    C.write_table(lines)
 
 
 def main():
@@ -213,13 +201,9 @@ def main():
     ap.add_argument("--no-sparse", dest="sparse", action="store_false", help="leave out the flex_sparse rows")
     ARGS = ap.parse_args()
     C.DEV = ARGS.device
-    C.ARGS = argparse.Namespace(budget=1e9, out=None, tiny=ARGS.tiny)
+    C.ARGS = argparse.Namespace(budget=1e9, out=ARGS.out, tiny=ARGS.tiny)  # _common's record / write_table
     if ARGS.tiny:
-        from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
-        c = SteadyDancerConfig.tiny()
-        C.D, C.FFN, C.LAYERS, C.HEADS, C.HD, C.TEXT_DIM, C.FREQ_DIM = (c.dim, c.ffn_dim, c.num_layers, c.num_heads,
-                                                                       c.head_dim, c.text_dim, c.freq_dim)
-        C.RES.update({"480p": (128, 96), "720p": (160, 128)})
+        C.use_tiny_sizes()
         ARGS.tokens, ARGS.heads, ARGS.head_dim = 500, 2, 64
     if ARGS.out:
         os.makedirs(ARGS.out, exist_ok=True)

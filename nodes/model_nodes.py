@@ -185,7 +185,8 @@ class SteadyDancerModelLoader:
         if isinstance(attention, str):  # ComfyUI leaves the list check of a validated input to us
             if attention not in attention_choices():
                 return f"Value not in list: attention {attention!r} is not one of {attention_choices()}"
-            problem = attention_problem(attention, cb.torch_device() if cb.HAVE_COMFY and attention == "sage" else None)
+            device = cb.torch_device() if cb.HAVE_COMFY and attention == "sage" else None
+            problem = attention_problem(attention, device)
             if problem:
                 return problem
         return validation.validate_file(cb.DIFFUSION_FOLDER, model_name, "model")  # header only, before any node runs

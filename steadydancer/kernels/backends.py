@@ -83,7 +83,7 @@ def sage_problem(device: torch.device | str | None = None) -> str | None:
     if not _has_sage():
         return f"attention 'sage' needs the sageattention package, which is not importable here: {SAGE_INSTALL}"
     dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type != "cuda" or not torch.cuda.is_available():
+    if (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
         return f"attention 'sage' needs an NVIDIA GPU (SageAttention has CUDA kernels only); this runs on {dev}"
     major, minor = torch.cuda.get_device_capability(dev)
     if major < 8:
