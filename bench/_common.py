@@ -248,11 +248,27 @@ def print_table():
         if "error" in r:
             lines.append(f"ERROR {r.get('model', '')} {r.get('variant', r.get('what'))} {r.get('res', '')}: "
                          f"{r['error'][:300]}")
+    write_table(lines)
+
+
+def write_table(lines: list[str]):
+    """Print the table and keep it as ``table.txt`` under ``--out``."""
     txt = "\n".join(lines)
     print("\n" + txt, flush=True)
     if ARGS.out:
         with open(os.path.join(ARGS.out, "table.txt"), "w") as f:
             f.write(txt + "\n")
+
+
+def use_tiny_sizes():
+    """The model dimensions and resolutions of the tiny config (``--tiny`` smoke tests)."""
+    global D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+
+    c = SteadyDancerConfig.tiny()
+    D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM = (c.dim, c.ffn_dim, c.num_layers, c.num_heads, c.head_dim,
+                                                     c.text_dim, c.freq_dim)
+    RES.update({"480p": (128, 96), "720p": (160, 128)})
 
 
 def main(sections: dict, default_sections: str, description: str):
@@ -280,15 +296,10 @@ def main(sections: dict, default_sections: str, description: str):
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script itself (use with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny models and sizes (smoke test)")
     ARGS = ap.parse_args()
-    global DEV, D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM
+    global DEV
     DEV = ARGS.device
     if ARGS.tiny:
-        from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
-
-        c = SteadyDancerConfig.tiny()
-        D, FFN, LAYERS, HEADS, HD, TEXT_DIM, FREQ_DIM = (c.dim, c.ffn_dim, c.num_layers, c.num_heads, c.head_dim,
-                                                         c.text_dim, c.freq_dim)
-        RES.update({"480p": (128, 96), "720p": (160, 128)})
+        use_tiny_sizes()
     ARGS.res = [r for r in ARGS.res.split(",") if r]
     ARGS.variants = set(ARGS.variants.split(","))
     if ARGS.out:

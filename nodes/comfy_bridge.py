@@ -232,6 +232,17 @@ def node_message(node_id, text: str) -> None:
         log.debug("SteadyDancer: could not send node text: %s", e)
 
 
+COMPILE_CACHE_SUBDIR = ("steadydancer", "torch_compile_cache")
+
+
+def compile_cache_folder() -> str | None:
+    """<ComfyUI user directory>/steadydancer/torch_compile_cache (``--user-directory`` moves it with the rest of
+    the user folder; ComfyUI's temp folder is emptied on every start, so it is not used). None outside ComfyUI."""
+    if not HAVE_COMFY:
+        return None
+    return os.path.join(folder_paths.get_user_directory(), *COMPILE_CACHE_SUBDIR)
+
+
 def get_folder_paths(kind: str) -> list[str]:
     """Folders registered for a model kind (empty outside ComfyUI)."""
     if not HAVE_COMFY:

@@ -12,6 +12,10 @@ Facts this node relies on (checked in ComfyUI 0.33.0 source):
 - Native ``VAE.encode`` takes IMAGE [B,H,W,C] in 0..1 (a batch is the frames of one video for the Wan VAE) and
   returns the *raw* latent [1,16,T,H/8,W/8]; ComfyUI normalizes it later (latent_formats.Wan21.process_in).
   The official pipeline works on normalized latents, so we normalize with steadydancer/sampling/latents.py.
+- Negative pose latents are needed only by pose guidance, whose scale and step window live on the guider /
+  sampler. The node therefore hands them on as a ``DeferredLatent``: the SteadyDancer guider VAE-encodes them
+  (once; the result is kept) just before sampling when its schedule has a pose-guidance step, and never when
+  pose guidance is off (scale 0, an empty window, a core guider / KSampler, the turbo BasicGuider).
 - The official "image + 80 zero frames" clip is in [-1,1]; zero there is 0.5 in ComfyUI's 0..1 IMAGE space
   (WanImageToVideo uses the same 0.5 fill).
 """
@@ -26,6 +30,34 @@ from .frames import (CATEGORY, FIT_MODES, adjust_length, adjust_size, latent_sha
                      tooltip)
 
 
+class DeferredLatent:
+    """A VAE encode done on first use: ``latent()`` encodes ``frames`` with ``vae`` (``vae_encode``) the first
+    time and keeps the result (ComfyUI's cache keeps this object with the node's outputs, so later runs reuse
+    it); the frames and the VAE reference are dropped then. ``shape`` is the latent's shape, known beforehand."""
+
+    def __init__(self, vae, frames: torch.Tensor, shape: tuple, what: str):
+        self._vae, self._frames, self._latent = vae, frames, None
+        self.shape, self.what = tuple(shape), what
+
+    @property
+    def encoded(self) -> bool:
+        return self._latent is not None
+
+    def latent(self) -> torch.Tensor:
+        if self._latent is None:
+            z = vae_encode(self._vae, self._frames)
+            if tuple(z.shape) != self.shape:
+                raise ValueError(f"{self.what}: VAE latent shape {tuple(z.shape)} does not match the expected "
+                                 f"{self.shape}; is this the Wan2.1 VAE?")
+            self._latent, self._vae, self._frames = z, None, None
+        return self._latent
+
+
+def resolve_latent(value):
+    """A conditioning value as a tensor: a ``DeferredLatent`` is encoded (once), anything else is returned."""
+    return value.latent() if isinstance(value, DeferredLatent) else value
+
+
 class ClipFeatures:
     """A CLIP_VISION_OUTPUT stand-in holding only the validated ``penultimate_hidden_states`` (what WAN21 reads)."""
 
@@ -33,17 +65,19 @@ class ClipFeatures:
         self.penultimate_hidden_states = h
 
 
-def native_conditioning(cond, positive, negative):
+def native_conditioning(cond, positive, negative, cond_neg=None):
     """(positive, negative) CONDITIONING carrying SteadyDancer's inputs, as WanImageToVideo's carry its image:
     every entry gets the text (zero-padded to 512 tokens, as the DiT pads it) and, under the keys of
     nodes/native_model.py, the normalized image latent + mask (``y``), both pose latents, ``ref_x``, ``ref_c`` and
-    both CLIP features. ``cond``: the validated core ``SteadyDancerConditioning``."""
+    both CLIP features. ``cond``: the validated core ``SteadyDancerConditioning``; ``cond_neg``: the negative
+    pose latents (a tensor or a ``DeferredLatent``) or None."""
     from . import native_model as nm
 
     shared = {nm.KEY_Y: cond.y, nm.KEY_POSE: cond.cond_pos, nm.KEY_REF_X: cond.ref_x, nm.KEY_REF_C: cond.ref_c,
               "clip_vision_output": ClipFeatures(cond.clip_fea), nm.KEY_CLIP_POSE: ClipFeatures(cond.clip_fea_c)}
-    if cond.cond_neg is not None:
-        shared[nm.KEY_POSE_NEG] = cond.cond_neg
+    cond_neg = cond.cond_neg if cond_neg is None else cond_neg
+    if cond_neg is not None:
+        shared[nm.KEY_POSE_NEG] = cond_neg
 
     def entries(src, text):
         text = torch.nn.functional.pad(text, (0, 0, 0, TEXT_LEN - text.shape[1]))
@@ -177,22 +211,22 @@ class SteadyDancerConditioning:
         ref = resize_images(reference_image[:1], w, h, fit)
         poses = resize_images(pose_frames[:n], w, h, fit)
         cb.check_interrupt()
-        pbar = cb.Progress(5 if negative_pose_frames is not None else 4)
+        pbar = cb.Progress(4)
 
         clip_img = torch.cat([ref, torch.full((n - 1, h, w, 3), 0.5, dtype=ref.dtype)], 0)
         image_latent = vae_encode(vae, clip_img); pbar.update(1); cb.check_interrupt()
         z_ref = vae_encode(vae, ref)
         z_pose0 = vae_encode(vae, poses[:1]); pbar.update(1); cb.check_interrupt()
         cond_pos = vae_encode(vae, poses); pbar.update(1); cb.check_interrupt()
-        cond_neg = None
-        if negative_pose_frames is not None:
-            neg = resize_images(negative_pose_frames[:n], w, h, fit)
-            cond_neg = vae_encode(vae, neg); pbar.update(1); cb.check_interrupt()
 
         _, lat_t, lat_h, lat_w = latent_shape(w, h, n)
         if tuple(image_latent.shape[2:]) != (lat_t, lat_h, lat_w):
             raise ValueError(f"VAE latent shape {tuple(image_latent.shape)} does not match the expected "
                              f"{(lat_t, lat_h, lat_w)} for {w}x{h}x{n}; is this the Wan2.1 VAE?")
+        cond_neg = None
+        if negative_pose_frames is not None:  # encoded by the guider, only if pose guidance runs (module doc)
+            cond_neg = DeferredLatent(vae, resize_images(negative_pose_frames[:n], w, h, fit), cond_pos.shape,
+                                      "negative_pose_frames")
         mask = sdc.build_i2v_mask(n, lat_h, lat_w)
         cond = sdc.SteadyDancerConditioning(
             context=text_from_conditioning(positive, "positive", unique_id),
@@ -201,12 +235,11 @@ class SteadyDancerConditioning:
             clip_fea_c=clip_features(clip_vision_pose, "clip_vision_pose"),
             y=sdc.build_y(mask, image_latent),
             cond_pos=cond_pos,
-            cond_neg=cond_neg,
             ref_x=sdc.build_ref_x(z_ref),
             ref_c=sdc.build_ref_c(z_pose0),
         )
         pbar.update(1)
-        pos, neg = native_conditioning(cond, positive, negative)
+        pos, neg = native_conditioning(cond, positive, negative, cond_neg)
         latent = {"samples": torch.zeros((1, *latent_shape(w, h, n)), dtype=torch.float32,
                                          device=cb.intermediate_device())}
         return (pos, neg, latent, w, h, n)

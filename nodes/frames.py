@@ -71,7 +71,7 @@ def resize_images(images: torch.Tensor, width: int, height: int, fit: str = "cro
     else:
         out = torch.full((B, C, height, width), float(pad_value), dtype=r.dtype)
         out[:, :, oy:oy + nh, ox:ox + nw] = r
-    return out.clamp(0.0, 1.0).movedim(1, -1).contiguous()
+    return out.clamp_(0.0, 1.0).movedim(1, -1).contiguous()  # out is this call's own tensor (or a view of it)
 
 
 def fit_geometry(src_w: int, src_h: int, width: int, height: int, fit: str) -> tuple[int, int, int, int]:

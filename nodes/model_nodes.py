@@ -13,6 +13,8 @@ import logging
 import os
 
 from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
+# imported with the pack, as ComfyUI starts: it notes the user's compile-cache environment before torch sets it
+from ..steadydancer.weights import speed_options as _accel  # noqa: F401
 from . import comfy_bridge as cb
 from . import validation
 from .frames import CATEGORY, MODEL_TYPE, tooltip
@@ -24,12 +26,25 @@ COMPUTE_DTYPES = list(LOADER_DTYPES)  # the names the loader maps to torch dtype
 
 
 def attention_choices() -> list:
-    """auto / sdpa / flex_sparse (when this torch has flex attention), plus flash_attn / sage when importable."""
+    """auto / sdpa / flex_sparse (when this torch has flex attention), flash_attn when importable, and sage
+    always: a workflow saved with sage opens everywhere, and where the sageattention package is missing the
+    prompt is refused with how to install it (``attention_problem``) instead of "value not in list"."""
     from ..steadydancer.kernels.attention import available_backends
     avail = available_backends()
     out = ["auto", "sdpa"]
-    out += [n for n in ("flex_sparse", "flash_attn", "sage") if n in avail]
-    return out
+    out += [n for n in ("flex_sparse", "flash_attn") if n in avail]
+    return out + ["sage"]
+
+
+def attention_problem(attention: str, device=None) -> str | None:
+    """Why this attention choice cannot run (None: it can). ``device``: also check the GPU (at load)."""
+    if attention == "sage":
+        from ..steadydancer.kernels.backends import sage_problem
+        from ..steadydancer.kernels.attention import available_backends
+        if "sage" not in available_backends():
+            return sage_problem()
+        return sage_problem(device) if device is not None else None
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +65,41 @@ class LoadOptions:
         return self.attention
 
 
-def apply_speed_options(module, o: LoadOptions) -> None:
-    """Attention backend (self-attention; cross-attention stays dense) and per-block torch.compile."""
+def compiles(o: LoadOptions) -> bool:
+    """Whether these options run torch.compile: the blocks (compile), the fp8 activation quantizer (fp8_matmul,
+    compiled on CUDA) or the flex_attention kernel of flex_sparse."""
+    return bool(o.compile or o.fp8_matmul or o.attention.startswith("flex_sparse"))
+
+
+_compile_cache: dict = {}
+
+
+def use_compile_cache() -> dict | None:
+    """Point torch.compile's on-disk caches at ComfyUI's user folder (comfy_bridge.compile_cache_folder), once
+    per process and before the first compile, unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR were set by the
+    user (speed_options.use_compile_cache). Outside ComfyUI torch's own defaults stay. A folder that cannot be
+    made leaves torch's default, with a warning."""
     from ..steadydancer.weights import speed_options as accel
+    folder = cb.compile_cache_folder()
+    if folder is None:
+        return None
+    if not _compile_cache:
+        try:
+            _compile_cache.update(accel.use_compile_cache(folder))
+            log.info("SteadyDancer: torch.compile cache in %s", _compile_cache["inductor"])
+        except OSError as e:
+            log.warning("SteadyDancer: cannot use %s for the torch.compile cache (%s); torch's default folder "
+                        "is used (compiles again after a restart when it is in a cleared temp folder)", folder, e)
+            return None
+    return dict(_compile_cache)
+
+
+def apply_speed_options(module, o: LoadOptions) -> None:
+    """Attention backend (self-attention; cross-attention stays dense) and per-block torch.compile; the compile
+    cache folder first when anything compiles."""
+    from ..steadydancer.weights import speed_options as accel
+    if compiles(o):
+        use_compile_cache()
     accel.use_attention(module, o.attention_backend())
     if o.compile and not getattr(module, "_sd_compiled", False):
         accel.compile_blocks(module, fullgraph=False)  # a graph break is a slowdown here, never a failed run
@@ -68,6 +115,9 @@ def load_model(path: str, o: "LoadOptions"):
     from . import native_model
 
     cb.need_comfy("The SteadyDancer Model Loader")
+    problem = attention_problem(o.attention, cb.torch_device())
+    if problem:
+        raise ValueError(problem)
     module = loader.load_steadydancer(
         path, compute_dtype=o.compute_dtype, storage=o.weight_storage, device=cb.offload_device(),
         offload_device=cb.offload_device(), fp8_matmul=bool(o.fp8_matmul), attention=o.attention_backend(),
@@ -104,8 +154,11 @@ class SteadyDancerModelLoader:
                 "attention": (attention_choices(), tooltip(
                     "Attention kernel. auto = cuDNN fused attention on Hopper (H100/H200), PyTorch SDPA elsewhere "
                     "(exact). sdpa = PyTorch's own choice. flex_sparse = top-k block-sparse self-attention (turbo "
-                    "path: self-attention ~1.5-2x faster per step at 480p-720p, small error vs dense; see sparse_topk). flash_attn / sage "
-                    "appear when those packages are installed (sage is lossy). Cross-attention always stays dense.",
+                    "path: self-attention ~1.5-2x faster per step at 480p-720p, small error vs dense; see sparse_topk). "
+                    "flash_attn appears when installed. sage = SageAttention 2 (8-bit; needs the sageattention "
+                    "package and an RTX 30xx / A100 or newer GPU; the prompt is refused with how to install it "
+                    "otherwise): self-attention ~1.4x faster than cuDNN on an H200, lossy (3.9% error on random "
+                    "q/k/v vs 0.2% for cuDNN); not combined with flex_sparse. Cross-attention always stays dense.",
                     default="auto")),
                 "sparse_topk": ("FLOAT", tooltip(
                     "flex_sparse only: fraction of key blocks each query block attends to. Turbo-path option: "
@@ -120,14 +173,23 @@ class SteadyDancerModelLoader:
                     "GGUF layers.", default=False)),
                 "compile": ("BOOLEAN", tooltip(
                     "torch.compile each transformer block (fuses norms, modulation, RoPE, GELU): ~15-20% faster "
-                    "steps after the first, which compiles (tens of seconds, longer for a new resolution). Needs "
-                    "a working Triton (Linux + NVIDIA).", default=False)),
+                    "steps after the first, which compiles (tens of seconds, longer for a new resolution; a "
+                    "few seconds after a restart: the compile cache is kept in ComfyUI's user folder, "
+                    "user/steadydancer/torch_compile_cache). Needs a working Triton (Linux + NVIDIA).",
+                    default=False)),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name):
+    def VALIDATE_INPUTS(cls, model_name, attention="auto"):
+        if isinstance(attention, str):  # ComfyUI leaves the list check of a validated input to us
+            if attention not in attention_choices():
+                return f"Value not in list: attention {attention!r} is not one of {attention_choices()}"
+            device = cb.torch_device() if cb.HAVE_COMFY and attention == "sage" else None
+            problem = attention_problem(attention, device)
+            if problem:
+                return problem
         return validation.validate_file(cb.DIFFUSION_FOLDER, model_name, "model")  # header only, before any node runs
 
     def load(self, model_name, weight_storage, compute_dtype, attention, sparse_topk, fp8_matmul, compile,

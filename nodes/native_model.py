@@ -177,7 +177,8 @@ def native():
             out = super().extra_conds(**kwargs)  # c_concat (our y), c_crossattn, clip_fea (reference)
             pose = kwargs.get(KEY_POSE)
             if kwargs.get("prompt_type") == NEGATIVE_POSE:
-                pose = kwargs.get(KEY_POSE_NEG)
+                from .conditioning_nodes import resolve_latent  # deferred encode (our guider resolves it first)
+                pose = resolve_latent(kwargs.get(KEY_POSE_NEG))
                 if pose is None:
                     raise ValueError("SteadyDancer: pose guidance needs negative pose frames on the Conditioning node")
             if pose is not None:

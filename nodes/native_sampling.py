@@ -7,7 +7,9 @@ UniPC / Euler, steadydancer/sampling/official.py) and ``rcm_loop`` (turbo/rcm.py
   prompt + negative poses); per step the core ``Guidance.passes`` picks the passes (text CFG, pose CFG inside its
   window), ``comfy.samplers.calc_cond_batch`` runs them (batched into one forward when ComfyUI's memory check
   allows; context windows, EasyCache and patches hook in there), ``Guidance.combine`` mixes the x0 predictions
-  (the official v-space formula is linear, so this equals it up to rounding).
+  (the official v-space formula is linear, so this equals it up to rounding). The ``negative_pose`` set exists
+  for a run only when its sigmas have a pose-guidance step (``pose_conds_for_run``): the negative pose latents,
+  which the Conditioning node defers, are VAE-encoded then, before the DiT is loaded, and never otherwise.
 - SAMPLERs (``comfy.samplers.Sampler``): they get the guider's x0 and turn it into the velocity the core loops
   take (``v = (x - x0) / sigma``); the official sampler starts from the raw noise (as official; ComfyUI's
   KSAMPLER would scale it by sigma_0 = 0.999), rCM from ``sigma_0 * noise`` with its SDE noise continuing the
@@ -29,7 +31,21 @@ import types
 
 import torch
 
-from .native_model import NEGATIVE_POSE, PROGRESS_KEY, TIMESTEP_KEY, context_of
+from .native_model import KEY_POSE_NEG, NEGATIVE_POSE, PROGRESS_KEY, TIMESTEP_KEY, context_of
+
+
+def pose_conds_for_run(conds: dict, guidance, steps: int) -> dict:
+    """The guider's cond sets for one run of ``steps`` steps: without ``negative_pose`` when no step of this
+    schedule runs pose guidance (scale 0, empty window); else with its deferred negative pose latents encoded
+    (conditioning_nodes.DeferredLatent, once per Conditioning output). ``conds`` itself is left unchanged."""
+    from .conditioning_nodes import resolve_latent
+    if not any(guidance.pose_active(i, steps) for i in range(max(0, steps))):
+        return {k: v for k, v in conds.items() if k != NEGATIVE_POSE}
+    out = dict(conds)
+    if NEGATIVE_POSE in out:
+        out[NEGATIVE_POSE] = [{**c, KEY_POSE_NEG: resolve_latent(c[KEY_POSE_NEG])} if KEY_POSE_NEG in c else c
+                              for c in out[NEGATIVE_POSE]]
+    return out
 
 
 def step_index(timestep: torch.Tensor, model_options: dict) -> tuple[int, int]:
@@ -116,6 +132,14 @@ def native():
 
         def set_conds(self, positive, negative):
             self.inner_set_conds({"positive": positive, "negative": negative, NEGATIVE_POSE: positive})
+
+        def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+            kept = self.original_conds
+            self.original_conds = pose_conds_for_run(kept, self.guidance, int(sigmas.shape[-1]) - 1)
+            try:
+                return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+            finally:
+                self.original_conds = kept
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
             idx, n = step_index(timestep, model_options)

@@ -63,9 +63,12 @@ def _pipeline(detector: str, estimator: str, providers: str):
 
 
 def _to_image(frames_uint8_or_float) -> torch.Tensor:
+    """Drawn frames -> IMAGE [F, H, W, 3] float32 0..1. uint8 frames are converted in one pass with one float32
+    allocation (``float()`` then an in-place ``/ 255``: the same float32 division as ``astype(float32) / 255``,
+    bit for bit, without numpy's two full-video temporaries); float32 frames are wrapped without a copy."""
     a = np.asarray(frames_uint8_or_float)
     if a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255.0
+        return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32).div_(255.0)
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
@@ -130,7 +133,7 @@ class SteadyDancerPoseExtract:
             cb.node_message(unique_id, summarize_missing(missing, n))
         # normalized coordinates with the real confidences (the Retarget node applies SteadyDancer's 0.35 threshold)
         out = [keypoints.to_pose_keypoint(p, body, hands, face) for p in poses]
-        img = draw.render_poses(poses, cw, ch, body=body, hands=hands, face=face, as_float=True)
+        img = draw.render_poses(poses, cw, ch, body=body, hands=hands, face=face)  # uint8: _to_image converts
         return (out, _to_image(img))
 
 
@@ -225,11 +228,11 @@ class SteadyDancerPoseRetarget:
         swap = colors == "steadydancer"
         pbar = cb.Progress(2)
         pos_img = draw.render_poses(aligned, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
-                                    threshold=THRESHOLD, as_float=True)
+                                    threshold=THRESHOLD)
         pbar.update(1)
         cb.check_interrupt()
         neg_img = draw.render_poses(neg, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
-                                    threshold=THRESHOLD, as_float=True)
+                                    threshold=THRESHOLD)
         pbar.update(1)
         out = [keypoints.to_pose_keypoint(p, True, hands, face, threshold=THRESHOLD) for p in aligned]
         ref_img = resize_images(reference_image[:1], W, H, fit)

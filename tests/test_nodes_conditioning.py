@@ -24,7 +24,8 @@ class Built:
         for key in (nm.KEY_Y, nm.KEY_POSE, nm.KEY_REF_X, nm.KEY_REF_C):   # shared by both
             assert p[key] is q[key]
         self.y, self.cond_pos, self.ref_x, self.ref_c = p[nm.KEY_Y], p[nm.KEY_POSE], p[nm.KEY_REF_X], p[nm.KEY_REF_C]
-        self.cond_neg = p.get(nm.KEY_POSE_NEG)
+        from steadydancer_turbo.nodes.conditioning_nodes import resolve_latent
+        self.cond_neg = resolve_latent(p.get(nm.KEY_POSE_NEG))  # deferred: encoded here, as the guider does
         self.clip_fea = p["clip_vision_output"].penultimate_hidden_states
         self.clip_fea_c = p[nm.KEY_CLIP_POSE].penultimate_hidden_states
         self.latent = latent["samples"]
@@ -119,3 +120,58 @@ def test_conditioning_node_cuts_long_text_to_512_and_rejects_wrong_encoders():
     inp["clip_vision_pose"] = clip_vision_output(1, dim=1024)
     with pytest.raises(ValueError, match="clip_vision_h"):
         node.build(**inp)
+
+
+def _guidance(pose, start=0.1, end=0.4, text=5.0):
+    from steadydancer_turbo.steadydancer.sampling.official import Guidance
+    return Guidance(text, pose, start, end)
+
+
+def test_negative_poses_are_encoded_only_when_pose_guidance_runs():
+    """The Conditioning node defers the negative-pose VAE encode; the guider's per-run cond sets
+    (native_sampling.pose_conds_for_run, called by SteadyDancerGuider.sample before the DiT loads) encode them
+    once when the schedule has a pose-guidance step, and drop the negative_pose set (no encode) when it has
+    none. The encoded latent equals a direct encode of the resized negative frames (the old eager path)."""
+    from steadydancer_turbo.nodes import native_model as nm
+    from steadydancer_turbo.nodes.conditioning_nodes import DeferredLatent
+    from steadydancer_turbo.nodes.native_sampling import pose_conds_for_run
+
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
+    inp = _cond_inputs(W=40, H=48)  # 40 wide: resized to 48 (the deferred frames are the resized ones)
+    vae = inp["vae"]
+    pos, neg, *_ = node.build(**inp)
+    assert len(vae.encode_calls) == 4  # image clip, reference, first pose, pose video: no negative poses
+    deferred = pos[0][1][nm.KEY_POSE_NEG]
+    assert isinstance(deferred, DeferredLatent) and not deferred.encoded and neg[0][1][nm.KEY_POSE_NEG] is deferred
+    assert deferred.shape == tuple(pos[0][1][nm.KEY_POSE].shape)
+    def converted(c):  # what CFGGuider.inner_set_conds keeps (comfy.sampler_helpers.convert_cond)
+        return [{**e[1], "cross_attn": e[0], "model_conds": {}} for e in c]
+
+    conds = {"positive": converted(pos), "negative": converted(neg), nm.NEGATIVE_POSE: converted(pos)}
+
+    # pose guidance off: scale 0, a window with no step in it (4 steps: 0, .25, .5, .75 vs (0.3, 0.45)), 0 steps
+    for g, steps in [(_guidance(0.0), 40), (_guidance(1.0, 0.3, 0.45), 4), (_guidance(1.0, 0.4, 0.1), 40),
+                     (_guidance(1.0), 0)]:
+        run = pose_conds_for_run(conds, g, steps)
+        assert sorted(run) == ["negative", "positive"], (g, steps)
+    assert len(vae.encode_calls) == 4 and not deferred.encoded
+
+    # pose guidance on (official defaults, 40 steps): encoded once, into the negative_pose set only
+    run = pose_conds_for_run(conds, _guidance(1.0), 40)
+    assert len(vae.encode_calls) == 5 and vae.encode_calls[-1] == (9, 48, 48, 3)
+    z = run[nm.NEGATIVE_POSE][0][nm.KEY_POSE_NEG]
+    from steadydancer_turbo.nodes.frames import resize_images
+    want = comfy_process_in(FakeWanVAE(3).encode(resize_images(inp["negative_pose_frames"], 48, 48, "crop")))
+    torch.testing.assert_close(z.double(), want, rtol=1e-5, atol=1e-5)
+    assert conds[nm.NEGATIVE_POSE][0][nm.KEY_POSE_NEG] is deferred and pos[0][1][nm.KEY_POSE_NEG] is deferred
+    run2 = pose_conds_for_run(conds, _guidance(2.0, 0.0, 1.0), 8)  # a second run (other guider): no re-encode
+    assert run2[nm.NEGATIVE_POSE][0][nm.KEY_POSE_NEG] is z and len(vae.encode_calls) == 5
+
+
+def test_turbo_graph_conditioning_never_encodes_negative_poses():
+    """The turbo workflow connects no negative_pose_frames: four encodes, no negative-pose key at all."""
+    from steadydancer_turbo.nodes import native_model as nm
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerConditioning"]()
+    inp = _cond_inputs(neg=False)
+    pos, neg, *_ = node.build(**inp)
+    assert len(inp["vae"].encode_calls) == 4 and nm.KEY_POSE_NEG not in pos[0][1]

@@ -297,3 +297,16 @@ def test_retarget_applies_steadydancer_keypoint_threshold(onnx_files):
         kept[c] = np.array(aligned[1]["people"][0]["pose_keypoints_2d"]).reshape(18, 3)[j, 2]
     assert kept[0.32] == 0.0
     assert kept[0.40] == pytest.approx(0.40)
+
+
+def test_drawn_frames_become_images_without_float_temporaries_and_with_the_same_numbers():
+    """Pose videos are drawn as uint8 and converted once in torch (nodes/pose_nodes._to_image): bit-identical to
+    the former numpy ``astype(float32) / 255.0`` for every byte value; float32 frames are wrapped, not copied."""
+    import numpy as np
+    from steadydancer_turbo.nodes.pose_nodes import _to_image
+    u8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    img = _to_image(u8)
+    assert img.dtype == torch.float32 and img.shape == (1, 16, 16, 3) and img.is_contiguous()
+    assert np.array_equal(img.numpy().view(np.uint32), (u8.astype(np.float32) / 255.0).view(np.uint32))
+    f32 = np.random.default_rng(0).random((2, 4, 5, 3), dtype=np.float32)
+    assert np.shares_memory(_to_image(f32).numpy(), f32)

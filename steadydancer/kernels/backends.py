@@ -1,8 +1,12 @@
 """The attention backends beyond plain ``"sdpa"``, registered into ``attention.py``'s registry by
 :func:`register_builtin_backends` (called once by the ``kernels`` package on import; safe to call again).
 
-- ``"flash_attn"``: FlashAttention 3 if importable, else 2; ``"sage"``: SageAttention (quantised QK, lossy).
-  Both are listed as available only when their package imports, and are used only when chosen.
+- ``"flash_attn"``: FlashAttention 3 if importable, else 2; ``"sage"``: SageAttention 2 (``sageattention``
+  package: INT8 Q/K and FP8 P/V, lossy) for self-attention, cross-attention dense. Both are available only when
+  their package imports, and are used only when chosen (never a silent fallback: ``sage_problem`` says why
+  sage cannot run). Top-k sparse attention has its own flex kernel and is not combined with sage: the
+  sageattention package has no entry point for our top-k block lists (block-sparse Sage kernels are the separate
+  SpargeAttn project), so ``"sage"`` and ``"flex_sparse*"`` are two choices of the one self-attention backend.
 - ``"sdpa_cudnn"``: PyTorch's cuDNN fused attention called directly (``aten._scaled_dot_product_cudnn_attention``;
   direct, so it also works inside ``torch.compile`` regions without an ``sdpa_kernel`` context). On an H100 with
   torch 2.11, head dim 128, it runs self-attention over 35,880 tokens in 45 ms against 72 ms for the flash
@@ -23,7 +27,7 @@ import torch
 
 from .attention import is_registered, register_backend, sdpa
 
-__all__ = ["register_builtin_backends", "sparse_backend", "cudnn_attention_usable"]
+__all__ = ["register_builtin_backends", "sparse_backend", "cudnn_attention_usable", "sage_problem"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -67,12 +71,52 @@ def _flash(q, k, v):
     return out.to(dtype)
 
 
+SAGE_INSTALL = ("install SageAttention 2 into ComfyUI's Python (pip install sageattention, or build it from "
+                "github.com/thu-ml/SageAttention) and restart ComfyUI, or choose attention auto / sdpa")
+SAGE_MAX_HEAD_DIM = 128  # sageattn pads head dims up to 64 / 128 and refuses larger ones
+
+
+def sage_problem(device: torch.device | str | None = None) -> str | None:
+    """Why ``"sage"`` cannot run on ``device`` (None: it can). SageAttention 2's kernels are CUDA-only, for
+    compute capability 8.0 and newer (Ampere, Ada, Hopper, Blackwell); its ``sageattn`` picks the kernel by
+    the GPU's architecture."""
+    if not _has_sage():
+        return f"attention 'sage' needs the sageattention package, which is not importable here: {SAGE_INSTALL}"
+    dev = torch.device(device) if device is not None else None
+    if (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
+        return f"attention 'sage' needs an NVIDIA GPU (SageAttention has CUDA kernels only); this runs on {dev}"
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 8:
+        return (f"attention 'sage' needs an NVIDIA GPU of compute capability 8.0 or newer (RTX 30xx / A100 and "
+                f"later); this one is sm{major}{minor}: choose attention auto / sdpa")
+    return None
+
+
+def _sage_device_check(q: torch.Tensor) -> None:
+    if q.device.type != "cuda":
+        raise RuntimeError(f"attention 'sage' needs CUDA tensors, got {q.device}: SageAttention has CUDA kernels only")
+
+
 def _sage(q, k, v):
+    """SageAttention 2 (INT8 Q/K, FP8 P/V on Ada/Hopper) on self-attention: ``sageattn`` in its "NHD" layout,
+    which is ours ([B, L, H, D]), non-causal, default 1/sqrt(D) scale; half inputs (fp32 is cast to bf16, as
+    for FlashAttention) with a contiguous last dimension. Cross-attention (query and key lengths differ: the
+    512 text / 257 CLIP tokens, a small part of the cost) stays dense, as for the sparse backends."""
+    if q.shape[1] != k.shape[1]:
+        return _auto(q, k, v)
+    _sage_device_check(q)
+    if q.shape[-1] > SAGE_MAX_HEAD_DIM:
+        raise RuntimeError(f"attention 'sage' supports head dims up to {SAGE_MAX_HEAD_DIM}, got {q.shape[-1]}")
     import sageattention
     dtype = q.dtype
     if dtype not in _HALF:
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    out = sageattention.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    try:
+        out = sageattention.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+    except ValueError as e:  # e.g. "Unsupported CUDA architecture": say which option caused it
+        raise RuntimeError(f"attention 'sage' (SageAttention) cannot run here: {e}; choose attention auto / sdpa") \
+            from e
     return out.to(dtype)
 
 
@@ -151,7 +195,7 @@ def register_builtin_backends() -> None:
     """Register this module's backends (each once; a second call changes nothing)."""
     builtin = [
         ("flash_attn", _flash, _flash_available, "FlashAttention 3 if importable, else 2"),
-        ("sage", _sage, _has_sage, "SageAttention (quantised QK, lossy)"),
+        ("sage", _sage, lambda: _has_sage(), "SageAttention 2 self-attention (INT8 QK, FP8 PV: lossy); cross dense"),
         ("sdpa_cudnn", _sdpa_cudnn, lambda: True, "cuDNN fused attention (direct aten call), sdpa fallback"),
         ("auto", _auto, lambda: True, "sdpa_cudnn on Hopper, sdpa elsewhere"),
     ]

@@ -175,6 +175,41 @@ def check_official():
     return out
 
 
+def check_deferred_pose():
+    """The Conditioning node's deferred negative-pose encode through the real guider: with pose guidance it is
+    encoded once (two runs) and the samples equal, bit for bit, those of the same latent given as a tensor;
+    with pose guidance 0 it is never encoded."""
+    import dataclasses
+    model, cond = native(float_file()), make_cond()
+    raw = latents.denormalize(cond.cond_neg)  # what the Wan VAE would return; vae_encode normalizes it
+    calls = []
+
+    class CountingVAE:
+        def encode(self, pixels):
+            calls.append(tuple(pixels.shape))
+            return raw.clone()
+
+    bare = dataclasses.replace(cond, cond_neg=None)
+    frames = torch.zeros(4 * (T - 1) + 1, 8 * H, 8 * W, 3)
+    eager = dataclasses.replace(cond, cond_neg=latents.normalize(raw.float()))
+
+    def run(pos, neg, guidance):
+        guider = ns.make_guider(model, pos, neg, guidance)
+        return ns.sample_custom_advanced(guider, ns.native().FlowSampler("unipc"), sn.official_sigmas(6, 5.0, model),
+                                         empty_latent(), 7)["samples"]
+
+    out = {}
+    for tag, g in (("on", sampling.Guidance(5.0, 1.0, 0.1, 0.4)), ("off", sampling.Guidance(5.0, 0.0, 0.1, 0.4))):
+        calls.clear()
+        deferred = cn.DeferredLatent(CountingVAE(), frames, tuple(cond.cond_neg.shape), "negative_pose_frames")
+        pos, neg = cn.native_conditioning(bare, [[bare.context, {}]], [[bare.context_null, {}]], deferred)
+        got = [run(pos, neg, g) for _ in range(2)]
+        want = run(*comfy_conds(eager), g)
+        out[f"deferred_pose_{tag}_encodes"] = len(calls)
+        out[f"deferred_pose_{tag}_equal"] = bool(torch.equal(got[0], want) and torch.equal(got[1], want))
+    return out
+
+
 def check_rcm():
     ref, model, cond = reference(float_file()), native(float_file()), make_cond()
     pos, _ = comfy_conds(cond)
@@ -491,7 +526,7 @@ def check_windows():
     return out
 
 
-CHECKS = {"free": check_free, "official": check_official, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora,
+CHECKS = {"free": check_free, "official": check_official, "deferred_pose": check_deferred_pose, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora,
           "compose": check_compose, "windows": check_windows}
 
 if __name__ == "__main__":

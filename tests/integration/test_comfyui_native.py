@@ -43,6 +43,11 @@ def test_sampler_custom_advanced_reproduces_sample_official(results):
         assert results[k] < tol(results), (k, results[k])
 
 
+def test_negative_poses_are_encoded_by_the_guider_only_when_pose_guidance_runs(results):
+    assert results["deferred_pose_on_encodes"] == 1 and results["deferred_pose_on_equal"]   # once for two runs
+    assert results["deferred_pose_off_encodes"] == 0 and results["deferred_pose_off_equal"]
+
+
 def test_rcm_sampler_reproduces_sample_rcm(results):
     for k in ("rcm_rcm_sde_rel", "rcm_shift_sde_rel", "rcm_rcm_ode_rel"):
         assert results[k] < tol(results), (k, results[k])

@@ -3,6 +3,7 @@ SamplerCustomAdvanced with RandomNoise + our sigmas / guider / sampler nodes, ru
 (POST /free) releases the DiT's RAM in the server process (measured with a ~0.3 GB float32 DiT)."""
 import time
 
+import pytest
 from comfyui_harness import api_workflow, models, nodes_of, run_workflow, small
 
 W, H, LENGTH = 64, 96, 9
@@ -34,14 +35,19 @@ def test_core_ksampler_runs_steadydancer_to_a_video(comfy):
     assert any(t == "progress" and str(d.get("node")) == sampler for t, d in events)
 
 
-def test_sampler_custom_advanced_with_our_pieces_runs_to_a_video(comfy):
+@pytest.mark.parametrize("pose_guidance", [1.0, 0.0])
+def test_sampler_custom_advanced_with_our_pieces_runs_to_a_video(comfy, pose_guidance):
+    """pose 0: the negative pose frames are disconnected, so the guider must run without a negative_pose set
+    (it drops it when no step of the schedule has pose guidance; the VAE never encodes negative poses)."""
     prompt, sampler = _dance(comfy)
     i = prompt[sampler]["inputs"]
+    if not pose_guidance:
+        prompt[nodes_of(prompt, "SteadyDancerConditioning")[0]]["inputs"].pop("negative_pose_frames")
     prompt.update({
         "901": {"class_type": "SteadyDancerOfficialSigmas", "inputs": {"steps": 2, "shift": 0.0, "model": i["model"]}},
         "902": {"class_type": "SteadyDancerGuider", "inputs": {
             "model": i["model"], "positive": i["positive"], "negative": i["negative"], "text_guidance": 5.0,
-            "pose_guidance": 1.0, "pose_guidance_start": 0.1, "pose_guidance_end": 0.4}},
+            "pose_guidance": pose_guidance, "pose_guidance_start": 0.1, "pose_guidance_end": 0.4}},
         "903": {"class_type": "SteadyDancerSamplerUniPC", "inputs": {"solver": "unipc"}},
         "904": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
     })

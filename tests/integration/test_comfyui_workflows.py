@@ -52,6 +52,23 @@ def test_workflow_runs_to_a_video_of_the_requested_size(comfy, name):
     assert steps and steps[-1]["value"] == steps[-1]["max"], steps
 
 
+def test_turbo_workflow_decodes_with_core_vae_decode_tiled(comfy):
+    """Core VAEDecodeTiled instead of VAEDecode on our LATENT (the README's low-VRAM decode): spatial tiles
+    (64 px, 16 px overlap on a 64x96 video) and temporal tiles (8 frames = 2 latent frames, overlap 1) still give
+    exactly LENGTH frames of W x H."""
+    _ready(comfy)
+    comfy.need("lora")
+    prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH, steps=2)
+    (dec,) = nodes_of(prompt, "VAEDecode")
+    prompt[dec] = {"class_type": "VAEDecodeTiled", "inputs": {
+        **prompt[dec]["inputs"], "tile_size": 64, "overlap": 16, "temporal_size": 8, "temporal_overlap": 4}}
+    hist, _ = comfy.run(prompt, timeout=900)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    (video,) = [f for f in run_workflow.output_files(hist) if f["filename"].endswith((".mp4", ".webm", ".mkv"))]
+    n, w, h, _ = models.video_info(comfy.output_path(video))
+    assert (n, w, h) == (LENGTH, W, H)
+
+
 def test_long_workflow_runs_windows_to_a_video_with_the_exact_frame_count(comfy):
     """The long workflow with 9-frame windows overlapping by 4 frames on the 17-frame fixture (5 latent frames:
     windows (0,3) (2,5)): the sampler's progress counts window passes (steps x 2), the Colour Guard runs, and the
