@@ -480,8 +480,8 @@ class WorkerPool:
             while time.monotonic() < end and all(p.poll() is None for p in self.procs) and not self._pending():
                 time.sleep(0.1)
             if self._dead.is_set() or not self.alive or self._pending():
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                self._fail(f"{head} ({type(e).__name__}: {first})")
+                log.debug("SteadyDancer multi-GPU: rank 0 saw %s: %s", type(e).__name__, e)
+                self._fail(head)  # names the worker that failed or died (rank 0's collective error is noise)
             self.shutdown(graceful=False)  # rank 0's own error: the workers are stuck in a collective
             raise
         finally:
