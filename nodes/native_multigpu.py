@@ -76,7 +76,7 @@ def parse_layout(layout: str, gpus: int, num_heads: int) -> D.Layout:
         raise MultiGPUError(f"layout {layout!r} needs a GPU count divisible by {g}, got {gpus}")
     s = gpus // g
     if num_heads % s:
-        ok = [n * g for n in range(1, num_heads + 1) if num_heads % n == 0 and n * g <= 64]
+        ok = [n * g for n in range(1, num_heads + 1) if num_heads % n == 0 and 2 <= n * g <= 16]
         raise MultiGPUError(f"{s} GPUs per sequence group do not divide the model's {num_heads} attention heads; "
                             f"with layout {layout!r} use {', '.join(map(str, ok[:8]))} GPUs")
     return D.Layout(g, s)
