@@ -1,5 +1,6 @@
-"""The persistent multi-GPU worker pool (core; the ComfyUI Multi-GPU node that used it is removed until it is
-rebuilt on the native MODEL), on CPU with gloo: this process is rank 0, one worker subprocess is rank 1.
+"""The persistent multi-GPU worker pool in sampling mode (every rank runs the sampler; the serving mode that the
+ComfyUI Multi-GPU node uses is tests/test_dist_serve.py), on CPU with gloo: this process is rank 0, one worker
+subprocess is rank 1.
 Checked against the unsharded model in this process: both samplers within 1e-6 relative; an interrupt in rank
 0's callback stops both ranks and leaves the pool usable; a factory error and a killed worker give
 WorkerPoolError naming the rank, and no worker process survives."""

@@ -9,7 +9,8 @@
 - Workers are plain ``python steadydancer/parallel/_pool_worker.py`` subprocesses (not multiprocessing ``spawn``, which
   would re-import ComfyUI's ``main.py`` in every child). Each registers this pack under the same package name
   without running its ComfyUI ``__init__``, connects back over a local authenticated
-  ``multiprocessing.connection`` socket (small commands and the conditioning; weights are never sent) and builds
+  ``multiprocessing.connection`` socket (small commands and the conditioning; tensors of the serving mode below
+  go by ``torch.distributed`` broadcast, never through the socket) and builds
   its own model replica with the ``factory`` spec ``(module, function, args)`` (a module path relative to the
   pack, or an absolute module). Before the rendezvous each worker checks its GPU exists and reports load errors,
   so a missing or full GPU is a clear error, never a hang.
@@ -17,6 +18,13 @@
   parallel callable (distributed.parallelize). After each step all ranks agree on continuing (one tiny
   all-reduce): an exception in rank 0's callback (ComfyUI's interrupt) stops every rank after that step and the
   pool stays usable.
+- Serving mode (``factory=None``; the ComfyUI Multi-GPU node): workers start without a model.
+  ``load_weights(spec, tensors)`` makes each build the replica of ``spec`` (replica.py) and receive rank 0's
+  tensors by broadcast (again whenever rank 0's weights change; no file is read). Rank 0 runs the sampler
+  itself; every DiT call goes through ``served(replica0)``, which sends the call's inputs (broadcast) so that
+  every rank runs the same distributed forward, and returns rank 0's output. There is no per-step agreement:
+  between two forwards the workers just wait for the next command, so an interrupt between forwards needs no
+  coordination. An error of rank 0's own forward shuts the pool down (the workers would wait in a collective).
 - Any worker failure (exception, crash, killed process) tears the whole pool down and raises ``WorkerPoolError``
   naming the rank and GPU and, where there is one, the worker's own error. A watchdog thread notices a dead
   worker while rank 0 waits in a collective and aborts the NCCL communicators so rank 0 does not hang (gloo
