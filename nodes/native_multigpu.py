@@ -77,8 +77,10 @@ def parse_layout(layout: str, gpus: int, num_heads: int) -> D.Layout:
     s = gpus // g
     if num_heads % s:
         ok = [n * g for n in range(1, num_heads + 1) if num_heads % n == 0 and 2 <= n * g <= 16]
+        hint = (f"with layout {layout!r} use {', '.join(map(str, ok[:8]))} GPUs" if ok else
+                "this model cannot split its heads: use layout '2 x sequence' with 2 GPUs or '3 x sequence' with 3")
         raise MultiGPUError(f"{s} GPUs per sequence group do not divide the model's {num_heads} attention heads; "
-                            f"with layout {layout!r} use {', '.join(map(str, ok[:8]))} GPUs")
+                            f"{hint}")
     return D.Layout(g, s)
 
 

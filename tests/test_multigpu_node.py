@@ -50,6 +50,9 @@ def test_layouts_and_head_counts():
     with pytest.raises(nmg.MultiGPUError, match=r"3 GPUs per sequence group do not divide the model's 40 attention "
                                                 r"heads; with layout 'sequence' use 2, 4, 5, 8, 10 GPUs"):
         nmg.parse_layout("sequence", 3, 40)
+    with pytest.raises(nmg.MultiGPUError, match="this model cannot split its heads: use layout '2 x sequence'"):
+        nmg.parse_layout("sequence", 2, 1)
+    assert nmg.parse_layout("2 x sequence", 2, 1) == D.Layout(2, 1)
     assert [c for c in mg.LAYOUTS] == ["sequence", "2 x sequence", "3 x sequence"]
 
 
