@@ -72,6 +72,17 @@ def check_multigpu():
         out[f"{layout}_official_rel"] = NC.rel(NC.run_official_native(mgm, cond, 7, 4, 5.0, G), want_off)
         out[f"{layout}_rcm_rel"] = NC.rel(rcm(mgm, pos), want_rcm)
         out[f"{layout}_weights_sent"] = st.pool.weights_sent
+        if layout == "sequence":  # long video: context windows (3 latent frames, overlap 1) over 7 frames
+            from steadydancer_turbo.steadydancer.sampling import context_windows as cwin
+            ctx, cond7 = cwin.ContextOptions(window=3, overlap=1), NC.make_cond(frames=7)
+            pos7, _ = NC.comfy_conds(cond7)
+
+            def windowed(m):
+                (lat,) = sn.SteadyDancerTurboSampler().sample(m, pos7, NC.empty_latent(7), 11, 3, "rcm", 5.0, 200.0,
+                                                              "sde", context=ctx)
+                return lat["samples"]
+
+            out["windows_rcm_rel"] = NC.rel(windowed(mgm), windowed(base))
         out[f"{layout}_pids"] = st.pool.pids
         del mgm, st
     gc.collect()  # the first node's model is freed: its workers stop

@@ -36,6 +36,10 @@ def test_multigpu_model_equals_the_one_process_model(results, layout):
     assert results[f"{layout}_weights_sent"] == 1
 
 
+def test_context_windows_run_on_the_multigpu_model(results):
+    assert results["windows_rcm_rel"] <= 1e-6  # 7 latent frames in windows of 3: one distributed pass per window
+
+
 def test_freed_model_stops_its_workers(results):
     assert results["freed_model_workers_gone"]
 
