@@ -29,14 +29,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.plat
                                 reason="needs torch.distributed with gloo")
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _gone(pids):
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
 
 
 class Host:
@@ -89,8 +81,8 @@ def test_serving_pool_matches_one_process_with_patches_and_reports_a_killed_work
     host = Host(pool)
     try:
         served = host.served(model, "base")
-        assert _rel(sample_official(served, cond, seed=4, steps=3, batch_passes=True), ref_off) <= 1e-6
-        assert _rel(sample_rcm(served, cond, seed=5, steps=2), ref_rcm) <= 1e-6
+        assert W.rel(sample_official(served, cond, seed=4, steps=3, batch_passes=True), ref_off) <= 1e-6
+        assert W.rel(sample_rcm(served, cond, seed=5, steps=2), ref_rcm) <= 1e-6
         assert pool.weights_sent == 1
 
         # a LoRA on rank 0 (not merged into its module: the host overrides two tensors), then a strength change
@@ -99,8 +91,8 @@ def test_serving_pool_matches_one_process_with_patches_and_reports_a_killed_work
             ref = sample_rcm(_merged(patched), cond, seed=5, steps=2)
             served = host.served(model, f"lora {strength}", override=lambda k, t: patched.get(k, t))
             assert pool.weights_sent == n
-            assert _rel(sample_rcm(served, cond, seed=5, steps=2), ref) <= 1e-6
-            assert _rel(ref, ref_rcm) > 1e-4  # the patch changes the output: the check above can fail
+            assert W.rel(sample_rcm(served, cond, seed=5, steps=2), ref) <= 1e-6
+            assert W.rel(ref, ref_rcm) > 1e-4  # the patch changes the output: the check above can fail
 
         # GGUF: block Linears stay packed Q8_0 on the worker; two carry a host per-call patch (travel resolved)
         import gguf
@@ -121,7 +113,7 @@ def test_serving_pool_matches_one_process_with_patches_and_reports_a_killed_work
         assert spec["quant"]["blocks.0.self_attn.o"]["kind"] == "ResolvedLinear"
         assert "path" not in repr({k: v for k, v in spec.items() if k != "tensors"})
         served = host.served(mq, "gguf", resolved=patched_layers)
-        assert _rel(sample_rcm(served, qcond, seed=6, steps=2), ref_q) <= 1e-6
+        assert W.rel(sample_rcm(served, qcond, seed=6, steps=2), ref_q) <= 1e-6
 
         # a worker killed while rank 0 is in the sampler
         served = host.served(model, "base again")
@@ -139,7 +131,7 @@ def test_serving_pool_matches_one_process_with_patches_and_reports_a_killed_work
         assert not pool.alive and not torch.distributed.is_initialized()
     finally:
         pool.shutdown()
-    _gone(pids)
+    assert W.gone(pids)
 
 
 def test_serving_pool_shutdown_and_bad_spec():
@@ -159,10 +151,10 @@ def test_serving_pool_shutdown_and_bad_spec():
         args = [kw[k] for k in ("context", "clip_fea", "clip_fea_c", "y", "cond", "ref_x", "ref_c")]
         with torch.no_grad():
             ref = model(x, t, *args)
-        assert _rel(pool.served(r0)(x, t, *args), ref) <= 1e-6
+        assert W.rel(pool.served(r0)(x, t, *args), ref) <= 1e-6
         replica.release(r0, spec)
         assert all(p.is_meta for p in r0.parameters())
     finally:
         pool.shutdown()
     assert pool.procs == [] and not torch.distributed.is_initialized()
-    _gone(pids)
+    assert W.gone(pids)

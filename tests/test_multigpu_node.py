@@ -8,9 +8,7 @@ freed MultiGPU stops its worker. The real-ComfyUI run is tests/integration/test_
 from __future__ import annotations
 
 import gc
-import os
 import sys
-import time
 import types
 
 import pytest
@@ -24,9 +22,6 @@ from steadydancer_turbo.nodes.native_model import MULTIGPU_RUN_KEY
 from steadydancer_turbo.steadydancer.parallel import distributed as D
 from steadydancer_turbo.turbo.rcm import sample_rcm
 
-
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def test_devices_rank0_is_comfyuis_gpu_then_the_others():
@@ -116,27 +111,27 @@ def test_multigpu_state_serves_the_sampler_and_resends_on_new_patches():
     with torch.no_grad():
         patched.get_parameter(key[16:]).add_(delta)
     ref_patched = sample_rcm(patched, cond, seed=5, steps=2)
-    assert _rel(ref_patched, ref) > 1e-4
+    assert W.rel(ref_patched, ref) > 1e-4
 
     state = nmg.MultiGPU(["cpu", "cpu"], D.Layout(1, 2), threads=1)
     state.start()
     pool = state.pool
     pids = pool.pids
     try:
-        assert _rel(_sample(state, FakePatcher(dit), cond), ref) <= 1e-6
+        assert W.rel(_sample(state, FakePatcher(dit), cond), ref) <= 1e-6
         assert pool.weights_sent == 1 and all(p.is_meta for p in state.r0.parameters())
-        assert _rel(_sample(state, FakePatcher(dit), cond), ref) <= 1e-6
+        assert W.rel(_sample(state, FakePatcher(dit), cond), ref) <= 1e-6
         assert pool.weights_sent == 1  # same base model, same patches_uuid: nothing re-sent
         lora = FakePatcher(dit, {key: delta}, uuid="u1")  # a patch ComfyUI did not merge (partial load)
-        assert _rel(_sample(state, lora, cond), ref_patched) <= 1e-6
+        assert W.rel(_sample(state, lora, cond), ref_patched) <= 1e-6
         assert pool.weights_sent == 2 and lora.patched_on == [key]
         merged = FakePatcher(patched, {key: delta}, backup={key}, uuid="u2")  # merged in place: sent as it is
-        assert _rel(_sample(state, merged, cond), ref_patched) <= 1e-6
+        assert W.rel(_sample(state, merged, cond), ref_patched) <= 1e-6
         assert pool.weights_sent == 3 and merged.patched_on == []
     finally:
         state.shutdown()
     assert state.pool is None and not torch.distributed.is_initialized()
-    _gone(pids)
+    assert W.gone(pids)
 
     # a MultiGPU that nothing holds any more (ComfyUI freed the MODEL) stops its worker
     state = nmg.MultiGPU(["cpu", "cpu"], D.Layout(1, 2), threads=1)
@@ -144,18 +139,5 @@ def test_multigpu_state_serves_the_sampler_and_resends_on_new_patches():
     pids = state.pool.pids
     del state
     gc.collect()
-    _gone(pids)
+    assert W.gone(pids)
     assert not torch.distributed.is_initialized()
-
-
-def _gone(pids, wait=10.0):
-    end = time.monotonic() + wait
-    for pid in pids:
-        while time.monotonic() < end:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)

@@ -129,15 +129,11 @@ def _args_meta(args) -> list:
     return meta
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-
-
 def _send_args(args, device) -> None:
     for a in args:
         for t in (a if isinstance(a, (list, tuple)) else [a]):
             if torch.is_tensor(t) and t.numel():
-                dist.broadcast(_bytes(t.detach().to(device).contiguous()), 0)
+                dist.broadcast(replica.as_bytes(t.detach().to(device).contiguous()), 0)
 
 
 def _recv_args(meta, device) -> list:
@@ -150,7 +146,7 @@ def _recv_args(meta, device) -> list:
               ([m[1:]] if m[0] == "t" else m[1])]
         for t in ts:
             if t.numel():
-                dist.broadcast(_bytes(t), 0)
+                dist.broadcast(replica.as_bytes(t), 0)
         out.append(ts[0] if m[0] == "t" else ts)
     return out
 
@@ -428,11 +424,8 @@ class WorkerPool:
         ``tensors`` (spec order) by broadcast; replaces the workers' previous replica. Returns the bytes sent."""
         self._check_serving()
         self._command(("weights", spec))
-        try:
-            sent = self._guarded(lambda: replica.broadcast(spec, tensors=tensors, device=self.comm_device),
-                                 "sending the weights to the multi-GPU workers failed")
-        finally:
-            tensors = None
+        sent = self._guarded(lambda: replica.broadcast(spec, tensors=tensors, device=self.comm_device),
+                             "sending the weights to the multi-GPU workers failed")
         self._wait_all("weights_ok", self.load_timeout_s)
         self.weights_sent += 1
         return sent

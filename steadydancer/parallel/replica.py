@@ -37,7 +37,7 @@ from ..weights.quant import QuantConv, QuantLinear, _Patched
 from .distributed import DistributedSetupError
 
 __all__ = ["describe", "build", "values", "broadcast", "bind", "release", "tensor_names", "fingerprint",
-           "ResolvedLinear", "ResolvedConv"]
+           "ResolvedLinear", "ResolvedConv", "as_bytes"]
 
 
 class _Resolved:
@@ -206,7 +206,8 @@ def release(model: SteadyDancerDiT, spec: dict) -> None:
         _set(model, name, torch.empty(shape, dtype=dtype, device="meta"), kind)
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view (what the broadcasts send: any dtype, fp8 included)."""
     return t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
 
 
@@ -228,9 +229,9 @@ def broadcast(spec: dict, tensors: Optional[Sequence[torch.Tensor]] = None, mode
         if t.numel() == 0:
             continue
         if rank == 0:
-            buf = _as_bytes(t.detach().to(device).contiguous())
+            buf = as_bytes(t.detach().to(device).contiguous())
         else:
-            buf = _as_bytes(t)  # freshly allocated, contiguous: received in place
+            buf = as_bytes(t)  # freshly allocated, contiguous: received in place
         dist.broadcast(buf, 0, group=group)
         total += buf.numel()
     return total

@@ -17,8 +17,6 @@ import time
 os.environ["STEADYDANCER_MULTIGPU_CPU"] = "1"
 
 import native_checks as NC  # noqa: E402  (sets ComfyUI up with --cpu and registers the pack)
-import torch  # noqa: E402
-
 import comfy.model_management as mm  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 from steadydancer_turbo.nodes import model_nodes as mn  # noqa: E402

@@ -5,26 +5,14 @@ GGUF models. References: the same MODEL sampled by the same ComfyUI path without
 Measured (2 CPU ranks): official sampler 8.3e-7 (sequence) / 9.8e-7 (2 x sequence), rCM 2.3e-7 / 0; core
 LoraLoaderModelOnly after the node 2.0e-7 - 6.7e-7 on float / fp8 / GGUF at strengths 1 and 0.5.
 """
-import json
-import os
-import subprocess
-
 import pytest
 
-from comfyui_harness import HERE, comfyui_path, run_workflow
+from comfyui_harness import run_checks
 
 
 @pytest.fixture(scope="module")
 def results():
-    path = comfyui_path()
-    python = run_workflow.comfy_python(path)
-    env = dict(os.environ, COMFYUI_PATH=str(path))
-    p = subprocess.run([python, str(HERE / "multigpu_checks.py")], env=env, capture_output=True, text=True,
-                       timeout=1500)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("MULTIGPU_RESULTS ")]
-    assert lines, f"multigpu_checks.py printed no results (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    r = json.loads(lines[-1][len("MULTIGPU_RESULTS "):])
-    print(json.dumps(r, indent=1))
+    r = run_checks("multigpu_checks.py", "MULTIGPU_RESULTS")
     assert "multigpu_error" not in r, r["multigpu_error"]
     return r
 
