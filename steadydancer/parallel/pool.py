@@ -158,7 +158,8 @@ def _agree(stop: bool, device) -> bool:
 
 
 def worker_main(conn, rank: int) -> None:
-    """A worker's life (called by _pool_worker.py): init message, model, rendezvous, then sampling commands."""
+    """A worker's life (called by _pool_worker.py): init message, model (sampling mode), rendezvous, then
+    commands: ``sample`` (sampling mode), ``weights`` / ``forward`` (serving mode), ``stop``."""
     init = _recv(conn)
     world, port, backend, device = init["world"], init["port"], init["backend"], init["device"]
     try:
