@@ -9,6 +9,14 @@ Run it with ComfyUI's Python on the multi-GPU machine (no server needed):
         --gpus 1,2,4,8 --sampler official --steps 3 --layout sequence
     ... --sampler rcm --steps 4                        # turbo sampler, one pass per step
 
+Without a ComfyUI install on the GPU machine, ``--host core`` times the same serving machinery (worker pool in
+serving mode, replicas from rank 0's tensors by broadcast, one broadcast of the inputs per DiT call) driven by the
+core samplers instead of ComfyUI's sampling code (no ComfyUI import; the pack's own Python suffices):
+
+    python bench/multigpu_node_bench.py --host core --gpus 1,2,4,8 --sampler official --steps 3
+
+(there the start-up column includes the weight broadcast; with ComfyUI the first sampling does).
+
 For each GPU count it prints: the node's start-up (worker processes, NCCL), the first sampling (ComfyUI loads the
 model on GPU 0, the weights go to the workers by broadcast, then the steps), then ``--repeat`` timed samplings,
 their mean seconds per step, the speed-up over the 1-GPU row and the relative difference of the latent to the
@@ -41,11 +49,17 @@ def parse(argv=None):
     p.add_argument("--config", choices=["full", "tiny"], default="full")
     p.add_argument("--attention", default="auto")
     p.add_argument("--comfy-args", default="", help="ComfyUI flags, e.g. '--cpu' for the smoke run")
+    p.add_argument("--host", choices=["comfyui", "core"], default="comfyui",
+                   help="core: the serving pool driven by the core samplers (no ComfyUI needed)")
     p.add_argument("--out", default=None, help="append the rows as JSON lines to this file")
     return p.parse_args(argv)
 
 
 def setup(args):
+    if args.host == "core":
+        sys.path.insert(0, str(ROOT / "tools"))
+        import dance_distributed  # noqa: F401  (registers the pack as steadydancer_turbo, without ComfyUI)
+        return
     comfy = pathlib.Path(os.environ["COMFYUI_PATH"]).resolve()
     sys.path.insert(0, str(comfy))
     sys.path.insert(0, str(ROOT / "tools"))
@@ -65,19 +79,21 @@ def main(argv=None):
     import torch
 
     import dance_distributed as DD
-    import comfy.model_management as mm
-    from steadydancer_turbo.nodes import conditioning_nodes as cn
     from steadydancer_turbo.nodes import multigpu_nodes as mg
-    from steadydancer_turbo.nodes import native_model as nm
-    from steadydancer_turbo.nodes import native_sampling as ns
-    from steadydancer_turbo.nodes import sampler_nodes as sn
+    from steadydancer_turbo.nodes import native_multigpu as nmg
     from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
     from steadydancer_turbo.steadydancer.model.random_init import randomize_
     from steadydancer_turbo.steadydancer.parallel import distributed as D
-    from steadydancer_turbo.steadydancer.sampling import official as sampling
+    from steadydancer_turbo.steadydancer.parallel import replica
+    from steadydancer_turbo.steadydancer.parallel.pool import WorkerPool
     from steadydancer_turbo.steadydancer.weights import speed_options as accel
 
-    dev = mm.get_torch_device()
+    core = args.host == "core"
+    if core:
+        dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    else:
+        import comfy.model_management as mm
+        dev = mm.get_torch_device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = DD.model_config(args.config)
     old = torch.get_default_dtype()
@@ -89,29 +105,71 @@ def main(argv=None):
         torch.set_default_dtype(old)
     dit.requires_grad_(False)
     randomize_(dit, seed=1234)
-    dit = dit.to("cpu")
     dit.compute_dtype = dtype
     accel.use_attention(dit, args.attention)
-    model = nm.make_model_patcher(dit)
     h, w = (args.height, args.width) if args.config == "full" else (64, 96)
     frames = args.frames if args.config == "full" else 9
     cond = DD.random_conditioning(cfg, h, w, frames)
-    pos, neg = cn.native_conditioning(cond, [[cond.context, {}]], [[cond.context_null, {}]])
-    latent = {"samples": torch.zeros(1, 16, cond.y.shape[2], h // 8, w // 8)}
     tokens = DD.tokens_of(cond)
 
-    def sample(m):
-        if args.sampler == "official":
-            guider = ns.make_guider(m, pos, neg, sampling.Guidance(5.0, 1.0, 0.1, 0.4))
-            sampler, sigmas = ns.native().FlowSampler("unipc"), sn.official_sigmas(args.steps, 5.0, m)
-        else:
-            guider = ns.basic_guider(m, pos)
-            sampler, sigmas = ns.native().RCMSampler("sde"), sn.rcm_sigmas(args.steps, "rcm", 5.0, 80.0)
+    def timed(fn):
         t0 = time.perf_counter()
-        out = ns.sample_custom_advanced(guider, sampler, sigmas, latent, 42)["samples"]
+        out = fn()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
+
+    if core:  # the serving pool on the core samplers
+        run_args = argparse.Namespace(sampler=args.sampler, text_scale=5.0, pose_scale=1.0, seed=42)
+        pools = []
+
+        def make(n):
+            if n == 1:
+                return dit
+            devices = [f"cuda:{i}" for i in range(n)] if dev.type == "cuda" else ["cpu"] * n
+            pool = WorkerPool(devices, nmg.parse_layout(args.layout, n, cfg.num_heads), None,
+                              threads=1 if dev.type == "cpu" else None)
+            pool.start(None)
+            pools.append(pool)
+            spec = replica.describe(dit)
+            tensors = replica.values(dit, spec)
+            pool.load_weights(spec, tensors)
+            r0 = replica.build(spec, dev, allocate=False)
+            replica.bind(r0, spec, tensors, dev)
+            return pool.served(r0)
+
+        def sample(m):
+            return timed(lambda: DD.run_sampler(m, cond, run_args, dev, args.steps))
+
+        def done():
+            while pools:
+                pools.pop().shutdown()
+    else:  # ComfyUI: the native MODEL through SamplerCustomAdvanced, the node for N > 1
+        from steadydancer_turbo.nodes import conditioning_nodes as cn
+        from steadydancer_turbo.nodes import native_model as nm
+        from steadydancer_turbo.nodes import native_sampling as ns
+        from steadydancer_turbo.nodes import sampler_nodes as sn
+        from steadydancer_turbo.steadydancer.sampling import official as sampling
+
+        model = nm.make_model_patcher(dit.to("cpu"))  # weights in host RAM, as the loader leaves them
+        pos, neg = cn.native_conditioning(cond, [[cond.context, {}]], [[cond.context_null, {}]])
+        latent = {"samples": torch.zeros(1, 16, cond.y.shape[2], h // 8, w // 8)}
+
+        def make(n):
+            return model if n == 1 else mg.SteadyDancerMultiGPU().apply(model, n, args.layout)[0]
+
+        def sample(m):
+            if args.sampler == "official":
+                guider = ns.make_guider(m, pos, neg, sampling.Guidance(5.0, 1.0, 0.1, 0.4))
+                sampler, sigmas = ns.native().FlowSampler("unipc"), sn.official_sigmas(args.steps, 5.0, m)
+            else:
+                guider = ns.basic_guider(m, pos)
+                sampler, sigmas = ns.native().RCMSampler("sde"), sn.rcm_sigmas(args.steps, "rcm", 5.0, 80.0)
+            out, t = timed(lambda: ns.sample_custom_advanced(guider, sampler, sigmas, latent, 42))
+            return out["samples"], t
+
+        def done():
+            mm.unload_all_models()  # also stops this count's workers
 
     rows, ref, base_step = [], None, None
     info = D.runtime_info()
@@ -120,9 +178,7 @@ def main(argv=None):
     print("| GPUs | layout | start s | first run s | run s | s/step | speed-up | rel. diff to 1 GPU |")
     print("|---|---|---|---|---|---|---|---|")
     for n in [int(v) for v in args.gpus.split(",")]:
-        t0 = time.perf_counter()
-        m = model if n == 1 else mg.SteadyDancerMultiGPU().apply(model, n, args.layout)[0]
-        start = time.perf_counter() - t0
+        m, start = timed(lambda: make(n))
         _, first = sample(m)
         times = []
         for _ in range(args.repeat):
@@ -133,14 +189,14 @@ def main(argv=None):
         if ref is None:
             ref, base_step = out, step
         diff = float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
-        row = dict(gpus=n, layout="-" if n == 1 else args.layout, start_s=start, first_s=first, run_s=run,
+        row = dict(host=args.host, gpus=n, layout="-" if n == 1 else args.layout, start_s=start, first_s=first, run_s=run,
                    step_s=step, speedup=base_step / step, rel_diff=diff, tokens=tokens, sampler=args.sampler,
                    steps=args.steps, nccl=info["nccl"], size=f"{h}x{w}x{frames}")
         rows.append(row)
         print(f"| {n} | {row['layout']} | {start:.1f} | {first:.1f} | {run:.1f} | {step:.2f} | "
               f"{row['speedup']:.2f}x | {diff:.1e} |", flush=True)
         del m
-        mm.unload_all_models()  # also stops this count's workers
+        done()
     if args.out:
         with open(args.out, "a") as f:
             for r in rows:
