@@ -157,6 +157,9 @@ class MultiGPU:
                 replica.release(self.r0, self.spec)
 
     def _prepare(self, patcher):
+        if getattr(patcher, "hook_patches", None):  # weights that change during the run: the workers would not follow
+            raise MultiGPUError("ComfyUI weight hooks (hooked / scheduled LoRAs on the conditioning) are not supported "
+                                "on the Multi-GPU model; apply LoRAs to the model with a LoRA loader node")
         dit = patcher.model.diffusion_model
         device = torch.device(self.devices[0])
         patches = patcher.patches

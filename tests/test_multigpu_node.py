@@ -128,6 +128,11 @@ def test_multigpu_state_serves_the_sampler_and_resends_on_new_patches():
         merged = FakePatcher(patched, {key: delta}, backup={key}, uuid="u2")  # merged in place: sent as it is
         assert W.rel(_sample(state, merged, cond), ref_patched) <= 1e-6
         assert pool.weights_sent == 3 and merged.patched_on == []
+        hooked = FakePatcher(dit, uuid="u3")
+        hooked.hook_patches = {"hook": {}}  # ComfyUI weight hooks: refused, not silently ignored
+        with pytest.raises(nmg.MultiGPUError, match="weight hooks"):
+            _sample(state, hooked, cond)
+        assert pool.alive
     finally:
         state.shutdown()
     assert state.pool is None and not torch.distributed.is_initialized()
