@@ -179,7 +179,7 @@ class MultiGPU:
 
         tensors = replica.values(dit, spec, override)
         fp = replica.fingerprint(spec)
-        key = (id(patcher.model), patcher.patches_uuid, fp)
+        key = (weakref.ref(patcher.model), patcher.patches_uuid, fp)  # refs compare equal while both point to it
         self.start()
         if key != self.key:
             self.key = None

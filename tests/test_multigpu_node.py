@@ -73,11 +73,18 @@ def test_node_errors_without_comfyui_and_on_other_models():
         node.apply(sd, 2, "sequence")
 
 
+class FakeBaseModel:
+    """ComfyUI's BaseModel, as far as MultiGPU reads it (clones of one MODEL share this object)."""
+
+    def __init__(self, dit):
+        self.diffusion_model = dit
+
+
 class FakePatcher:
     """What MultiGPU reads of a ComfyUI ModelPatcher."""
 
-    def __init__(self, dit, patches=None, backup=(), uuid="u0"):
-        self.model = types.SimpleNamespace(diffusion_model=dit)
+    def __init__(self, base, patches=None, backup=(), uuid="u0"):
+        self.model = base
         self.patches, self.backup, self.patches_uuid = dict(patches or {}), set(backup), uuid
         self.patched_on = []
 
@@ -117,18 +124,21 @@ def test_multigpu_state_serves_the_sampler_and_resends_on_new_patches():
     state.start()
     pool = state.pool
     pids = pool.pids
+    base, merged_base = FakeBaseModel(dit), FakeBaseModel(patched)
     try:
-        assert W.rel(_sample(state, FakePatcher(dit), cond), ref) <= 1e-6
+        assert W.rel(_sample(state, FakePatcher(base), cond), ref) <= 1e-6
         assert pool.weights_sent == 1 and all(p.is_meta for p in state.r0.parameters())
-        assert W.rel(_sample(state, FakePatcher(dit), cond), ref) <= 1e-6
+        assert W.rel(_sample(state, FakePatcher(base), cond), ref) <= 1e-6  # a clone of the same MODEL
         assert pool.weights_sent == 1  # same base model, same patches_uuid: nothing re-sent
-        lora = FakePatcher(dit, {key: delta}, uuid="u1")  # a patch ComfyUI did not merge (partial load)
+        lora = FakePatcher(base, {key: delta}, uuid="u1")  # a patch ComfyUI did not merge (partial load)
         assert W.rel(_sample(state, lora, cond), ref_patched) <= 1e-6
         assert pool.weights_sent == 2 and lora.patched_on == [key]
-        merged = FakePatcher(patched, {key: delta}, backup={key}, uuid="u2")  # merged in place: sent as it is
+        merged = FakePatcher(merged_base, {key: delta}, backup={key}, uuid="u2")  # merged in place: sent as is
         assert W.rel(_sample(state, merged, cond), ref_patched) <= 1e-6
         assert pool.weights_sent == 3 and merged.patched_on == []
-        hooked = FakePatcher(dit, uuid="u3")
+        assert W.rel(_sample(state, FakePatcher(FakeBaseModel(dit), uuid="u2"), cond), ref) <= 1e-6
+        assert pool.weights_sent == 4  # another base model with the same uuid: sent again
+        hooked = FakePatcher(base, uuid="u3")
         hooked.hook_patches = {"hook": {}}  # ComfyUI weight hooks: refused, not silently ignored
         with pytest.raises(nmg.MultiGPUError, match="weight hooks"):
             _sample(state, hooked, cond)
