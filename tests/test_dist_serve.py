@@ -7,7 +7,8 @@ passes batched) and rCM within 1e-6 relative, on a token count that the 2 ranks 
 patch of float weights and after a strength change (a re-broadcast each time, the file is not read again); a
 GGUF model whose layers stay packed on the worker, with a host per-call patch on some layers (those travel
 resolved: the float weight their forward computes). A worker killed mid-run gives a WorkerPoolError naming the
-rank and leaves no process; shutdown leaves none either."""
+rank and leaves no process; shutdown leaves none either; workers of a rank 0 that is killed (no shutdown) exit by
+themselves."""
 from __future__ import annotations
 
 import os
@@ -158,3 +159,31 @@ def test_serving_pool_shutdown_and_bad_spec():
         pool.shutdown()
     assert pool.procs == [] and not torch.distributed.is_initialized()
     assert W.gone(pids)
+
+
+def test_workers_exit_when_rank_0_dies(tmp_path):
+    """ComfyUI killed (no atexit, no shutdown): its idle workers notice the closed socket and exit."""
+    import subprocess
+    import textwrap
+    script = tmp_path / "rank0.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path[:0] = {[p for p in sys.path if p]!r}
+        import _dist_workers  # noqa: F401  (registers this checkout as steadydancer_turbo)
+        from steadydancer_turbo.steadydancer.parallel import distributed as D
+        from steadydancer_turbo.steadydancer.parallel.pool import WorkerPool
+        pool = WorkerPool(["cpu", "cpu", "cpu"], D.Layout(1, 3), None, threads=1)
+        pool.start(None)
+        print("PIDS", *pool.pids, flush=True)
+        time.sleep(600)
+    """))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("PIDS"), line
+        pids = [int(v) for v in line.split()[1:]]
+        assert len(pids) == 2 and not W.gone(pids, wait=0)
+    finally:
+        p.kill()
+        p.wait()
+    assert W.gone(pids, wait=20)
