@@ -5,6 +5,7 @@ from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
 from .context_nodes import SteadyDancerApplyContextWindows, SteadyDancerColourGuard, SteadyDancerContextOptions
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
+from .multigpu_nodes import SteadyDancerMultiGPU
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
 from .sampler_nodes import (SteadyDancerGuider, SteadyDancerOfficialSigmas, SteadyDancerSampler,
                             SteadyDancerSamplerRCM, SteadyDancerSamplerUniPC, SteadyDancerTurboSampler,
@@ -22,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerResampleFrames": SteadyDancerResampleFrames,
     "SteadyDancerModelLoader": SteadyDancerModelLoader,
     "SteadyDancerLoraLoader": SteadyDancerLoraLoader,
+    "SteadyDancerMultiGPU": SteadyDancerMultiGPU,
     "SteadyDancerConditioning": SteadyDancerConditioning,
     "SteadyDancerSampler": SteadyDancerSampler,
     "SteadyDancerTurboSampler": SteadyDancerTurboSampler,
@@ -41,6 +43,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerResampleFrames": "SteadyDancer Resample Frames (fps)",
     "SteadyDancerModelLoader": "SteadyDancer Model Loader",
     "SteadyDancerLoraLoader": "SteadyDancer LoRA",
+    "SteadyDancerMultiGPU": "SteadyDancer Multi-GPU",
     "SteadyDancerConditioning": "SteadyDancer Conditioning",
     "SteadyDancerSampler": "SteadyDancer Sampler (official)",
     "SteadyDancerTurboSampler": "SteadyDancer Turbo Sampler",

@@ -47,6 +47,8 @@ TIMESTEP_KEY = "steadydancer_timestep"
 CONTEXT_KEY = "steadydancer_context"
 # transformer_options key: our SAMPLERs' per-window-pass progress (native_sampling.WindowProgress), optional
 PROGRESS_KEY = "steadydancer_window_progress"
+# transformer_options key, during one sampling of a Multi-GPU MODEL: the distributed DiT forward (native_multigpu)
+MULTIGPU_RUN_KEY = "steadydancer_multigpu_run"
 _PLAIN_OPS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
@@ -136,7 +138,9 @@ def native():
                                  "with the SteadyDancer Conditioning node")
             c = self.config.out_dim
             t = round_timestep(timestep, transformer_options.get(TIMESTEP_KEY), transformer_options.get("sigmas"))
-            dit = functools.partial(SteadyDancerDiT.forward, self)
+            dit = transformer_options.get(MULTIGPU_RUN_KEY)  # Multi-GPU: the forward over all ranks
+            if dit is None:
+                dit = functools.partial(SteadyDancerDiT.forward, self)
             windows = transformer_options.get(CONTEXT_KEY)
             if cw.plan(windows, x.shape[2]) is not None:
                 # the core wrapper: x, y and the pose latents sliced per window, outputs fused (one implementation)
@@ -246,7 +250,7 @@ def native():
     return types.SimpleNamespace(
         SteadyDancerSupported=SteadyDancerSupported, ComfySteadyDancerDiT=ComfySteadyDancerDiT,
         SteadyDancerBaseModel=SteadyDancerBaseModel, SteadyDancerPatcher=SteadyDancerPatcher,
-        to_comfy_ops=to_comfy_ops, mm=comfy.model_management)
+        to_comfy_ops=to_comfy_ops, mm=comfy.model_management, pe=pe)
 
 
 def make_model_patcher(dit, loader_fn=None, loader_args=()):

@@ -141,6 +141,28 @@ def dying_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- pool
+def rel(a, b) -> float:
+    """Max-abs relative difference (the pool / serving tests' 1e-6 measure)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def gone(pids, wait: float = 10.0) -> bool:
+    """Whether every process in ``pids`` has exited (waiting up to ``wait`` seconds)."""
+    import time
+    end = time.monotonic() + wait
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive or time.monotonic() > end:
+            return not alive
+        time.sleep(0.1)
+
+
 def tiny_factory(device):
     """WorkerPool factory: the same tiny model on every rank."""
     return tiny_model().to(device)

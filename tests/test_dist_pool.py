@@ -1,5 +1,6 @@
-"""The persistent multi-GPU worker pool (core; the ComfyUI Multi-GPU node that used it is removed until it is
-rebuilt on the native MODEL), on CPU with gloo: this process is rank 0, one worker subprocess is rank 1.
+"""The persistent multi-GPU worker pool in sampling mode (every rank runs the sampler; the serving mode that the
+ComfyUI Multi-GPU node uses is tests/test_dist_serve.py), on CPU with gloo: this process is rank 0, one worker
+subprocess is rank 1.
 Checked against the unsharded model in this process: both samplers within 1e-6 relative; an interrupt in rank
 0's callback stops both ranks and leaves the pool usable; a factory error and a killed worker give
 WorkerPoolError naming the rank, and no worker process survives."""
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.plat
 OFFICIAL, RCM = "steadydancer.sampling.official:sample_official", "turbo.rcm:sample_rcm"
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _gone(pids):
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
 
 
 def test_pool_samples_interrupts_and_reports_a_killed_worker():
@@ -44,8 +37,8 @@ def test_pool_samples_interrupts_and_reports_a_killed_worker():
     pool.start(W.tiny_model())
     pids = pool.pids
     try:
-        assert _rel(pool.sample(OFFICIAL, cond, seed=4, steps=3), ref_off) <= 1e-6
-        assert _rel(pool.sample(RCM, cond, seed=5, steps=2), ref_rcm) <= 1e-6
+        assert W.rel(pool.sample(OFFICIAL, cond, seed=4, steps=3), ref_off) <= 1e-6
+        assert W.rel(pool.sample(RCM, cond, seed=5, steps=2), ref_rcm) <= 1e-6
 
         seen = []
 
@@ -57,7 +50,7 @@ def test_pool_samples_interrupts_and_reports_a_killed_worker():
         with pytest.raises(KeyboardInterrupt):
             pool.sample(OFFICIAL, cond, callback=interrupt, seed=4, steps=3)
         assert seen == [0, 1] and pool.alive
-        assert _rel(pool.sample(RCM, cond, seed=5, steps=2), ref_rcm) <= 1e-6  # still usable
+        assert W.rel(pool.sample(RCM, cond, seed=5, steps=2), ref_rcm) <= 1e-6  # still usable
 
         def kill(i, n, x0):  # the worker dies mid-run, while rank 0 goes on into the next step's collectives
             if i == 0:
@@ -68,7 +61,7 @@ def test_pool_samples_interrupts_and_reports_a_killed_worker():
         assert not pool.alive and not torch.distributed.is_initialized()
     finally:
         pool.shutdown()
-    _gone(pids)
+    assert W.gone(pids)
 
 
 def test_pool_start_reports_a_worker_load_error():

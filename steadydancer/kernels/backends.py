@@ -27,7 +27,8 @@ import torch
 
 from .attention import is_registered, register_backend, sdpa
 
-__all__ = ["register_builtin_backends", "sparse_backend", "cudnn_attention_usable", "sage_problem"]
+__all__ = ["register_builtin_backends", "sparse_backend", "sparse_settings", "cudnn_attention_usable",
+           "sage_problem"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -184,11 +185,20 @@ def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, k
             return sparse_attention(q, k, v, SparseAttentionConfig(**_settings))
 
         _SPARSE_FNS[name] = fn
+        _SPARSE_SETTINGS[name] = settings
         register_backend(name, fn, _flex_available, doc=f"top-k block-sparse self-attention {settings}")
     return name
 
 
 _SPARSE_FNS = {}
+_SPARSE_SETTINGS = {}
+
+
+def sparse_settings(name: str):
+    """The ``sparse_backend`` keyword arguments that registered backend ``name`` (None for other backends): how
+    another process registers the same backend (steadydancer/parallel/replica.py)."""
+    s = _SPARSE_SETTINGS.get(name)
+    return dict(s) if s is not None else None
 
 
 def register_builtin_backends() -> None:

@@ -9,7 +9,8 @@
 - Workers are plain ``python steadydancer/parallel/_pool_worker.py`` subprocesses (not multiprocessing ``spawn``, which
   would re-import ComfyUI's ``main.py`` in every child). Each registers this pack under the same package name
   without running its ComfyUI ``__init__``, connects back over a local authenticated
-  ``multiprocessing.connection`` socket (small commands and the conditioning; weights are never sent) and builds
+  ``multiprocessing.connection`` socket (small commands and the conditioning; tensors of the serving mode below
+  go by ``torch.distributed`` broadcast, never through the socket) and builds
   its own model replica with the ``factory`` spec ``(module, function, args)`` (a module path relative to the
   pack, or an absolute module). Before the rendezvous each worker checks its GPU exists and reports load errors,
   so a missing or full GPU is a clear error, never a hang.
@@ -17,6 +18,13 @@
   parallel callable (distributed.parallelize). After each step all ranks agree on continuing (one tiny
   all-reduce): an exception in rank 0's callback (ComfyUI's interrupt) stops every rank after that step and the
   pool stays usable.
+- Serving mode (``factory=None``; the ComfyUI Multi-GPU node): workers start without a model.
+  ``load_weights(spec, tensors)`` makes each build the replica of ``spec`` (replica.py) and receive rank 0's
+  tensors by broadcast (again whenever rank 0's weights change; no file is read). Rank 0 runs the sampler
+  itself; every DiT call goes through ``served(replica0)``, which sends the call's inputs (broadcast) so that
+  every rank runs the same distributed forward, and returns rank 0's output. There is no per-step agreement:
+  between two forwards the workers just wait for the next command, so an interrupt between forwards needs no
+  coordination. An error of rank 0's own forward shuts the pool down (the workers would wait in a collective).
 - Any worker failure (exception, crash, killed process) tears the whole pool down and raises ``WorkerPoolError``
   naming the rank and GPU and, where there is one, the worker's own error. A watchdog thread notices a dead
   worker while rank 0 waits in a collective and aborts the NCCL communicators so rank 0 does not hang (gloo
@@ -25,6 +33,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+import logging
 import traceback
 from multiprocessing.connection import Listener, wait
 from typing import Optional, Sequence
@@ -44,9 +54,11 @@ import torch.distributed as dist
 
 from . import launch as dist_launch
 from . import distributed as D
+from . import replica
 
 __all__ = ["WorkerPool", "WorkerPoolError", "run_sampler", "load_recipe", "resolve"]
 
+log = logging.getLogger("steadydancer_turbo")
 PACK = __name__.rsplit(".", 3)[0]                  # the pack's package name in this process (pack.steadydancer.parallel.pool)
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[2]
 BOOT = pathlib.Path(__file__).with_name("_pool_worker.py")
@@ -103,6 +115,42 @@ def _recv(conn):
     return pickle.loads(conn.recv_bytes())
 
 
+def _args_meta(args) -> list:
+    """What a worker needs to receive a forward's arguments: tensors by shape / dtype (their bytes follow by
+    broadcast), lists of tensors (a per-sample text context), everything else by value."""
+    meta = []
+    for a in args:
+        if torch.is_tensor(a):
+            meta.append(("t", tuple(a.shape), a.dtype))
+        elif isinstance(a, (list, tuple)) and a and all(torch.is_tensor(t) for t in a):
+            meta.append(("list", [(tuple(t.shape), t.dtype) for t in a]))
+        else:
+            meta.append(("obj", a))
+    return meta
+
+
+def _send_args(args, device) -> None:
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else [a]):
+            if torch.is_tensor(t) and t.numel():
+                dist.broadcast(replica.as_bytes(t.detach().to(device).contiguous()), 0)
+
+
+def _recv_args(meta, device) -> list:
+    out = []
+    for m in meta:
+        if m[0] == "obj":
+            out.append(m[1])
+            continue
+        ts = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in
+              ([m[1:]] if m[0] == "t" else m[1])]
+        for t in ts:
+            if t.numel():
+                dist.broadcast(replica.as_bytes(t), 0)
+        out.append(ts[0] if m[0] == "t" else ts)
+    return out
+
+
 def _agree(stop: bool, device) -> bool:
     flag = torch.tensor([1.0 if stop else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -110,7 +158,8 @@ def _agree(stop: bool, device) -> bool:
 
 
 def worker_main(conn, rank: int) -> None:
-    """A worker's life (called by _pool_worker.py): init message, model, rendezvous, then sampling commands."""
+    """A worker's life (called by _pool_worker.py): init message, model (sampling mode), rendezvous, then
+    commands: ``sample`` (sampling mode), ``weights`` / ``forward`` (serving mode), ``stop``."""
     init = _recv(conn)
     world, port, backend, device = init["world"], init["port"], init["backend"], init["device"]
     try:
@@ -126,11 +175,15 @@ def worker_main(conn, rank: int) -> None:
             if free < 0.5 * total:
                 _send(conn, ("note", f"{device}: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB free "
                                    f"(another process is using this GPU)"))
-        mod, fn, args = init["factory"]
-        model = resolve(mod, fn)(*args, torch.device(device))
+        model = call = None
+        if init["factory"] is not None:  # sampling mode: the worker builds its own model
+            mod, fn, args = init["factory"]
+            model = resolve(mod, fn)(*args, torch.device(device))
         _send(conn, ("loaded", None))
         dev = dist_launch.init_rank(rank, world, port, backend, init["timeout_s"], device=idx)
-        call = D.parallelize(model, D.init_parallel(init["layout"]))
+        ctx = D.init_parallel(init["layout"])
+        if model is not None:
+            call = D.parallelize(model, ctx)
         _send(conn, ("ready", None))
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process ends
         _send(conn, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -147,8 +200,20 @@ def worker_main(conn, rank: int) -> None:
             os._exit(0)
         if msg[0] == "stop":
             break
-        _, sampler, cond, kw = msg
         try:
+            if msg[0] == "weights":  # serving mode: a replica from rank 0's tensors (replaces the old one)
+                model = call = None
+                gc.collect()
+                model = replica.build(msg[1], dev)
+                replica.broadcast(msg[1], model=model, device=dev)
+                call = D.parallelize(model, ctx)
+                _send(conn, ("weights_ok", None))
+                continue
+            if msg[0] == "forward":  # serving mode: one DiT forward with rank 0's inputs; rank 0 keeps the output
+                with torch.no_grad():
+                    call(*_recv_args(msg[1], dev))
+                continue
+            _, sampler, cond, kw = msg
             run_sampler(sampler, call, cond.to(dev), dev, callback, **kw)
             _send(conn, ("done", None))
         except _Stopped:
@@ -158,6 +223,19 @@ def worker_main(conn, rank: int) -> None:
             os._exit(1)  # the other ranks wait in collectives; rank 0 tears the pool down
     dist.destroy_process_group()
     conn.close()
+
+
+class _Served:
+    def __init__(self, pool, call, model):
+        self._pool, self._call, self._model = pool, call, model
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+    def __call__(self, *args):
+        return self._pool.forward(self._call, *args)
 
 
 class WorkerPool:
@@ -176,6 +254,7 @@ class WorkerPool:
         self.ctx = self.model = None
         self.device = torch.device(self.devices[0])
         self._dead = threading.Event()
+        self.weights_sent = 0      # serving mode: how many times the weights went out
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -250,15 +329,16 @@ class WorkerPool:
             rank = int(conn.recv_bytes().decode())
             self.conns[rank - 1] = conn
 
-    def shutdown(self) -> None:
-        """Stop the workers (politely, then SIGTERM / SIGKILL) and leave the process group. Idempotent."""
-        for c in self.conns:
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers (politely, then SIGTERM / SIGKILL; ``graceful=False``: SIGTERM at once, for workers
+        stuck in a collective) and leave the process group. Idempotent."""
+        for c in self.conns if graceful else ():
             try:
                 if c is not None:
                     _send(c, ("stop",))
             except Exception:  # noqa: BLE001 - connection already broken
                 pass
-        end = time.monotonic() + 10
+        end = time.monotonic() + (10 if graceful else 0)
         for p in self.procs:
             try:
                 p.wait(max(0.1, end - time.monotonic()))
@@ -310,7 +390,11 @@ class WorkerPool:
         if errors:
             rank, text = errors[0]
             first = text.strip().splitlines()[0]
-            raise WorkerPoolError(f"{head}: rank {rank} on {self.devices[rank]} failed: {first}\n{text}") from None
+            log.error("SteadyDancer multi-GPU: rank %d on %s failed:\n%s", rank, self.devices[rank], text)
+            err = WorkerPoolError(f"{head}: rank {rank} on {self.devices[rank]} failed: {first} (its traceback is "
+                                  f"in the console)")
+            err.detail = text
+            raise err from None
         dead = [r for r, c in codes.items() if c not in (None, 0)]
         if dead:
             r = dead[0]
@@ -334,6 +418,81 @@ class WorkerPool:
                 self._fail(f"multi-GPU worker lost ({what})")
             if need and time.monotonic() > end:
                 self._fail(f"multi-GPU workers not {what} after {timeout_s:g} s")
+
+    # ------------------------------------------------------------------ serving (rank 0 drives the sampler)
+    def load_weights(self, spec: dict, tensors) -> int:
+        """Serving mode: every worker builds the replica of ``spec`` (replica.describe) and receives rank 0's
+        ``tensors`` (spec order) by broadcast; replaces the workers' previous replica. Returns the bytes sent."""
+        self._check_serving()
+        self._command(("weights", spec))
+        sent = self._guarded(lambda: replica.broadcast(spec, tensors=tensors, device=self.comm_device),
+                             "sending the weights to the multi-GPU workers failed")
+        self._wait_all("weights_ok", self.load_timeout_s)
+        self.weights_sent += 1
+        return sent
+
+    def forward(self, call, *args):
+        """Serving mode: one distributed DiT forward. The workers receive ``args`` (rank 0's inputs, by
+        broadcast) and run their replica; rank 0 runs ``call(*args)`` (its own replica behind the same parallel
+        wrapper) and returns its output. A worker that fails or dies raises ``WorkerPoolError`` naming it; an
+        error of rank 0's own forward shuts the pool down (the workers wait inside a collective) and propagates."""
+        self._check_serving()
+        self._command(("forward", _args_meta(args)))
+
+        def run():
+            _send_args(args, self.comm_device)
+            with torch.no_grad():
+                return call(*args)
+
+        return self._guarded(run, "multi-GPU forward failed")
+
+    def served(self, model):
+        """A DiT-like callable for the samplers: ``served(x, t, *args)`` is one distributed forward of rank 0's
+        replica ``model`` (built by replica.build / bind) with the workers; attributes are ``model``'s."""
+        return _Served(self, D.parallelize(model, self.ctx), model)
+
+    @property
+    def comm_device(self):
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def _check_serving(self) -> None:
+        if self.call is None:
+            raise WorkerPoolError("the multi-GPU pool is not running (start it first)")
+        if not self.alive:
+            self._fail("multi-GPU worker lost")
+
+    def _command(self, msg) -> None:
+        try:
+            for c in self.conns:
+                _send(c, msg)
+        except (OSError, EOFError):
+            self._fail("multi-GPU worker lost")
+
+    def _guarded(self, fn, head: str):
+        """Run rank 0's side of a collective step with the watchdog on; map failures to clear errors."""
+        stop = threading.Event()
+        self._dead.clear()
+        watch = threading.Thread(target=self._watch, args=(stop,), daemon=True)
+        watch.start()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a worker failure shows up as a collective error here
+            stop.set()
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end and all(p.poll() is None for p in self.procs) and not self._pending():
+                time.sleep(0.1)
+            if self._dead.is_set() or not self.alive or self._pending():
+                log.debug("SteadyDancer multi-GPU: rank 0 saw %s: %s", type(e).__name__, e)
+                self._fail(head)  # names the worker that failed or died (rank 0's collective error is noise)
+            self.shutdown(graceful=False)  # rank 0's own error: the workers are stuck in a collective
+            raise
+        finally:
+            stop.set()
+            watch.join()
+
+    def _pending(self) -> bool:
+        live = [c for c in self.conns if c is not None and not c.closed]
+        return bool(wait(live, 0)) if live else False
 
     # ------------------------------------------------------------------ sampling
     def _watch(self, stop: threading.Event) -> None:

@@ -216,3 +216,18 @@ def small(prompt, width=64, height=96, length=9, steps=None):
         if nid not in used:
             del p[nid]                 # the encoders they fed were replaced by fixture nodes
     return p
+
+
+def run_checks(script: str, marker: str, timeout=1500) -> dict:
+    """Run ``script`` (an in-process checks file here) with ComfyUI's Python; its last ``MARKER {json}`` line."""
+    import subprocess
+    path = comfyui_path()
+    python = run_workflow.comfy_python(path)
+    env = dict(os.environ, COMFYUI_PATH=str(path))
+    p = subprocess.run([python, str(HERE / script)], env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(marker + " ")]
+    assert lines, f"{script} printed no results (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    r = json.loads(lines[-1][len(marker) + 1:])
+    print(json.dumps(r, indent=1))
+    return r
+

@@ -37,6 +37,8 @@ def comfy(tmp_path_factory):
         shutil.copyfile(shelf.built["vae"], base / "models" / "diffusion_models" / "some_other_model.safetensors")
 
     image, video = models.build_media(base / "input" / "reference.png", base / "input" / "dance.mp4")
+    # the Multi-GPU node may use CPU worker ranks when ComfyUI runs on the CPU (test-only switch, read by the server)
+    os.environ.setdefault("STEADYDANCER_MULTIGPU_CPU", "1")
     # --cpu unless COMFYUI_TEST_GPU=1 (then the soak test also checks the GPU's memory)
     on_gpu = os.environ.get("COMFYUI_TEST_GPU", "") not in ("", "0")
     server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=not on_gpu,

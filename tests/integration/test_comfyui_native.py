@@ -5,26 +5,14 @@ composition with ModelSamplingSD3, EasyCache, core context windows, TorchCompile
 
 The figures are printed (pytest -s) and listed in the README's native-model section.
 """
-import json
-import os
-import subprocess
-
 import pytest
 
-from comfyui_harness import HERE, comfyui_path, run_workflow
+from comfyui_harness import run_checks
 
 
 @pytest.fixture(scope="module")
 def results():
-    path = comfyui_path()
-    python = run_workflow.comfy_python(path)
-    env = dict(os.environ, COMFYUI_PATH=str(path))
-    p = subprocess.run([python, str(HERE / "native_checks.py")], env=env, capture_output=True, text=True,
-                       timeout=1500)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("NATIVE_RESULTS ")]
-    assert lines, f"native_checks.py printed no results (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    r = json.loads(lines[-1][len("NATIVE_RESULTS "):])
-    print(json.dumps(r, indent=1))
+    r = run_checks("native_checks.py", "NATIVE_RESULTS")
     errors = {k: v for k, v in r.items() if k.endswith("_error") and k != "torch_compile_error"}
     assert not errors, "\n\n".join(f"{k}:\n{v}" for k, v in errors.items())
     return r
