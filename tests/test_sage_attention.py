@@ -157,3 +157,16 @@ def test_model_loader_offers_sage_and_refuses_it_clearly_when_missing(monkeypatc
     with pytest.raises(RuntimeError, match="attention 'sage' needs an NVIDIA GPU"):
         node.load(str(f), *args)
     assert not read  # refused before the file is read
+
+
+def test_sage_inside_a_compiled_region(sage):
+    """Compiled blocks call the backend inside torch.compile: the sageattn call runs outside the graph (a graph
+    break), with the same arguments and result (dynamo with the eager backend: no C++ compiler needed)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    f = torch.compile(lambda q, k, v: attention(q, k, v, "sage") * 2, backend="eager")
+    out = f(q, k, v)
+    assert sage.calls == [((1, 32, 2, 16), (1, 32, 2, 16), torch.bfloat16)]
+    torch.testing.assert_close(out.double(), (_ref(q, k, v).to(torch.bfloat16) * 2).double())
+    torch._dynamo.reset()
