@@ -44,6 +44,21 @@ L_TEXT, L_IMG = 512, 257
 
 
 # ----------------------------------------------------------------------------------------------------- utilities
+def import_pack():
+    """Make ``steadydancer_turbo.steadydancer`` importable from this checkout (run from anywhere, no PYTHONPATH)
+    without running the pack's ``__init__`` (which imports the ComfyUI node layer and its dependencies)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    name = "steadydancer_turbo"
+    if name not in sys.modules:
+        root = pathlib.Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+
+
 def log(*a):
     msg = " ".join(str(x) for x in a)
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)

@@ -1,9 +1,10 @@
 """Attention backends at SteadyDancer's self-attention shape: time and error of each kernel against dense
 attention, on random q/k/v and on the random-weight model (issue 15: the 8-bit SageAttention 2 backend).
 
-    PYTHONPATH=<dir holding steadydancer_turbo> python bench/attention_backends.py --out OUTDIR
-    PYTHONPATH=... python bench/attention_backends.py --layers 40 --sections model   # the whole 14B DiT
-    python bench/attention_backends.py --device cpu --tiny                           # smoke test of the script
+    python bench/attention_backends.py --out OUTDIR                       # from the repo root, one H100/H200
+    python bench/attention_backends.py --sections model --layers 40 --no-sparse --out OUTDIR   # whole 14B DiT
+    python bench/attention_backends.py --device cpu --tiny                # smoke test of the script
+(SageAttention rows need ``sageattention`` importable, e.g. PYTHONPATH=<its --target dir>.)
 
 Shape: 832x480x81 + SteadyDancer's 2 reference frames = 23 latent frames x 30 x 52 patches = 35,880 tokens,
 40 heads x 128, bf16 (``--tokens/--heads/--head-dim`` change it).
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 from _common import cuda_time, free_cuda, median, record, rel_l2  # noqa: E402
+
+C.import_pack()  # steadydancer_turbo = this checkout (an installed or PYTHONPATH copy wins if already imported)
 
 REF = "bench_fp32_reference"
 

@@ -43,18 +43,12 @@ import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_PLAN = "bf16:0,40;fp8:0,20,40;q8_0:0;q4_k:0"
 
 
 def _import_pack():
-    """Make ``steadydancer_turbo.steadydancer`` importable from this checkout without running the pack's
-    ``__init__`` (which imports the ComfyUI node layer and its dependencies, not needed here)."""
-    name = "steadydancer_turbo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        sys.modules[name] = importlib.util.module_from_spec(spec)
+    from _common import import_pack  # bench/ is this script's folder, first on sys.path
+    import_pack()
 
 
 def missing_modules(fmt):

@@ -27,8 +27,9 @@ COMPUTE_DTYPES = list(LOADER_DTYPES)  # the names the loader maps to torch dtype
 
 def attention_choices() -> list:
     """auto / sdpa / flex_sparse (when this torch has flex attention), flash_attn when importable, and sage
-    always: a workflow saved with sage opens everywhere, and where the sageattention package is missing the
-    prompt is refused with how to install it (``attention_problem``) instead of "value not in list"."""
+    always: a workflow saved with sage opens everywhere, and where the sageattention package is missing (or the
+    GPU is too old) the loader fails with how to install it (``attention_problem``) instead of ComfyUI's bare
+    "value not in list"."""
     from ..steadydancer.kernels.attention import available_backends
     avail = available_backends()
     out = ["auto", "sdpa"]
@@ -36,14 +37,11 @@ def attention_choices() -> list:
     return out + ["sage"]
 
 
-def attention_problem(attention: str, device=None) -> str | None:
-    """Why this attention choice cannot run (None: it can). ``device``: also check the GPU (at load)."""
+def attention_problem(attention: str, device) -> str | None:
+    """Why this attention choice cannot run on ``device`` (None: it can)."""
     if attention == "sage":
         from ..steadydancer.kernels.backends import sage_problem
-        from ..steadydancer.kernels.attention import available_backends
-        if "sage" not in available_backends():
-            return sage_problem()
-        return sage_problem(device) if device is not None else None
+        return sage_problem(device)
     return None
 
 
@@ -156,7 +154,7 @@ class SteadyDancerModelLoader:
                     "(exact). sdpa = PyTorch's own choice. flex_sparse = top-k block-sparse self-attention (turbo "
                     "path: self-attention ~1.5-2x faster per step at 480p-720p, small error vs dense; see sparse_topk). "
                     "flash_attn appears when installed. sage = SageAttention 2 (8-bit; needs the sageattention "
-                    "package and an RTX 30xx / A100 or newer GPU; the prompt is refused with how to install it "
+                    "package and an RTX 30xx / A100 or newer GPU; the loader says how to install it "
                     "otherwise): self-attention ~1.4x faster than cuDNN on an H200, lossy (3.9% error on random "
                     "q/k/v vs 0.2% for cuDNN); not combined with flex_sparse. Cross-attention always stays dense.",
                     default="auto")),
@@ -182,14 +180,8 @@ class SteadyDancerModelLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model_name, attention="auto"):
-        if isinstance(attention, str):  # ComfyUI leaves the list check of a validated input to us
-            if attention not in attention_choices():
-                return f"Value not in list: attention {attention!r} is not one of {attention_choices()}"
-            device = cb.torch_device() if cb.HAVE_COMFY and attention == "sage" else None
-            problem = attention_problem(attention, device)
-            if problem:
-                return problem
+    def VALIDATE_INPUTS(cls, model_name):
+        # model_name only: ComfyUI repeats the message for every input this takes (sage is checked at load)
         return validation.validate_file(cb.DIFFUSION_FOLDER, model_name, "model")  # header only, before any node runs
 
     def load(self, model_name, weight_storage, compute_dtype, attention, sparse_topk, fp8_matmul, compile,

@@ -131,15 +131,42 @@ def test_sparse_and_sage_are_not_combined():
     assert m.attention_backend.startswith("flex_sparse")
 
 
-def test_model_loader_offers_sage_and_refuses_it_clearly_when_missing(monkeypatch):
+def test_model_loader_offers_sage_and_refuses_it_clearly_when_missing(monkeypatch, tmp_path):
+    """Always listed (a shared workflow opens); without the package, or off CUDA, the loader node fails before
+    reading the file, with the install hint; ComfyUI's own list check stays (VALIDATE_INPUTS takes only
+    model_name, so a bad file is reported once)."""
+    import inspect
+    from steadydancer_turbo.nodes import comfy_bridge as cb
     from steadydancer_turbo.nodes import model_nodes as mn
-    node = mn.SteadyDancerModelLoader
-    assert "sage" in mn.attention_choices()
+    assert mn.attention_choices()[-1] == "sage"
+    assert list(inspect.signature(mn.SteadyDancerModelLoader.VALIDATE_INPUTS).parameters) == ["model_name"]
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"")
+    monkeypatch.setattr(cb, "need_comfy", lambda what: None)
+    monkeypatch.setattr(cb, "torch_device", lambda: torch.device("cpu"))
+    read = []
+    monkeypatch.setattr("steadydancer_turbo.steadydancer.weights.loader.load_steadydancer",
+                        lambda *a, **k: read.append(a))
+    node = mn.SteadyDancerModelLoader()
+    args = ("auto", "bf16", "sage", 0.15, False, False)
     monkeypatch.setattr(backends, "_has_sage", lambda: False)
-    monkeypatch.setattr(mn.validation, "validate_file", lambda *a: True)
-    msg = node.VALIDATE_INPUTS("m.safetensors", "sage")
-    assert isinstance(msg, str) and "sageattention" in msg and "auto / sdpa" in msg
-    assert node.VALIDATE_INPUTS("m.safetensors", "auto") is True
-    assert "not in list" in node.VALIDATE_INPUTS("m.safetensors", "sage3")
+    with pytest.raises(RuntimeError, match=r"m\.safetensors: attention 'sage' needs the sageattention package.*"
+                                           r"pip install sageattention"):
+        node.load(str(f), *args)
     monkeypatch.setattr(backends, "_has_sage", lambda: True)
-    assert node.VALIDATE_INPUTS("m.safetensors", "sage") is True
+    with pytest.raises(RuntimeError, match="attention 'sage' needs an NVIDIA GPU"):
+        node.load(str(f), *args)
+    assert not read  # refused before the file is read
+
+
+def test_sage_inside_a_compiled_region(sage):
+    """Compiled blocks call the backend inside torch.compile: the sageattn call runs outside the graph (a graph
+    break), with the same arguments and result (dynamo with the eager backend: no C++ compiler needed)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    f = torch.compile(lambda q, k, v: attention(q, k, v, "sage") * 2, backend="eager")
+    out = f(q, k, v)
+    assert sage.calls == [((1, 32, 2, 16), (1, 32, 2, 16), torch.bfloat16)]
+    torch.testing.assert_close(out.double(), (_ref(q, k, v).to(torch.bfloat16) * 2).double())
+    torch._dynamo.reset()

@@ -98,6 +98,14 @@ def _sage_device_check(q: torch.Tensor) -> None:
         raise RuntimeError(f"attention 'sage' needs CUDA tensors, got {q.device}: SageAttention has CUDA kernels only")
 
 
+@torch.compiler.disable
+def _sageattn_nhd(q, k, v):
+    """The sageattn call, kept out of torch.compile graphs (compiled blocks break the graph around it, as
+    SageAttention supports: its Python dispatch and CUDA extension calls are not traced)."""
+    import sageattention
+    return sageattention.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
 def _sage(q, k, v):
     """SageAttention 2 (INT8 Q/K, FP8 P/V on Ada/Hopper) on self-attention: ``sageattn`` in its "NHD" layout,
     which is ours ([B, L, H, D]), non-causal, default 1/sqrt(D) scale; half inputs (fp32 is cast to bf16, as
@@ -108,13 +116,12 @@ def _sage(q, k, v):
     _sage_device_check(q)
     if q.shape[-1] > SAGE_MAX_HEAD_DIM:
         raise RuntimeError(f"attention 'sage' supports head dims up to {SAGE_MAX_HEAD_DIM}, got {q.shape[-1]}")
-    import sageattention
     dtype = q.dtype
     if dtype not in _HALF:
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     try:
-        out = sageattention.sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+        out = _sageattn_nhd(q, k, v)
     except ValueError as e:  # e.g. "Unsupported CUDA architecture": say which option caused it
         raise RuntimeError(f"attention 'sage' (SageAttention) cannot run here: {e}; choose attention auto / sdpa") \
             from e
