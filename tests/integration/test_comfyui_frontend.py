@@ -107,3 +107,20 @@ def test_frontend_export_equals_the_committed_export(converted, name):
     doc = json.loads(path.read_text())
     assert doc["prompt"] == got
     assert doc["_source"]["ui_sha256"] == hashlib.sha256(ui_text.encode()).hexdigest()
+
+
+def test_templates_and_thumbnails_are_served(comfy):
+    """ComfyUI lists the pack's example_workflows as templates and serves each thumbnail where the frontend's
+    template browser asks for it (/api/workflow_templates/<pack folder>/<name>.jpg: frontends 1.49.6 and 1.58.1
+    give every custom-node template mediaSubtype "jpg")."""
+    import urllib.request
+
+    from comfyui_harness import PACK_FOLDER
+
+    with urllib.request.urlopen(comfy.url + "/api/workflow_templates", timeout=30) as r:
+        listed = json.load(r)
+    assert sorted(listed[PACK_FOLDER]) == sorted(WORKFLOWS)
+    for name in WORKFLOWS:
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_FOLDER}/{name}.jpg", timeout=30) as r:
+            body = r.read()
+            assert r.headers["Content-Type"] == "image/jpeg" and body[:3] == b"\xff\xd8\xff", name
