@@ -468,6 +468,41 @@ def test_groups_and_note(name):
     assert data[:3] == b"\xff\xd8\xff" and len(data) < 400_000     # a JPEG, small enough for a template card
 
 
+TITLE_H = 30   # LiteGraph.NODE_TITLE_HEIGHT of frontends 1.49.6 and 1.58.1: a node's rectangle starts above its pos
+
+
+def _saved_layout(ui):
+    return {"nodes": [{"id": str(n["id"]), "type": n["type"],
+                       "rect": [n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H]}
+                      for n in ui["nodes"]],
+            "groups": [{"title": g["title"], "rect": g["bounding"]} for g in ui["groups"]]}
+
+
+def test_layout_check_finds_overlaps_and_nodes_outside_groups():
+    """comfyui_frontend.layout_problems (what the browser test applies to the measured layout) on hand geometry."""
+    lp = _frontend().layout_problems
+    g = [{"title": "a", "rect": [0, 0, 100, 100]}, {"title": "b", "rect": [200, 0, 100, 100]}]
+    ok = {"nodes": [{"id": "1", "type": "X", "rect": [10, 10, 40, 40]}, {"id": "2", "type": "X", "rect": [50, 10, 40, 40]},
+                    {"id": "3", "type": "MarkdownNote", "rect": [0, -80, 300, 70]}], "groups": g}
+    assert lp(ok) == []                                                  # touching edges are not an overlap
+    bad = json.loads(json.dumps(ok))
+    bad["nodes"][1]["rect"][0] = 49                                      # 1 px into node 1
+    bad["nodes"].append({"id": "4", "type": "X", "rect": [150, 10, 100, 40]})   # across groups a / b: in neither
+    problems = lp(bad)
+    assert len(problems) == 2 and "node 1 (X)" in problems[0] and "node 2 (X)" in problems[0]
+    assert "node 4 (X)" in problems[1] and "inside 0 groups" in problems[1]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_saved_layout_has_no_overlaps(name):
+    """The positions and sizes as saved (Load Video already sized for a portrait video): no overlaps, every node
+    in one group. The browser test checks the layout the frontend really draws, after the video has loaded."""
+    assert _frontend().layout_problems(_saved_layout(load_ui(name))) == []
+    (video,) = [n for n in load_ui(name)["nodes"] if n["type"] == "LoadVideo"]
+    w, h = video["size"]
+    assert h - 80 >= w * 16 / 9, "Load Video leaves no room for a 9:16 video preview"
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_dwpose_download_urls_match_the_core_model_table(name):
     models = pytest.importorskip("steadydancer_turbo.dwpose.models")

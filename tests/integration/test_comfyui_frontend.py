@@ -96,6 +96,9 @@ def test_frontend_export_equals_the_committed_export(converted, name):
     got = frontend.comparable(converted[name]["output"])
     path = EXPORT_DIR / f"{name}.json"
     if os.environ.get("STEADYDANCER_WRITE_FRONTEND_EXPORT"):
+        if os.environ.get("STEADYDANCER_FRONTEND_ROOT"):
+            pytest.fail("write the committed export with ComfyUI's bundled frontend (unset STEADYDANCER_FRONTEND_ROOT); "
+                        "other frontends are compared against it")
         EXPORT_DIR.mkdir(exist_ok=True)
         doc = {"_source": {"ui_workflow": f"example_workflows/{name}.json",
                            "ui_sha256": hashlib.sha256(ui_text.encode()).hexdigest(),
