@@ -3,7 +3,8 @@ May import: the core (steadydancer/, turbo/, dwpose/); ComfyUI only through comf
 """
 from . import comfy_bridge
 from .conditioning_nodes import SteadyDancerConditioning
-from .context_nodes import SteadyDancerApplyContextWindows, SteadyDancerColourGuard, SteadyDancerContextOptions
+from .context_nodes import (SteadyDancerApplyContextWindows, SteadyDancerColourGuard, SteadyDancerContextNoise,
+                            SteadyDancerContextOptions)
 from .model_nodes import SteadyDancerLoraLoader, SteadyDancerModelLoader
 from .multigpu_nodes import SteadyDancerMultiGPU
 from .pose_nodes import SteadyDancerPoseExtract, SteadyDancerPoseRetarget
@@ -30,6 +31,7 @@ NODE_CLASS_MAPPINGS = {
     "SteadyDancerContextOptions": SteadyDancerContextOptions,
     "SteadyDancerColourGuard": SteadyDancerColourGuard,
     "SteadyDancerApplyContextWindows": SteadyDancerApplyContextWindows,
+    "SteadyDancerContextNoise": SteadyDancerContextNoise,
     "SteadyDancerOfficialSigmas": SteadyDancerOfficialSigmas,
     "SteadyDancerTurboSigmas": SteadyDancerTurboSigmas,
     "SteadyDancerGuider": SteadyDancerGuider,
@@ -50,6 +52,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SteadyDancerContextOptions": "SteadyDancer Context Windows (long video)",
     "SteadyDancerColourGuard": "SteadyDancer Colour Guard (long video)",
     "SteadyDancerApplyContextWindows": "SteadyDancer Context Windows on Model (core samplers)",
+    "SteadyDancerContextNoise": "SteadyDancer Noise (context windows)",
     "SteadyDancerOfficialSigmas": "SteadyDancer Sigmas (official)",
     "SteadyDancerTurboSigmas": "SteadyDancer Sigmas (turbo / rCM)",
     "SteadyDancerGuider": "SteadyDancer Guider (text + pose CFG)",

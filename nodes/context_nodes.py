@@ -110,3 +110,32 @@ class SteadyDancerApplyContextWindows:
         if not native_model.is_steadydancer(model):
             raise ValueError("model: connect a SteadyDancer Model Loader output (or a LoRA node after it)")
         return (native_model.with_context(model, context),)
+
+
+class SteadyDancerContextNoise:
+    DESCRIPTION = ("Start noise for SamplerCustomAdvanced on a windowed MODEL (long videos): the context windows' own "
+                   "draw, as the SteadyDancer one-node samplers make it (the first window's frames = core RandomNoise "
+                   "with the same seed; later frames FreeNoise or independent, as set on the Context Windows node). "
+                   "Core RandomNoise would give plain noise over all frames and ignore the 'noise' option. A video "
+                   "that fits in one window gets exactly RandomNoise's noise.")
+    CATEGORY = f"{CATEGORY}/sampling"
+    RETURN_TYPES = ("NOISE",)
+    RETURN_NAMES = ("noise",)
+    OUTPUT_TOOLTIPS = ("Noise for SamplerCustomAdvanced (its seed also seeds the rCM sampler's re-noising).",)
+    FUNCTION = "get"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "noise_seed": ("INT", tooltip("Noise seed (drawn on the CPU: the same video on any GPU).", default=0,
+                                              min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True)),
+                "context": (CONTEXT_TYPE, tooltip("From the SteadyDancer Context Windows node (the same options as "
+                                                  "on the model).")),
+            }
+        }
+
+    def get(self, noise_seed, context):
+        from .native_sampling import WindowedNoise
+
+        return (WindowedNoise(noise_seed, context),)

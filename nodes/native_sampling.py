@@ -227,8 +227,9 @@ def make_guider(model, positive, negative, guidance):
 
 
 class WindowedNoise:
-    """A NOISE for SamplerCustomAdvanced: the core's context-window start noise (``cw.initial_window_noise``: the
-    first window's frames = RandomNoise's draw for that shape, later frames FreeNoise / independent)."""
+    """A NOISE for SamplerCustomAdvanced (the one-node samplers, the Context Noise node): the core's context-window
+    start noise (``cw.initial_window_noise``: the first window's frames = RandomNoise's draw for that shape, later
+    frames FreeNoise / independent); core RandomNoise's own draw when ``context`` makes one window."""
 
     def __init__(self, seed, context):
         self.seed, self.context = int(seed), context
@@ -236,6 +237,9 @@ class WindowedNoise:
     def generate_noise(self, input_latent):
         from ..steadydancer.sampling import context_windows as cw
         x = input_latent["samples"]
+        if cw.plan(self.context, int(x.shape[2])) is None:   # one window: exactly core RandomNoise
+            from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+            return Noise_RandomNoise(self.seed).generate_noise(input_latent)
         return cw.initial_window_noise(tuple(x.shape), self.seed, self.context)
 
 

@@ -89,7 +89,7 @@ class FakeCore:
     """ComfyUI core nodes of the graphs, returning ComfyUI 0.33-shaped values."""
 
     def __init__(self):
-        self.saved = []
+        self.saved, self.previews = [], []
         g = torch.Generator().manual_seed(7)
         self.reference = torch.rand(1, SRC_H, SRC_W, 3, generator=g)
         self.video = torch.rand(40, SRC_H, SRC_W, 3, generator=g)  # 40 frames at 24 fps -> 26 at 16 fps -> 9 used
@@ -121,6 +121,9 @@ class FakeCore:
             return ((inp["images"], inp["fps"]),)
         if cls == "SaveVideo":
             self.saved.append(inp["video"])
+            return ()
+        if cls == "PreviewImage":
+            self.previews.append(inp["images"])
             return ()
         raise KeyError(cls)
 
@@ -168,7 +171,7 @@ def prepare(name, models, steps=None):
             i.update(width=W, height=H)
         elif c == "SteadyDancerResampleFrames":
             i["max_frames"] = FRAMES
-        elif c in ("SteadyDancerSampler", "SteadyDancerTurboSampler") and steps:
+        elif c in ("SteadyDancerOfficialSigmas", "SteadyDancerTurboSigmas") and steps:
             i["steps"] = steps
     return api
 
@@ -177,15 +180,18 @@ def _ids(api, cls):
     return [k for k, v in api.items() if v["class_type"] == cls]
 
 
-NEEDS_COMFY = ("SteadyDancerModelLoader", "SteadyDancerLoraLoader", "SteadyDancerSampler", "SteadyDancerTurboSampler",
-               "VAEDecode", "CreateVideo", "SaveVideo")
+# nodes that need ComfyUI's model management / samplers (they run in tests/integration)
+NEEDS_COMFY = ("SteadyDancerModelLoader", "SteadyDancerLoraLoader", "SteadyDancerGuider", "SteadyDancerSamplerUniPC",
+               "SteadyDancerSamplerRCM", "SteadyDancerApplyContextWindows", "SteadyDancerContextNoise", "RandomNoise",
+               "BasicGuider", "SamplerCustomAdvanced", "VAEDecode", "CreateVideo", "SaveVideo")
 
 
-@pytest.mark.parametrize("name,sampler", [("steadydancer-dance", "SteadyDancerSampler"),
-                                          ("steadydancer-turbo", "SteadyDancerTurboSampler")])
-def test_shipped_graph_runs_on_tiny_models(name, sampler, models):
-    """Everything up to the sampler runs here; the MODEL, LoRA and sampler nodes need ComfyUI's model management
-    and run in tests/integration (test_comfyui_workflows.py, test_comfyui_native.py)."""
+@pytest.mark.parametrize("name", ["steadydancer-dance", "steadydancer-turbo"])
+def test_shipped_graph_runs_on_tiny_models(name, models):
+    """Everything up to SamplerCustomAdvanced runs here (the sigmas too); the MODEL, LoRA, guider, SAMPLER and
+    SamplerCustomAdvanced need ComfyUI's model management and run in tests/integration (test_comfyui_workflows.py,
+    test_comfyui_native.py)."""
+    official = name == "steadydancer-dance"
     api = prepare(name, models)
     core = FakeCore()
     out = run_graph({k: v for k, v in api.items() if v["class_type"] not in NEEDS_COMFY}, core)
@@ -199,6 +205,9 @@ def test_shipped_graph_runs_on_tiny_models(name, sampler, models):
     assert ref.shape == (1, H, W, 3)
     assert pos.shape == (FRAMES, H, W, 3) and neg.shape == pos.shape
     assert pos.max() > 0 and not torch.equal(pos, neg)
+    # the pose preview shows exactly the retargeted pose frames the conditioning node gets
+    (shown,) = core.previews
+    assert shown is pos
 
     cid = _ids(api, "SteadyDancerConditioning")[0]
     positive, negative, latent, w, h, n = out[cid]
@@ -206,13 +215,27 @@ def test_shipped_graph_runs_on_tiny_models(name, sampler, models):
     assert latent["samples"].shape == (1, 16, 3, H // 8, W // 8)
     from steadydancer_turbo.nodes import native_model as nm
     # the dance graph feeds negative poses (pose guidance); the turbo graph has no use for them
-    assert (nm.KEY_POSE_NEG in positive[0][1]) == (sampler == "SteadyDancerSampler")
-    # the sampler takes the conditioning node's positive / (negative) / latent and the loader's (LoRA'd) MODEL
-    node = api[_ids(api, sampler)[0]]["inputs"]
-    assert node["positive"] == [cid, 0] and node["latent"] == [cid, 2]
-    assert node.get("negative", [cid, 1]) == [cid, 1]
-    model_src = api[node["model"][0]]["class_type"]
-    assert model_src == ("SteadyDancerLoraLoader" if sampler == "SteadyDancerTurboSampler" else "SteadyDancerModelLoader")
+    assert (nm.KEY_POSE_NEG in positive[0][1]) == official
+
+    # SamplerCustomAdvanced samples into the conditioning node's latent with its positive (and negative)
+    (sca,) = _ids(api, "SamplerCustomAdvanced")
+    node = api[sca]["inputs"]
+    assert node["latent_image"] == [cid, 2]
+    guider = api[node["guider"][0]]
+    assert guider["class_type"] == ("SteadyDancerGuider" if official else "BasicGuider")
+    gi = guider["inputs"]
+    assert gi.get("positive", gi.get("conditioning")) == [cid, 0]
+    assert gi.get("negative", [cid, 1]) == [cid, 1]
+    model_src = api[gi["model"][0]]["class_type"]
+    assert model_src == ("SteadyDancerModelLoader" if official else "SteadyDancerLoraLoader")
+    # the sigmas: official 40 steps ending in 0; turbo = the lightx2v shift formula on a uniform grid (float64)
+    (sigmas,) = out[node["sigmas"][0]]
+    if official:
+        assert len(sigmas) == 41 and float(sigmas[-1]) == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
+    else:
+        u = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+        want = torch.cat([5 * u / (1 + 4 * u), torch.zeros(1, dtype=torch.float64)]).float()
+        torch.testing.assert_close(sigmas, want, rtol=0, atol=1e-7)
 
 
 def test_loader_options_and_speed_options(models):
@@ -254,8 +277,8 @@ def _long_api(models, window=9, overlap=4, strength=1.0):
 
 def test_long_graph_runs_up_to_the_sampler_with_its_windows(models):
     """The shipped long graph on the native wires with 9-frame windows (3 latent) overlapping by 4 frames: 25
-    frames -> 7 latent frames -> windows (0,3) (2,5) (4,7); the turbo sampler gets the conditioning node's
-    positive/latent, the LoRA'd MODEL and the Context Windows options, and the Colour Guard the same options. The
+    frames -> 7 latent frames -> windows (0,3) (2,5) (4,7); SamplerCustomAdvanced gets the conditioning node's
+    positive/latent, the LoRA'd MODEL through Context Windows on Model, the noise and the Colour Guard the same options. The
     windowed sampling itself (every window, exact frame count, interrupt per window pass) runs in real ComfyUI
     (tests/integration/test_comfyui_workflows.py, test_comfyui_native.py)."""
     api = _long_api(models)
@@ -267,8 +290,14 @@ def test_long_graph_runs_up_to_the_sampler_with_its_windows(models):
     (ctx_id,) = _ids(api, "SteadyDancerContextOptions")
     (opts,) = out[ctx_id]
     assert (opts.window, opts.overlap) == (3, 1) and opts.windows(7) == [(0, 3), (2, 5), (4, 7)]
-    node = api[_ids(api, "SteadyDancerTurboSampler")[0]]["inputs"]
-    assert node["context"] == [ctx_id, 0] and node["positive"] == [cid, 0] and node["latent"] == [cid, 2]
-    assert api[node["model"][0]]["class_type"] == "SteadyDancerLoraLoader"
+    (sca,) = _ids(api, "SamplerCustomAdvanced")
+    node = api[sca]["inputs"]
+    assert node["latent_image"] == [cid, 2]
+    assert api[node["noise"][0]]["inputs"]["context"] == [ctx_id, 0]               # the windows' own noise
+    guider = api[node["guider"][0]]["inputs"]
+    assert guider["conditioning"] == [cid, 0]
+    windowed = api[guider["model"][0]]
+    assert windowed["class_type"] == "SteadyDancerApplyContextWindows" and windowed["inputs"]["context"] == [ctx_id, 0]
+    assert api[windowed["inputs"]["model"][0]]["class_type"] == "SteadyDancerLoraLoader"
     guard = api[_ids(api, "SteadyDancerColourGuard")[0]]["inputs"]
     assert guard["context"] == [ctx_id, 0]

@@ -221,8 +221,10 @@ def test_server_down_is_exit_code_3(capsys, tmp_path):
 class FakeComfy:
     """aiohttp server with ComfyUI's routes and websocket messages (incl. binary preview frames)."""
 
-    def __init__(self, fail=False, hold=False, dwpose_files=None, mid_run=None, models_dir=None, late=0.0):
+    def __init__(self, fail=False, hold=False, dwpose_files=None, mid_run=None, models_dir=None, late=0.0,
+                 node_errors=None):
         self.fail, self.prompts, self.uploads = fail, [], {}
+        self.node_errors = node_errors or {}  # returned with HTTP 200: ComfyUI queued only the valid outputs
         self.hold, self.running, self.interrupts, self.deleted = hold, False, [], []
         self.dwpose_files = dwpose_files
         # mid_run: "die" (the process goes away), "restart" (back at once, queue and history empty),
@@ -273,7 +275,9 @@ class FakeComfy:
             self.prompts.append(body)
             pid = "p1"
             asyncio.get_running_loop().create_task(self._run(body["client_id"], pid))
-            return web.json_response({"prompt_id": pid, "number": 0, "node_errors": {}})
+            if self.node_errors:
+                self.running = True
+            return web.json_response({"prompt_id": pid, "number": 0, "node_errors": self.node_errors})
 
         async def folder_paths(request):
             if self.models_dir is None:
@@ -454,6 +458,24 @@ def _run_fake(tmp_path, fake, prompt, *extra):
                     "--timeout", "20", *extra])
 
 
+def test_a_partly_valid_prompt_is_stopped_and_reported_as_rejected(tmp_path, capsys):
+    """ComfyUI answers 200 and queues only the outputs that passed validation when others failed (a graph with a
+    preview output besides the video). The run command stops that partial run and names the failed node (exit 5)."""
+    pytest.importorskip("aiohttp")
+    errors = {"2": {"class_type": "UNETLike", "dependent_outputs": ["3"],
+                    "errors": [{"type": "value_bigger_than_max", "message": "Value 50 bigger than max of 8",
+                                "details": "steps"}]}}
+    fake = FakeComfy(hold=True, node_errors=errors).serve()
+    try:
+        rc = _run_fake(tmp_path, fake, _prompt())
+    finally:
+        fake.close()
+    err = capsys.readouterr().err
+    assert rc == 5, err
+    assert "node 2 (UNETLike): Value 50 bigger than max of 8: steps" in err, err
+    assert "interrupted it on the server" in err and fake.interrupts == [{"prompt_id": "p1"}], (err, fake.interrupts)
+
+
 def test_ctrl_c_interrupts_our_prompt_on_the_server(tmp_path, capsys, monkeypatch):
     pytest.importorskip("aiohttp")
     printer = rw.progress_printer
@@ -625,28 +647,35 @@ def _node(prompt, class_type):
 
 
 def test_turbo_steps_and_guide_scale_come_from_the_environment_and_a_flag_overrides_them():
+    """The shipped graphs run on SamplerCustomAdvanced: the turbo steps are on the turbo sigmas, the text guidance
+    on the SteadyDancer guider (a workflow with the one-node samplers gets the same values on those nodes)."""
     env = {"TURBO_STEPS": "6", "STEADYDANCER_GUIDE_SCALE": "3.5"}
     turbo, dance = _api("turbo"), _api("dance")
-    assert _node(turbo, "SteadyDancerTurboSampler")["steps"] == 4 and _node(dance, "SteadyDancerSampler")["text_guidance"] == 5
+    assert _node(turbo, "SteadyDancerTurboSigmas")["steps"] == 4 and _node(dance, "SteadyDancerGuider")["text_guidance"] == 5
     settings, notes = rw.inference_settings(_args(), env)
     assert notes == []
     t_notes = rw.apply_inference_settings(turbo, settings)
     d_notes = rw.apply_inference_settings(dance, settings)
-    assert _node(turbo, "SteadyDancerTurboSampler")["steps"] == 6
-    assert _node(dance, "SteadyDancerSampler")["text_guidance"] == 3.5
-    assert _node(dance, "SteadyDancerSampler")["steps"] == 40                   # the official steps are not touched
+    assert _node(turbo, "SteadyDancerTurboSigmas")["steps"] == 6
+    assert _node(dance, "SteadyDancerGuider")["text_guidance"] == 3.5
+    assert _node(dance, "SteadyDancerOfficialSigmas")["steps"] == 40            # the official steps are not touched
     assert any("the turbo sampler's steps: 6 (from TURBO_STEPS" in n for n in t_notes)
     # the env default that has no node to act on is said, not dropped
-    assert any(n.startswith("STEADYDANCER_GUIDE_SCALE=3.5 is not used: the workflow has no SteadyDancerSampler node "
-                            "(the turbo sampler runs without CFG") for n in t_notes), t_notes
+    assert any(n.startswith("STEADYDANCER_GUIDE_SCALE=3.5 is not used: the workflow has no SteadyDancerSampler or "
+                            "SteadyDancerGuider node (the turbo sampler runs without CFG") for n in t_notes), t_notes
     assert any(n.startswith("TURBO_STEPS=6 is not used") for n in d_notes)
+    # the one-node samplers take the same toggles
+    one = {"1": {"class_type": "SteadyDancerSampler", "inputs": {"text_guidance": 5.0, "steps": 40}},
+           "2": {"class_type": "SteadyDancerTurboSampler", "inputs": {"steps": 4}}}
+    rw.apply_inference_settings(one, settings)
+    assert one["1"]["inputs"] == {"text_guidance": 3.5, "steps": 40} and one["2"]["inputs"] == {"steps": 6}
     # flags win
     turbo = _api("turbo")
     settings, _ = rw.inference_settings(_args("--turbo-steps", "2", "--guide-scale", "7"), env)
     assert settings == {"turbo_steps": (2, "--turbo-steps"), "text_guidance": (7.0, "--guide-scale")}
     # ... and a flag that cannot act is an error, not a note
     with pytest.raises(rw.RunError, match="--guide-scale sets the official sampler's text guidance, but the "
-                                          "workflow has no SteadyDancerSampler node") as e:
+                                          "workflow has no SteadyDancerSampler or SteadyDancerGuider node") as e:
         rw.apply_inference_settings(turbo, settings)
     assert e.value.code == 2
 

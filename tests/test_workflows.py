@@ -367,12 +367,140 @@ def test_api_twins_are_not_listed_as_templates():
             assert "nodes" in data and "links" in data, f"{f} is not a UI workflow"
 
 
-def test_turbo_graph_uses_the_turbo_sampler_and_lora():
-    ui = load_ui("steadydancer-turbo")
-    types = [n["type"] for n in ui["nodes"]]
-    assert "SteadyDancerTurboSampler" in types and "SteadyDancerLoraLoader" in types
-    dance = [n["type"] for n in load_ui("steadydancer-dance")["nodes"]]
-    assert "SteadyDancerSampler" in dance
+def _api(name):
+    return json.loads((API_DIR / f"{name}.json").read_text())
+
+
+def _source(api, ref, class_type):
+    """The node a link ``[id, slot]`` comes from, checked to be of ``class_type``; returns its inputs."""
+    assert isinstance(ref, list), f"{ref!r} is not a link (expected {class_type})"
+    node = api[ref[0]]
+    assert node["class_type"] == class_type, (ref, node["class_type"], class_type)
+    return node["inputs"]
+
+
+def _one(api, class_type):
+    (nid,) = [k for k, v in api.items() if v["class_type"] == class_type]
+    return nid, api[nid]["inputs"]
+
+
+# The one-node samplers' settings the workflows had before they were rebuilt on SamplerCustomAdvanced (the
+# SamplerCustomAdvanced pieces reproduce those nodes exactly: nodes/sampler_nodes.py builds them from the same
+# pieces; tests/integration/test_comfyui_workflows.py compares the latents in a real ComfyUI).
+OFFICIAL = {"seed": 106060, "steps": 40, "shift": 3.0, "text_guidance": 5.0, "pose_guidance": 1.0,
+            "pose_guidance_start": 0.1, "pose_guidance_end": 0.4, "solver": "unipc"}
+TURBO = {"seed": 42, "steps": 4, "schedule": "shift", "shift": 5.0, "sigma_max": 200.0, "mode": "sde"}
+
+
+def _sampler_section(name):
+    """SamplerCustomAdvanced's inputs traced back: (noise, guider, sampler, sigmas, conditioning id) inputs."""
+    api = _api(name)
+    sca, i = _one(api, "SamplerCustomAdvanced")
+    cond, _ = _one(api, "SteadyDancerConditioning")
+    assert i["latent_image"] == [cond, 2]
+    decode, d = _one(api, "VAEDecode")
+    assert d["samples"] == [sca, 0]
+    return api, i, cond
+
+
+def test_official_graph_is_the_official_sampler_on_sampler_custom_advanced():
+    api, i, cond = _sampler_section("steadydancer-dance")
+    loader, _ = _one(api, "SteadyDancerModelLoader")
+    assert _source(api, i["noise"], "RandomNoise") == {"noise_seed": OFFICIAL["seed"]}
+    g = _source(api, i["guider"], "SteadyDancerGuider")
+    assert g == {"model": [loader, 0], "positive": [cond, 0], "negative": [cond, 1],
+                 **{k: OFFICIAL[k] for k in ("text_guidance", "pose_guidance", "pose_guidance_start",
+                                             "pose_guidance_end")}}
+    assert _source(api, i["sampler"], "SteadyDancerSamplerUniPC") == {"solver": OFFICIAL["solver"]}
+    assert _source(api, i["sigmas"], "SteadyDancerOfficialSigmas") == {"steps": 40, "shift": 3.0}  # no model: shift 3
+    # pose guidance needs the negative poses on the conditioning node
+    (retarget,) = [k for k, v in api.items() if v["class_type"] == "SteadyDancerPoseRetarget"]
+    assert api[cond]["inputs"]["negative_pose_frames"] == [retarget, 2]
+    assert not [v for v in api.values() if v["class_type"] in ("SteadyDancerLoraLoader", "SteadyDancerSampler")]
+
+
+@pytest.mark.parametrize("name", ["steadydancer-turbo", "steadydancer-long"])
+def test_turbo_graphs_are_the_turbo_sampler_on_sampler_custom_advanced(name):
+    """Turbo and long: BasicGuider on the LoRA'd model (long: through Context Windows on Model), the rCM sampler
+    with float32 timesteps (the one-node sampler's choice for the shift schedule), the turbo sigmas; the long
+    graph's noise is the context windows' own draw from the same Context Windows node."""
+    api, i, cond = _sampler_section(name)
+    loader, _ = _one(api, "SteadyDancerModelLoader")
+    lora, lora_in = _one(api, "SteadyDancerLoraLoader")
+    assert lora_in["model"] == [loader, 0] and lora_in["strength"] == 1.0
+    g = _source(api, i["guider"], "BasicGuider")
+    assert g["conditioning"] == [cond, 0]
+    if name == "steadydancer-long":
+        ctx, _ = _one(api, "SteadyDancerContextOptions")
+        assert _source(api, g["model"], "SteadyDancerApplyContextWindows") == {"model": [lora, 0], "context": [ctx, 0]}
+        assert _source(api, i["noise"], "SteadyDancerContextNoise") == {"noise_seed": TURBO["seed"],
+                                                                         "context": [ctx, 0]}
+    else:
+        assert g["model"] == [lora, 0]
+        assert _source(api, i["noise"], "RandomNoise") == {"noise_seed": TURBO["seed"]}
+    assert _source(api, i["sampler"], "SteadyDancerSamplerRCM") == {"mode": "sde", "timestep_rounding": "float32"}
+    assert _source(api, i["sigmas"], "SteadyDancerTurboSigmas") == {k: TURBO[k] for k in ("steps", "schedule",
+                                                                                          "shift", "sigma_max")}
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_pose_preview_shows_the_retargeted_pose_frames(name):
+    api = _api(name)
+    retarget, _ = _one(api, "SteadyDancerPoseRetarget")
+    _, preview = _one(api, "PreviewImage")
+    assert preview == {"images": [retarget, 1]}
+    assert pack_object_info()["SteadyDancerPoseRetarget"]["output_name"][1] == "pose_frames"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_groups_and_note(name):
+    """Five groups (the browser test checks that every node lies inside one and that nothing overlaps once a
+    video is loaded), one short Markdown note outside them, and a thumbnail where ComfyUI's template browser
+    looks for it: <name>.jpg next to the JSON (frontends 1.49.6 and 1.58.1 ask /api/workflow_templates/<pack>/<name>.jpg)."""
+    ui = load_ui(name)
+    assert sorted(g["title"] for g in ui["groups"]) == ["inputs", "models", "output", "poses", "sampling"]
+    (note,) = [n for n in ui["nodes"] if n["type"] in UI_ONLY - {"Reroute", "PrimitiveNode"}]
+    text = note["widgets_values"][0]
+    assert len(text) < 900 and "ComfyUI/models/" in text
+    thumb = UI_DIR / f"{name}.jpg"
+    assert thumb.exists(), thumb
+    data = thumb.read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < 400_000     # a JPEG, small enough for a template card
+
+
+TITLE_H = 30   # LiteGraph.NODE_TITLE_HEIGHT of frontends 1.49.6 and 1.58.1: a node's rectangle starts above its pos
+
+
+def _saved_layout(ui):
+    return {"nodes": [{"id": str(n["id"]), "type": n["type"],
+                       "rect": [n["pos"][0], n["pos"][1] - TITLE_H, n["size"][0], n["size"][1] + TITLE_H]}
+                      for n in ui["nodes"]],
+            "groups": [{"title": g["title"], "rect": g["bounding"]} for g in ui["groups"]]}
+
+
+def test_layout_check_finds_overlaps_and_nodes_outside_groups():
+    """comfyui_frontend.layout_problems (what the browser test applies to the measured layout) on hand geometry."""
+    lp = _frontend().layout_problems
+    g = [{"title": "a", "rect": [0, 0, 100, 100]}, {"title": "b", "rect": [200, 0, 100, 100]}]
+    ok = {"nodes": [{"id": "1", "type": "X", "rect": [10, 10, 40, 40]}, {"id": "2", "type": "X", "rect": [50, 10, 40, 40]},
+                    {"id": "3", "type": "MarkdownNote", "rect": [0, -80, 300, 70]}], "groups": g}
+    assert lp(ok) == []                                                  # touching edges are not an overlap
+    bad = json.loads(json.dumps(ok))
+    bad["nodes"][1]["rect"][0] = 49                                      # 1 px into node 1
+    bad["nodes"].append({"id": "4", "type": "X", "rect": [150, 10, 100, 40]})   # across groups a / b: in neither
+    problems = lp(bad)
+    assert len(problems) == 2 and "node 1 (X)" in problems[0] and "node 2 (X)" in problems[0]
+    assert "node 4 (X)" in problems[1] and "inside 0 groups" in problems[1]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_saved_layout_has_no_overlaps(name):
+    """The positions and sizes as saved (Load Video already sized for a portrait video): no overlaps, every node
+    in one group. The browser test checks the layout the frontend really draws, after the video has loaded."""
+    assert _frontend().layout_problems(_saved_layout(load_ui(name))) == []
+    (video,) = [n for n in load_ui(name)["nodes"] if n["type"] == "LoadVideo"]
+    w, h = video["size"]
+    assert h - 80 >= w * 16 / 9, "Load Video leaves no room for a 9:16 video preview"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -385,24 +513,19 @@ def test_dwpose_download_urls_match_the_core_model_table(name):
 
 
 def test_long_graph_windows_the_turbo_sampler_at_161_frames():
-    """The long workflow: turbo sampler + LoRA, 161 frames on Resample Frames (Conditioning takes them all), a
-    Context Windows node (81 / 16 frames) on the sampler and on the Colour Guard (off: strength 0) that sits
-    between VAE Decode and Create Video."""
-    api = json.loads((API_DIR / "steadydancer-long.json").read_text())
-    by = {}
-    for k, v in api.items():
-        by.setdefault(v["class_type"], []).append(k)
-    (resample,), (cond,), (sampler,) = by["SteadyDancerResampleFrames"], by["SteadyDancerConditioning"], \
-        by["SteadyDancerTurboSampler"]
-    assert api[resample]["inputs"]["max_frames"] == 161 and api[cond]["inputs"]["length"] == 0
-    (ctx,), (guard,), (decode,), (create,) = by["SteadyDancerContextOptions"], by["SteadyDancerColourGuard"], \
-        by["VAEDecode"], by["CreateVideo"]
-    c = api[ctx]["inputs"]
-    assert (c["window_frames"], c["overlap_frames"], c["anchor_frames"]) == (81, 16, 0)
-    assert api[sampler]["inputs"]["context"] == [ctx, 0] and api[guard]["inputs"]["context"] == [ctx, 0]
-    assert api[guard]["inputs"]["images"] == [decode, 0] and api[create]["inputs"]["images"] == [guard, 0]
-    assert api[guard]["inputs"]["strength"] == 0.0
-    assert by.get("SteadyDancerLoraLoader")
+    """The long workflow: 161 frames on Resample Frames (Conditioning takes them all), one Context Windows node
+    (81 / 16 frames) on the model, the noise and the Colour Guard (off: strength 0) that sits between VAE Decode
+    and Create Video."""
+    api = _api("steadydancer-long")
+    (_, resample), (_, cond) = _one(api, "SteadyDancerResampleFrames"), _one(api, "SteadyDancerConditioning")
+    assert resample["max_frames"] == 161 and cond["length"] == 0
+    (ctx, c), (_, guard) = _one(api, "SteadyDancerContextOptions"), _one(api, "SteadyDancerColourGuard")
+    decode, _ = _one(api, "VAEDecode")
+    _, create = _one(api, "CreateVideo")
+    assert (c["window_frames"], c["overlap_frames"], c["anchor_frames"], c["noise"]) == (81, 16, 0, "freenoise")
+    (guard_id,) = [k for k, v in api.items() if v["class_type"] == "SteadyDancerColourGuard"]
+    assert guard["context"] == [ctx, 0] and guard["images"] == [decode, 0] and create["images"] == [guard_id, 0]
+    assert guard["strength"] == 0.0
 
 
 if __name__ == "__main__":

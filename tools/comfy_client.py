@@ -219,6 +219,15 @@ class ComfyClient:
             except ValueError:
                 raise RunError(f"POST /prompt failed: HTTP {e.status} {e.body[:300]!r}") from None
             raise PromptRejected(parsed) from None
+        errors = resp.get("node_errors") or {}
+        if errors:
+            # HTTP 200 with node errors: ComfyUI queued only the outputs whose inputs passed validation (e.g. the
+            # pose preview of a graph whose sampler has a bad value). Stop that partial run and say what failed.
+            done = self.cancel(resp["prompt_id"])
+            raise PromptRejected({"error": {"type": "prompt_outputs_failed_validation",
+                                            "message": f"some outputs failed validation (ComfyUI queued the rest; "
+                                                       f"{done})"},
+                                  "node_errors": errors})
         return resp["prompt_id"]
 
     def history(self, prompt_id):

@@ -62,7 +62,9 @@ environment (defaults that the flags override; --set overrides both):
   TURBO_GUIDE_SCALE           reported as ignored unless 1: the distilled few-step path runs without CFG
   COMFYUI_PYTHON              with --comfyui: the Python that runs ComfyUI"""
 
-TURBO_SAMPLER, OFFICIAL_SAMPLER = "SteadyDancerTurboSampler", "SteadyDancerSampler"
+# the nodes the toggles set: the one-node samplers, or the SamplerCustomAdvanced pieces the shipped workflows use
+TURBO_SAMPLER = ("SteadyDancerTurboSampler", "SteadyDancerTurboSigmas")
+OFFICIAL_SAMPLER = ("SteadyDancerSampler", "SteadyDancerGuider")
 TURBO_ENV_STEPS = (4, 8)           # the toggle's range (the original start-up scripts' 4..8); the node takes 1-8
 
 
@@ -209,11 +211,11 @@ def apply_inference_settings(prompt, settings):
                "text_guidance": (OFFICIAL_SAMPLER, "text_guidance", "the official sampler's text guidance")}
     for key, (value, source) in settings.items():
         class_type, inp, what = targets[key]
-        ids = [nid for nid, n in prompt.items() if n.get("class_type") == class_type]
+        ids = [nid for nid, n in prompt.items() if n.get("class_type") in class_type]
         if not ids:
-            why = (f"the workflow has no {class_type} node"
+            why = (f"the workflow has no {' or '.join(class_type)} node"
                    + (" (the turbo sampler runs without CFG: there is no text guidance to set)"
-                      if key == "text_guidance" and any(n.get("class_type") == TURBO_SAMPLER for n in prompt.values())
+                      if key == "text_guidance" and any(n.get("class_type") in TURBO_SAMPLER for n in prompt.values())
                       else ""))
             if source.startswith("--"):
                 raise RunError(f"{source} sets {what}, but {why}", 2)

@@ -65,15 +65,38 @@ _CONVERT_JS = """
   const known = (t) => !!(window.LiteGraph && LiteGraph.registered_node_types && LiteGraph.registered_node_types[t]);
   const missing = [...new Set(wf.nodes.map(n => n.type).filter(t => !known(t)))];
   await window.app.loadGraphData(wf, true, true, "sdtest");
-  const nodes = (window.app.graph.nodes || window.app.graph._nodes);
+  const graph = window.app.graph;
+  const nodes = (graph.nodes || graph._nodes);
   const flagged = nodes.filter(n => n.has_errors).map(n => n.type);   // e.g. a model file not on the server
   const p = await window.app.graphToPrompt();
-  return JSON.stringify({missing, flagged, output: p.output, nodeCount: nodes.length});
+  // layout after the media previews have loaded: Load Video grows to show its video, Load Image its image
+  const sizes = () => JSON.stringify(nodes.map(n => [n.id, ...n.size]));
+  const deadline = Date.now() + %d;
+  let last = "", stable = 0, videos = [];
+  while (Date.now() < deadline) {
+    await new Promise(r => setTimeout(r, 250));
+    videos = [...document.querySelectorAll("video")].map(v => ({w: v.videoWidth, h: v.videoHeight, ready: v.readyState}));
+    const now = sizes();
+    stable = (now === last) ? stable + 1 : 0;
+    last = now;
+    const want = nodes.filter(n => n.type === "LoadVideo").length;
+    if (videos.filter(v => v.ready >= 1 && v.w > 0).length >= want && stable >= 4) break;
+  }
+  const rect = (r) => Array.from(r).slice(0, 4).map(Number);
+  const layout = {
+    nodes: nodes.map(n => ({id: String(n.id), type: n.type, rect: rect(n.getBounding ? n.getBounding() : n.boundingRect),
+                            size: Array.from(n.size).map(Number)})),
+    groups: (graph.groups || graph._groups || []).map(g => ({title: g.title,
+                            rect: rect(g.boundingRect || g._bounding || [...g.pos, ...g.size])})),
+    videos,
+  };
+  return JSON.stringify({missing, flagged, output: p.output, nodeCount: nodes.length, layout,
+                         frontendVersion: window.__COMFYUI_FRONTEND_VERSION__ || null});
 })()
 """
 
 
-async def _convert(url, workflows, chromium, timeout):
+async def _convert(url, workflows, chromium, timeout, media_wait):
     import aiohttp
 
     port = _free_port()
@@ -114,7 +137,8 @@ async def _convert(url, workflows, chromium, timeout):
                 await asyncio.sleep(1.0)
                 results = []
                 for wf in workflows:
-                    raw = await cdp.evaluate(_CONVERT_JS % json.dumps(wf), timeout=timeout)
+                    raw = await cdp.evaluate(_CONVERT_JS % (json.dumps(wf), int(media_wait * 1000)),
+                                             timeout=timeout + media_wait)
                     results.append(json.loads(raw))
                 return results
     finally:
@@ -126,11 +150,43 @@ async def _convert(url, workflows, chromium, timeout):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def convert_workflows(url, workflows, chromium=None, timeout=90):
+def convert_workflows(url, workflows, chromium=None, timeout=90, media_wait=20):
+    """Per workflow: {missing, flagged, output (the API prompt), nodeCount, frontendVersion, layout}; ``layout``
+    is measured once the Load Video previews have loaded (at most ``media_wait`` s): every node's bounding
+    rectangle (title bar included) and size, every group's rectangle, and the page's videos (natural size)."""
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no chromium found (apt-get install chromium, or set CHROMIUM)")
-    return asyncio.run(_convert(url, workflows, chromium, timeout))
+    return asyncio.run(_convert(url, workflows, chromium, timeout, media_wait))
+
+
+UI_ONLY_TYPES = ("Note", "MarkdownNote")
+
+
+def _overlap(a, b):
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _inside(a, b):
+    return a[0] >= b[0] and a[1] >= b[1] and a[0] + a[2] <= b[0] + b[2] and a[1] + a[3] <= b[1] + b[3]
+
+
+def layout_problems(layout):
+    """What is wrong with a measured layout: node rectangles that overlap (any two nodes, notes included), and
+    nodes other than notes that do not lie wholly inside exactly one group."""
+    nodes, groups = layout["nodes"], layout["groups"]
+    out = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            if _overlap(a["rect"], b["rect"]):
+                out.append(f"node {a['id']} ({a['type']}) {a['rect']} overlaps node {b['id']} ({b['type']}) {b['rect']}")
+    for n in nodes:
+        if n["type"] in UI_ONLY_TYPES:
+            continue
+        holders = [g["title"] for g in groups if _inside(n["rect"], g["rect"])]
+        if len(holders) != 1:
+            out.append(f"node {n['id']} ({n['type']}) {n['rect']} lies inside {len(holders)} groups {holders}")
+    return out
 
 
 UI_ONLY_INPUT_SUFFIX = "-preview"

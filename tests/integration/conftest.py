@@ -41,8 +41,11 @@ def comfy(tmp_path_factory):
     os.environ.setdefault("STEADYDANCER_MULTIGPU_CPU", "1")
     # --cpu unless COMFYUI_TEST_GPU=1 (then the soak test also checks the GPU's memory)
     on_gpu = os.environ.get("COMFYUI_TEST_GPU", "") not in ("", "0")
-    server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=not on_gpu,
-                                      extra_args=["--database-url", "sqlite:///:memory:"],
+    extra = ["--database-url", "sqlite:///:memory:"]
+    front_end = os.environ.get("STEADYDANCER_FRONTEND_ROOT")   # another frontend build, e.g. the newest package
+    if front_end:
+        extra += ["--front-end-root", front_end]
+    server = run_workflow.ComfyServer(path, base_directory=base, python=python, cpu=not on_gpu, extra_args=extra,
                                       log_path=base / "server.log")
     server.start(timeout=240)
     c = None

@@ -495,6 +495,23 @@ def check_windows():
     want = latents.denormalize(sampling.sample_official(ref, cond, seed=7, steps=6, shift=5.0, guidance=g,
                                                         noise=noise, context=ctx))
     out["windows_custom_advanced_rel"] = rel(got["samples"], want)
+    # the Noise (context windows) node: the windows' start draw when ctx makes several windows, core RandomNoise's
+    # draw when the video fits one window
+    from steadydancer_turbo.nodes.context_nodes import SteadyDancerContextNoise
+    (cnoise,) = SteadyDancerContextNoise().get(7, ctx)
+    out["context_noise_windowed_equal"] = bool(torch.equal(cnoise.generate_noise(lat7),
+                                                           cwin.initial_window_noise((1, 16, 7, 4, 6), 7, ctx)))
+    out["context_noise_windowed_differs_from_random"] = not torch.equal(cnoise.generate_noise(lat7), noise)
+    lat3 = empty_latent(3)
+    out["context_noise_one_window_equal"] = bool(torch.equal(cnoise.generate_noise(lat3),
+                                                             Noise_RandomNoise(7).generate_noise(lat3)))
+    # SamplerCustomAdvanced with that noise, BasicGuider on the windowed MODEL, the rCM SAMPLER and the turbo sigmas
+    # (the long workflow's pieces) = sample_rcm with context=
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+    res = SamplerCustomAdvanced.execute(cnoise, ns.basic_guider(wm, pos), ns.native().RCMSampler("sde", "float32"),
+                                        sn.rcm_sigmas(4, "shift", 5.0, 200.0), lat7).result[0]
+    want = latents.denormalize(rcm.sample_rcm(ref, cond, seed=7, steps=4, schedule="shift", mode="sde", context=ctx))
+    out["windows_long_workflow_pieces_rel"] = rel(res["samples"], want)
     # KSampler on the windowed MODEL: every step runs the DiT per window (cond + uncond batched or not)
     calls, undo = count_blocks(wm)
     (ks,) = comfy_nodes.common_ksampler(wm, 5, 3, 4.0, "euler", "simple", pos, neg, lat7)

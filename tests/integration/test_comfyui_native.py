@@ -101,11 +101,15 @@ def test_previews_and_interrupt(results):
 def test_context_windows_on_the_native_model(results):
     """Our Context Windows on the MODEL (transformer_options; the DiT call windows itself): the one-node samplers
     equal the core sample_official / sample_rcm with context= (FreeNoise start noise, WindowNoise SDE draws);
-    SamplerCustomAdvanced with core RandomNoise equals sample_official with that noise; KSampler runs windowed;
+    SamplerCustomAdvanced with core RandomNoise equals sample_official with that noise, and the long workflow's
+    pieces (Noise (context windows), BasicGuider on the windowed MODEL, rCM) equal sample_rcm with context=; the
+    noise node gives RandomNoise's draw when the video fits one window; KSampler runs windowed;
     our SAMPLERs' progress counts window passes and Cancel stops after the window pass in flight."""
     assert results["windows_planned"] == [[0, 3], [2, 5], [4, 7]]
+    assert results["context_noise_windowed_equal"] and results["context_noise_windowed_differs_from_random"]
+    assert results["context_noise_one_window_equal"]
     for k in ("windows_official_node_rel", "windows_rcm_rcm_sde_node_rel", "windows_rcm_shift_ode_node_rel",
-              "windows_custom_advanced_rel"):
+              "windows_custom_advanced_rel", "windows_long_workflow_pieces_rel"):
         assert results[k] < tol(results), (k, results[k])
     assert results["windows_official_node_vs_no_windows_rel"] > 1e-3      # the windows did change the result
     assert results["windows_ksampler_shape"] == [1, 16, 7, 4, 6] and results["windows_ksampler_finite"]

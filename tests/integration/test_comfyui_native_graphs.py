@@ -1,6 +1,6 @@
-"""The shipped dance graph rebuilt on core samplers in a real ComfyUI server: core KSampler, and core
-SamplerCustomAdvanced with RandomNoise + our sigmas / guider / sampler nodes, run to a video; "Unload models"
-(POST /free) releases the DiT's RAM in the server process (measured with a ~0.3 GB float32 DiT)."""
+"""The shipped dance graph (core SamplerCustomAdvanced with RandomNoise + our sigmas / guider / sampler nodes) and
+the same graph on core KSampler in a real ComfyUI server, run to a video; "Unload models" (POST /free) releases
+the DiT's RAM in the server process (measured with a ~0.3 GB float32 DiT)."""
 import time
 
 import pytest
@@ -10,9 +10,10 @@ W, H, LENGTH = 64, 96, 9
 
 
 def _dance(comfy):
+    """(the small dance prompt, the SamplerCustomAdvanced node id)"""
     comfy.need("dit", "vae", "det", "pose")
     prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=2)
-    (sampler,) = nodes_of(prompt, "SteadyDancerSampler")
+    (sampler,) = nodes_of(prompt, "SamplerCustomAdvanced")
     return prompt, sampler
 
 
@@ -26,10 +27,14 @@ def _video(comfy, prompt):
 
 
 def test_core_ksampler_runs_steadydancer_to_a_video(comfy):
+    """SamplerCustomAdvanced and its pieces swapped for core KSampler on the guider's model and conditioning."""
     prompt, sampler = _dance(comfy)
     i = prompt[sampler]["inputs"]
+    g = prompt[str(i["guider"][0])]["inputs"]
+    for piece in ("noise", "guider", "sampler", "sigmas"):
+        del prompt[str(i[piece][0])]
     prompt[sampler] = {"class_type": "KSampler", "inputs": {
-        "model": i["model"], "positive": i["positive"], "negative": i["negative"], "latent_image": i["latent"],
+        "model": g["model"], "positive": g["positive"], "negative": g["negative"], "latent_image": i["latent_image"],
         "seed": 3, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}}
     events = _video(comfy, prompt)
     assert any(t == "progress" and str(d.get("node")) == sampler for t, d in events)
@@ -37,24 +42,21 @@ def test_core_ksampler_runs_steadydancer_to_a_video(comfy):
 
 @pytest.mark.parametrize("pose_guidance", [1.0, 0.0])
 def test_sampler_custom_advanced_with_our_pieces_runs_to_a_video(comfy, pose_guidance):
-    """pose 0: the negative pose frames are disconnected, so the guider must run without a negative_pose set
-    (it drops it when no step of the schedule has pose guidance; the VAE never encodes negative poses)."""
+    """The shipped graph as it is, with the official sigmas taking the shift from the model (shift 0). pose 0: the
+    negative pose frames are disconnected, so the guider must run without a negative_pose set (it drops it when no
+    step of the schedule has pose guidance; the VAE never encodes negative poses)."""
     prompt, sampler = _dance(comfy)
     i = prompt[sampler]["inputs"]
+    sig, guider = str(i["sigmas"][0]), str(i["guider"][0])
+    assert prompt[sig]["class_type"] == "SteadyDancerOfficialSigmas"
+    assert prompt[guider]["class_type"] == "SteadyDancerGuider"
+    prompt[sig]["inputs"].update(shift=0.0, model=prompt[guider]["inputs"]["model"])
     if not pose_guidance:
+        prompt[guider]["inputs"]["pose_guidance"] = 0.0
         prompt[nodes_of(prompt, "SteadyDancerConditioning")[0]]["inputs"].pop("negative_pose_frames")
-    prompt.update({
-        "901": {"class_type": "SteadyDancerOfficialSigmas", "inputs": {"steps": 2, "shift": 0.0, "model": i["model"]}},
-        "902": {"class_type": "SteadyDancerGuider", "inputs": {
-            "model": i["model"], "positive": i["positive"], "negative": i["negative"], "text_guidance": 5.0,
-            "pose_guidance": pose_guidance, "pose_guidance_start": 0.1, "pose_guidance_end": 0.4}},
-        "903": {"class_type": "SteadyDancerSamplerUniPC", "inputs": {"solver": "unipc"}},
-        "904": {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}},
-    })
-    prompt[sampler] = {"class_type": "SamplerCustomAdvanced", "inputs": {
-        "noise": ["904", 0], "guider": ["902", 0], "sampler": ["903", 0], "sigmas": ["901", 0],
-        "latent_image": i["latent"]}}
-    _video(comfy, prompt)
+    events = _video(comfy, prompt)
+    steps = [d for t, d in events if t == "progress" and str(d.get("node")) == sampler]
+    assert steps and steps[-1]["value"] == steps[-1]["max"] == 2, steps
 
 
 def _probe(comfy, tag):

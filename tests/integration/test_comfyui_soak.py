@@ -46,7 +46,10 @@ class Soak:
         self.base = small(api_workflow("steadydancer-turbo"), W, H, LENGTH, steps=1)
         (self.loader,) = nodes_of(self.base, "SteadyDancerModelLoader")
         (self.lora,) = nodes_of(self.base, "SteadyDancerLoraLoader")
-        (self.sampler,) = nodes_of(self.base, "SteadyDancerTurboSampler")
+        (self.sampler,) = nodes_of(self.base, "SamplerCustomAdvanced")     # progress comes from it
+        (self.noise,) = nodes_of(self.base, "RandomNoise")
+        (self.guider,) = nodes_of(self.base, "BasicGuider")
+        (self.sigmas,) = nodes_of(self.base, "SteadyDancerTurboSigmas")
         (self.image,) = nodes_of(self.base, "LoadImage")
         self.model_a = self.base[self.loader]["inputs"]["model_name"]
         self.model = self.model_a
@@ -57,7 +60,7 @@ class Soak:
         p = json.loads(json.dumps(self.base))
         p[self.loader]["inputs"]["model_name"] = model or self.model
         self.seed += 1
-        p[self.sampler]["inputs"]["seed"] = self.seed if seed is None else seed
+        p[self.noise]["inputs"]["noise_seed"] = self.seed if seed is None else seed
         for (nid, name), value in dict(inputs).items():
             p[nid]["inputs"][name] = value
         return p
@@ -66,8 +69,8 @@ class Soak:
         p[self.loader]["inputs"]["model_name"] = SLOW
         p["900"] = {"class_type": "SDTestSlowModel",
                     "inputs": {"model": [self.lora, 0], "seconds_per_call": seconds, "log_file": ""}}
-        p[self.sampler]["inputs"]["model"] = ["900", 0]
-        p[self.sampler]["inputs"]["steps"] = steps
+        p[self.guider]["inputs"]["model"] = ["900", 0]
+        p[self.sigmas]["inputs"]["steps"] = steps
         return p
 
     def good(self, p):
@@ -102,7 +105,7 @@ class Soak:
         elif kind == "lora":
             out = self.good(self.prompt(inputs={(self.lora, "strength"): 0.5 + 0.1 * (i % 5)}))
         elif kind == "rejected_steps":
-            out = self.rejected(self.prompt(inputs={(self.sampler, "steps"): 50}), self.sampler, "value_bigger_than_max")
+            out = self.rejected(self.prompt(inputs={(self.sigmas, "steps"): 50}), self.sigmas, "value_bigger_than_max")
         elif kind == "rejected_missing":
             # the loader's VALIDATE_INPUTS takes model_name, so ComfyUI leaves the list check (and its type) to it
             out = self.rejected(self.prompt(model="SteadyDancer_absent.safetensors"), self.loader,

@@ -26,9 +26,19 @@ def _loader(prompt):
 
 
 def _sampler(prompt):
-    ids = nodes_of(prompt, "SteadyDancerSampler") + nodes_of(prompt, "SteadyDancerTurboSampler")
-    (nid,) = ids
+    """The sampling node (core SamplerCustomAdvanced in the shipped graphs): the progress bar is its."""
+    (nid,) = nodes_of(prompt, "SamplerCustomAdvanced")
     return nid
+
+
+def _guider(prompt):
+    """The guider feeding SamplerCustomAdvanced (it takes the MODEL)."""
+    return str(prompt[_sampler(prompt)]["inputs"]["guider"][0])
+
+
+def _piece(prompt, name):
+    """SamplerCustomAdvanced's ``name`` input node (noise / guider / sampler / sigmas)."""
+    return str(prompt[_sampler(prompt)]["inputs"][name][0])
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -92,6 +102,61 @@ def test_long_workflow_runs_windows_to_a_video_with_the_exact_frame_count(comfy)
     assert bar and bar[-1]["max"] == steps * 2 and bar[-1]["value"] == bar[-1]["max"], bar
 
 
+def _saved_latent(comfy, hist, node):
+    from safetensors.torch import load_file
+    (f,) = hist["outputs"][node]["latents"]
+    return load_file(str(comfy.output_path(f)))["latent_tensor"]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_shipped_sampler_section_equals_the_one_node_sampler(comfy, name):
+    """The shipped graphs sample with core SamplerCustomAdvanced + RandomNoise (long: the Context Noise node) and
+    our sigmas / guider / SAMPLER. The same prompt also runs our one-node sampler with those nodes' settings (the
+    sampler the workflows used before; it is checked against the core sample_official / sample_rcm in
+    test_comfyui_native.py): both LATENTs are saved with core SaveLatent and must agree. The long graph runs
+    windowed (17 frames in 9-frame windows overlapping by 4 frames), so its FreeNoise start noise counts."""
+    _ready(comfy)
+    if name != "steadydancer-dance":
+        comfy.need("lora")
+    frames = 17 if name == "steadydancer-long" else LENGTH
+    prompt = small(api_workflow(name), W, H, frames, steps=3)
+    sca = _sampler(prompt)
+    inp = prompt[sca]["inputs"]
+    noise, guider, sampler, sigmas = (prompt[_piece(prompt, k)]["inputs"] for k in ("noise", "guider", "sampler",
+                                                                                   "sigmas"))
+    g = prompt[_guider(prompt)]
+    if name == "steadydancer-dance":
+        one = {"class_type": "SteadyDancerSampler", "inputs": {
+            "model": guider["model"], "positive": guider["positive"], "negative": guider["negative"],
+            "latent": inp["latent_image"], "seed": noise["noise_seed"], "steps": sigmas["steps"],
+            "shift": sigmas["shift"], "solver": sampler["solver"],
+            **{k: guider[k] for k in ("text_guidance", "pose_guidance", "pose_guidance_start", "pose_guidance_end")}}}
+    else:
+        assert g["class_type"] == "BasicGuider" and sampler["timestep_rounding"] == "float32"  # = schedule "shift"
+        model = guider["model"]
+        one = {"class_type": "SteadyDancerTurboSampler", "inputs": {
+            "positive": guider["conditioning"], "latent": inp["latent_image"], "seed": noise["noise_seed"],
+            "mode": sampler["mode"], **{k: sigmas[k] for k in ("steps", "schedule", "shift", "sigma_max")}}}
+        if name == "steadydancer-long":
+            (ctx,) = nodes_of(prompt, "SteadyDancerContextOptions")
+            prompt[ctx]["inputs"].update(window_frames=9, overlap_frames=4)
+            windowed = prompt[str(model[0])]
+            assert windowed["class_type"] == "SteadyDancerApplyContextWindows"
+            model = windowed["inputs"]["model"]                      # the one-node sampler windows itself
+            one["inputs"]["context"] = [ctx, 0]
+        one["inputs"]["model"] = model
+    prompt["950"] = one
+    prompt["951"] = {"class_type": "SaveLatent", "inputs": {"samples": [sca, 0], "filename_prefix": f"latents/{name}_sca"}}
+    prompt["952"] = {"class_type": "SaveLatent", "inputs": {"samples": ["950", 0], "filename_prefix": f"latents/{name}_one"}}
+    hist, _ = comfy.run(prompt, timeout=900)
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    a, b = _saved_latent(comfy, hist, "951"), _saved_latent(comfy, hist, "952")
+    rel = float((a - b).norm() / b.norm())
+    print(f"{name}: SamplerCustomAdvanced vs one-node sampler, latent {list(a.shape)}, rel {rel:.2e}")
+    assert a.shape == b.shape and float(b.abs().max()) > 0
+    assert rel < 1e-6, rel
+
+
 def test_lora_strength_change_reuses_the_loaded_model(comfy):
     """In the real executor the loader node stays cached when only a LoRA strength changes; the LoRA node then
     patches a clone of the loaded MODEL (ComfyUI patches): no second "SteadyDancer loaded" (a read of the file)."""
@@ -113,13 +178,14 @@ def test_lora_strength_change_reuses_the_loaded_model(comfy):
 
 def test_out_of_range_input_on_our_node_is_a_validation_error(comfy):
     prompt = small(api_workflow("steadydancer-turbo"), W, H, LENGTH)
-    sampler = _sampler(prompt)
-    prompt[sampler]["inputs"]["steps"] = 50                       # the turbo sampler takes 1-8
+    sigmas = _piece(prompt, "sigmas")
+    assert prompt[sigmas]["class_type"] == "SteadyDancerTurboSigmas"
+    prompt[sigmas]["inputs"]["steps"] = 50                        # the turbo sigmas take 1-8
     with pytest.raises(run_workflow.PromptRejected) as e:
         comfy.client.queue(prompt)
     body = e.value.body
     assert body["error"]["type"] == "prompt_outputs_failed_validation"
-    (err,) = body["node_errors"][sampler]["errors"]
+    (err,) = body["node_errors"][sigmas]["errors"]
     assert err["type"] == "value_bigger_than_max" and "steps" in err["details"], err
     assert "node" in str(e.value) and "steps" in str(e.value)     # the run command's message names it
 
@@ -178,7 +244,7 @@ def test_interrupt_during_sampling_stops_within_one_step(comfy):
     prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=8)
     loader, sampler = _loader(prompt), _sampler(prompt)
     log, delay = _slow_model(comfy, prompt, loader, "forward_calls.txt")
-    prompt[sampler]["inputs"]["model"] = ["900", 0]
+    prompt[_guider(prompt)]["inputs"]["model"] = ["900", 0]
     state = {}
 
     def on_event(t, d):
