@@ -25,7 +25,7 @@ def test_pack_imports_without_comfyui_and_registers_all_nodes():
         assert name not in sys.modules, name
     m = pack.NODE_CLASS_MAPPINGS
     assert set(m) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert len(m) == 17
+    assert len(m) == 18
     for node_id in m:
         assert node_id.startswith("SteadyDancer")
 
