@@ -32,12 +32,18 @@ def _workers(server_pid):
 
 
 def _prompt(comfy, gpus, layout):
+    """The shipped graph with the node between the Model Loader and everything that takes its MODEL (the guider
+    and the sigmas of the SamplerCustomAdvanced section)."""
     comfy.need("dit", "vae", "det", "pose")
     prompt = small(api_workflow("steadydancer-dance"), W, H, LENGTH, steps=2)
-    (sampler,) = nodes_of(prompt, "SteadyDancerSampler")
+    (loader,) = nodes_of(prompt, "SteadyDancerModelLoader")
+    (sampler,) = nodes_of(prompt, "SamplerCustomAdvanced")
+    users = [(n, k) for n, node in prompt.items() for k, v in node["inputs"].items() if v == [loader, 0]]
+    assert users, "nothing takes the Model Loader's MODEL"
+    for n, k in users:
+        prompt[n]["inputs"][k] = [NODE, 0]
     prompt[NODE] = {"class_type": "SteadyDancerMultiGPU",
-                    "inputs": {"model": prompt[sampler]["inputs"]["model"], "gpus": gpus, "layout": layout}}
-    prompt[sampler]["inputs"]["model"] = [NODE, 0]
+                    "inputs": {"model": [loader, 0], "gpus": gpus, "layout": layout}}
     return prompt, sampler
 
 
@@ -60,7 +66,8 @@ def test_multigpu_node_runs_the_dance_graph_and_unload_stops_the_worker(comfy):
     assert any(t == "progress" and str(d.get("node")) == sampler for t, d in events)  # progress as on one GPU
     workers = _workers(server)
     assert len(workers) == 1, workers                  # one worker for 2 ranks, kept after the prompt
-    prompt[sampler]["inputs"]["seed"] = prompt[sampler]["inputs"].get("seed", 0) + 1  # sampler runs again
+    (noise,) = nodes_of(prompt, "RandomNoise")
+    prompt[noise]["inputs"]["noise_seed"] += 1         # the sampler runs again
     hist, _ = comfy.run(prompt, timeout=900)
     assert hist["status"]["status_str"] == "success", hist["status"]
     assert _workers(server) == workers                 # the same worker process served the second prompt
