@@ -219,6 +219,18 @@ def native():
             with self.use_ejected():
                 self._apply_leftover_patches()
 
+        def model_size(self):
+            """The stored weights (measured once, without any patch) plus the low-rank terms this patch set adds
+            to fp8-matmul layers, so ComfyUI's memory checks count them (they are buffers of the layers)."""
+            base = getattr(self.model, "steadydancer_base_size", None)
+            if base is None:
+                return super().model_size()
+            cached = getattr(self, "_side_terms_bytes", None)
+            if cached is None or cached[0] != self.patches_uuid:
+                cached = (self.patches_uuid, side_terms_bytes(self.model, self.patches, LoRAAdapter))
+                self._side_terms_bytes = cached
+            return base + cached[1]
+
         def _attach_quant_patches(self):
             attach_quant_patches(self.model, self.patches, self.patches_uuid,
                                  lambda patches, key: functools.partial(_calc, patches, key), LoRAAdapter)
@@ -319,6 +331,20 @@ def attach_quant_patches(model: nn.Module, patches: dict, patches_uuid, patch_fn
         m._comfy_patch_tag = tag
 
 
+def side_terms_bytes(model: nn.Module, patches: dict, lora_cls) -> int:
+    """Bytes of the low-rank terms ``attach_quant_patches`` would register on ``model`` for ``patches``."""
+    from ..steadydancer.weights.quant import QuantLinear
+    n = 0
+    for name, m in model.named_modules():
+        p = patches.get(f"{name}.weight") if isinstance(m, QuantLinear) else None
+        if p and m.fp8_matmul_eligible():
+            terms = lora_side_terms(p, m.weight_shape, lora_cls)
+            if terms:
+                r = sum(d.shape[0] for _, d, _ in terms)
+                n += r * (m.in_features + m.out_features) * m.compute_dtype.itemsize
+    return n
+
+
 def detach_quant_patches(model: nn.Module) -> None:
     """Undo ``attach_quant_patches``: no per-call patch and no low-rank term left on any quantized layer."""
     from ..steadydancer.weights.quant import QuantLinear, _Patched
@@ -339,6 +365,7 @@ def make_model_patcher(dit, loader_fn=None, loader_args=()):
     cfg = n.SteadyDancerSupported(dit.config.dim)
     cfg.set_inference_dtype(dit.compute_dtype, None)
     base = n.SteadyDancerBaseModel(cfg, dit, device=n.mm.get_torch_device())
+    base.steadydancer_base_size = n.mm.module_size(base)  # before any patch (model_size adds the low-rank terms)
     patcher = n.SteadyDancerPatcher(base, load_device=n.mm.get_torch_device(), offload_device=n.mm.unet_offload_device())
     if loader_fn is not None:
         patcher.cached_patcher_init = (loader_fn, tuple(loader_args))

@@ -219,6 +219,8 @@ def test_attach_follows_strength_changes_and_detach_leaves_nothing(emulate_fp8):
                    "diffusion_model.f.weight": [patch(a, s)]}
         attach(m, patches, uuid, calls)
         assert dm.q._host_rank == 4 and dm.k._host_rank is None     # k: fp8 matmul off -> exact path only
+        held = sum(b.nbytes for n, b in m.named_buffers() if "host_lowrank" in n)
+        assert nm.side_terms_bytes(m, patches, LoRAAdapter) == held == 4 * (IN + OUT) * 8   # what model_size adds
         assert torch.allclose(dm.q.host_lowrank_up.double(), a.weights[0].double() * s * 2.0 / 4)
         calls.clear()
         got_q, got_k = dm.q(x), dm.k(x)

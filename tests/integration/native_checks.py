@@ -425,6 +425,9 @@ def check_lora_fp8():
             got = native_x0(model, cond, x, sigma)           # CPU: fp8 matmul unavailable -> exact path as today
             out[f"lora_fp8mm_{tag}_cpu_fallback_equal"] = bool(torch.equal(got, merged[s]))
             out[f"lora_fp8mm_{tag}_cpu_merged_lora_layers"] = len(set(merged_keys) & set(lora_keys))
+            # ComfyUI's memory checks count the terms: model_size() = the module's size as loaded now
+            out[f"lora_fp8mm_{tag}_model_size"] = [model.model_size() == mm.module_size(model.model),
+                                                   model.model_size() - base.model_size()]
             ok = []
             for k in lora_keys:                               # registered from the core patches, ComfyUI's scale
                 lin = fp8[k]
@@ -459,7 +462,8 @@ def check_lora_fp8():
                                                   sum(m._host_rank is not None for m in fp8.values())]
             out["lora_fp8mm_diff_rel"] = rel(got, merged["diff"])
             mm.unload_all_models()                            # unpatch_model: nothing left
-            out["lora_fp8mm_after_unpatch"] = [host_terms(), sum(m.weight_patch_fn is not None for m in fp8.values())]
+            out["lora_fp8mm_after_unpatch"] = [host_terms(), sum(m.weight_patch_fn is not None for m in fp8.values()),
+                                               mm.module_size(base.model) == base.model_size()]
             out["lora_fp8mm_base_after_equal"] = bool(torch.equal(native_x0(base, cond, x, sigma), plain))
         finally:
             emulate(False)

@@ -80,6 +80,10 @@ def test_fp8_matmul_keeps_core_lora_patches_as_low_rank_terms(results, strength)
     assert results[f"lora_fp8mm_{tag}_cpu_merged_lora_layers"] == n         # the fallback merges them per call
     assert results[f"lora_fp8mm_{tag}_merged_lora_layers"] == 0             # the forced fp8 path never does
     assert results[f"lora_fp8mm_{tag}_fp8_calls"] > 0
+    # ComfyUI's model_size() counts the terms (it equals the module's size as loaded): rank 4 x (in + out) x 4 bytes
+    # (float32 compute) for q and k_img (256 -> 256) and ffn.0 (256 -> 512)
+    counted, extra = results[f"lora_fp8mm_{tag}_model_size"]
+    assert counted and extra == 4 * 4 * ((256 + 256) * 2 + (256 + 512))
     assert results[f"lora_fp8mm_{tag}_side_terms_rel"] < 1e-3
     assert results[f"lora_fp8mm_{tag}_lowvram_was_partial"] and results[f"lora_fp8mm_{tag}_lowvram_rel"] < 1e-3
     assert results["lora_fp8mm_strengths_differ_rel"] > 1e-2                # so following the strength is tested
@@ -89,7 +93,7 @@ def test_fp8_matmul_other_patch_kinds_stay_exact_and_unpatch_leaves_nothing(resu
     no_terms, merged_per_call, with_terms = results["lora_fp8mm_diff_layer_exact"]
     assert no_terms and merged_per_call and with_terms == 3   # the "diff" layer merges; the LoRA layers keep terms
     assert results["lora_fp8mm_diff_rel"] < 1e-3
-    assert results["lora_fp8mm_after_unpatch"] == [0, 0]      # no side term, no per-call patch after unload
+    assert results["lora_fp8mm_after_unpatch"] == [0, 0, True]  # no side term, no per-call patch after unload
     assert results["lora_fp8mm_base_after_equal"]
 
 
