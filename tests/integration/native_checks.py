@@ -46,6 +46,7 @@ _setup()
 import torch  # noqa: E402
 
 import _loader_util as U  # noqa: E402
+import native_lora_fp8_checks  # noqa: E402  (this folder: sys.path[0] when run as a script)
 import comfy.model_management as mm  # noqa: E402
 from steadydancer_turbo.nodes import conditioning_nodes as cn  # noqa: E402
 from steadydancer_turbo.nodes import model_nodes as mn  # noqa: E402
@@ -352,128 +353,6 @@ def check_lora():
     return out
 
 
-def diff_lora_file():
-    """A LoRA with a full difference ("diff") on the weight of one fp8 Linear (blocks.0.self_attn.k)."""
-    from safetensors.torch import save_file
-    p = TMP / "loras" / "diff_on_fp8_layer.safetensors"
-    if not p.exists():
-        p.parent.mkdir(exist_ok=True)
-        dim = U.CFG["dim"]
-        g = torch.Generator().manual_seed(11)
-        save_file({"diffusion_model.blocks.0.self_attn.k.diff": torch.randn(dim, dim, generator=g) * 0.01}, str(p))
-    return str(p)
-
-
-def check_lora_fp8():
-    """fp8_matmul requested (issue 15): core LoraLoaderModelOnly patches on fp8 layers become low-rank side terms.
-    The CPU has no fp8 tensor cores, so the layers fall back exactly as before (checked bit for bit); then a test
-    hook makes the fp8 path run with the float product of the stored operands (``emulate``), so the side terms are
-    compared alone with ComfyUI's merged-weight output (the same MODEL without the option)."""
-    import comfy.lora
-    import folder_paths
-    import nodes as comfy_nodes
-    from steadydancer_turbo.steadydancer.kernels import fp8_linear as f8
-    from steadydancer_turbo.steadydancer.weights.quant import QuantLinear, dequantize_fp8
-    folder_paths.add_model_folder_path("loras", str(TMP / "loras"))
-    lora_file(True), diff_lora_file()
-    loader_node = comfy_nodes.LoraLoaderModelOnly()
-    cond, x, sigma = model_inputs()
-    out = {}
-    base = native(quant_file("fp8"))
-    dit = base.model.diffusion_model
-    fp8 = {f"diffusion_model.{n}.weight": m for n, m in dit.named_modules()
-           if isinstance(m, QuantLinear) and m.fp8_matmul_capable()}
-
-    def with_lora(strength, diff=False):
-        (m,) = loader_node.load_lora_model_only(base, "lightx2v_layout.safetensors", strength)
-        if diff:
-            (m,) = loader_node.load_lora_model_only(m, "diff_on_fp8_layer.safetensors", 1.0)
-        return m
-
-    def host_terms():
-        return sum(1 for n, _ in dit.named_buffers() if "host_lowrank" in n)
-
-    strengths = (1.0, 0.5)
-    merged = {s: native_x0(with_lora(s), cond, x, sigma) for s in strengths}   # fp8_matmul off: today's path
-    merged["diff"] = native_x0(with_lora(1.0, True), cond, x, sigma)
-    out["lora_fp8mm_off_host_terms"] = host_terms()
-    plain = native_x0(base, cond, x, sigma)
-    for m in fp8.values():  # the Model Loader's fp8_matmul, as it sets it on a GPU with fp8 tensor cores
-        m.fp8_matmul = True
-    merged_keys, mm_calls = [], []
-    orig_calc, orig_supported, orig_mm = comfy.lora.calculate_weight, f8.fp8_matmul_supported, f8.scaled_mm_linear
-
-    def counting_calc(patches, weight, key, *a, **k):
-        merged_keys.append(key)
-        return orig_calc(patches, weight, key, *a, **k)
-
-    def emulated_mm(x, w, scale, bias, act_scaling, fast_accum, cd):
-        mm_calls.append(1)
-        return torch.nn.functional.linear(x, dequantize_fp8(w, scale, cd), None if bias is None else bias.to(cd))
-
-    def emulate(on):
-        f8.fp8_matmul_supported = (lambda device=None: True) if on else orig_supported
-        f8.scaled_mm_linear = emulated_mm if on else orig_mm
-
-    comfy.lora.calculate_weight = counting_calc
-    try:
-        for s in strengths:
-            tag = f"s{s}"
-            model = with_lora(s)
-            lora_keys = sorted(k for k in model.patches if k in fp8)
-            merged_keys.clear()
-            got = native_x0(model, cond, x, sigma)           # CPU: fp8 matmul unavailable -> exact path as today
-            out[f"lora_fp8mm_{tag}_cpu_fallback_equal"] = bool(torch.equal(got, merged[s]))
-            out[f"lora_fp8mm_{tag}_cpu_merged_lora_layers"] = len(set(merged_keys) & set(lora_keys))
-            # ComfyUI's memory checks count the terms: model_size() = the module's size as loaded now
-            out[f"lora_fp8mm_{tag}_model_size"] = [model.model_size() == mm.module_size(model.model),
-                                                   model.model_size() - base.model_size()]
-            ok = []
-            for k in lora_keys:                               # registered from the core patches, ComfyUI's scale
-                lin = fp8[k]
-                (strength, adapter, *_), = model.patches[k]
-                up, down, alpha = adapter.weights[:3]
-                scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
-                ok.append(lin._host_rank == down.shape[0] and torch.allclose(
-                    lin.host_lowrank_up.double(), up.double() * scale, rtol=1e-6, atol=1e-9)
-                    and torch.equal(lin.host_lowrank_down, down.to(lin.compute_dtype)))
-            out[f"lora_fp8mm_{tag}_terms_registered"] = [len(lora_keys), all(ok)]
-            emulate(True)
-            try:
-                merged_keys.clear(), mm_calls.clear()
-                got = native_x0(model, cond, x, sigma)
-                out[f"lora_fp8mm_{tag}_side_terms_rel"] = rel(got, merged[s])
-                out[f"lora_fp8mm_{tag}_merged_lora_layers"] = len(set(merged_keys) & set(lora_keys))
-                out[f"lora_fp8mm_{tag}_fp8_calls"] = len(mm_calls)
-                got = native_x0(model, cond, x, sigma, lowvram=200_000)
-                out[f"lora_fp8mm_{tag}_lowvram_was_partial"] = LOWVRAM_STATE.get("partial")
-                out[f"lora_fp8mm_{tag}_lowvram_rel"] = rel(got, merged[s])
-            finally:
-                emulate(False)
-        out["lora_fp8mm_strengths_differ_rel"] = rel(merged[0.5], merged[1.0])
-        # a full difference on one fp8 layer (a second LoRA): that layer keeps the exact merge, the others the terms
-        model = with_lora(1.0, True)
-        k_key = "diffusion_model.blocks.0.self_attn.k.weight"
-        emulate(True)
-        try:
-            merged_keys.clear()
-            got = native_x0(model, cond, x, sigma)
-            out["lora_fp8mm_diff_layer_exact"] = [fp8[k_key]._host_rank is None, k_key in merged_keys,
-                                                  sum(m._host_rank is not None for m in fp8.values())]
-            out["lora_fp8mm_diff_rel"] = rel(got, merged["diff"])
-            mm.unload_all_models()                            # unpatch_model: nothing left
-            out["lora_fp8mm_after_unpatch"] = [host_terms(), sum(m.weight_patch_fn is not None for m in fp8.values()),
-                                               mm.module_size(base.model) == base.model_size()]
-            out["lora_fp8mm_base_after_equal"] = bool(torch.equal(native_x0(base, cond, x, sigma), plain))
-        finally:
-            emulate(False)
-    finally:
-        comfy.lora.calculate_weight = orig_calc
-        del base
-        mm.unload_all_models()
-    return out
-
-
 def big_file():
     """A ~0.3 GB float32 DiT, so that freeing it shows in the process RSS."""
     p = TMP / "big.safetensors"
@@ -666,7 +545,7 @@ def check_windows():
 
 
 CHECKS = {"free": check_free, "official": check_official, "deferred_pose": check_deferred_pose, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora,
-          "lora_fp8": check_lora_fp8,
+          "lora_fp8": lambda: native_lora_fp8_checks.check_lora_fp8(sys.modules[__name__]),
           "compose": check_compose, "windows": check_windows}
 
 if __name__ == "__main__":
