@@ -3,7 +3,8 @@
 #   bash bench/gpu_checks.sh WHEELS_DIR [OFFICIAL_CHECKOUT] [OUT_DIR]
 # WHEELS_DIR holds wheels missing on the box (gguf, diffusers, einops, pytest...), installed to /tmp/site.
 # Runs: the CUDA-gated tests (block swap through pinned memory and a side stream, fp8 _scaled_mm, VRAM
-# release, CPU-vs-GPU noise), the official bf16 parity script when a checkout is given, then the loader bench.
+# release, CPU-vs-GPU noise), the official bf16 parity script when a checkout is given, then the loader bench and
+# the fp8 + ComfyUI-LoRA layer bench (bench/lora_fp8_bench.py).
 set -u
 export PYTHONUNBUFFERED=1
 W=${1:?wheels dir}; OFF=${2:-}; OUT=${3:-/tmp/gpu_checks}
@@ -19,3 +20,4 @@ if [ -n "$OFF" ]; then
 fi
 python3 bench/loader_formats.py --layers 20 --plan "${LOADER_PLAN:-bf16:0;fp8:0,20;fp8mm:0;q8_0:0;q4_k:0}" \
     --time-budget "${LOADER_BUDGET:-330}" 2>&1 | tee "$OUT/loader_bench.log" | tail -30
+python3 bench/lora_fp8_bench.py 2>&1 | tee "$OUT/lora_fp8_bench.log" | tail -30

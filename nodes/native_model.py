@@ -18,9 +18,13 @@ Bridge-side module (it imports ``comfy``; only inside ComfyUI, lazily through ``
   ``manual_cast`` ops (offloadable, LoRA as ``LowVramPatch`` when offloaded, interrupt check per op). fp8 and
   GGUF layers keep their stored bytes (``steadydancer/weights/quant.py``), are moved whole when they fit and read from
   RAM per call when not, and get ComfyUI's patches through their ``weight_patch_fn`` (dequantize, then
-  ``comfy.lora.calculate_weight``), never merged or re-quantized. Parameters that ComfyUI's load list skips
-  (``blocks.N.modulation``, ``head.modulation``: owned by modules with children) and small non-cast layers
-  left in RAM are patched in place after every load (backed up; ``unpatch_model`` restores them).
+  ``comfy.lora.calculate_weight``), never merged or re-quantized. On layers that run the fp8 matmul (the Model
+  Loader's fp8_matmul option) whose patches are all plain LoRAs, the patches are also given to the layer as
+  low-rank side terms (``lora_side_terms``), so the fp8 matmul stays on and adds ``(x @ down) @ up`` instead of
+  dequantizing and merging per call; any other patch kind keeps the exact per-call merge for that layer.
+  Parameters that ComfyUI's load list skips (``blocks.N.modulation``, ``head.modulation``: owned by modules with
+  children) and small non-cast layers left in RAM are patched in place after every load (backed up;
+  ``unpatch_model`` restores them).
 """
 from __future__ import annotations
 
@@ -103,6 +107,7 @@ def native():
     from ..steadydancer.model.dit import SteadyDancerDiT
     from ..steadydancer.sampling import context_windows as cw
     from ..steadydancer.weights.quant import _Patched
+    from comfy.weight_adapter.lora import LoRAAdapter
 
     def _window_done(prog, passes):
         if prog is not None:
@@ -208,9 +213,27 @@ def native():
         """ModelPatcher that also applies the patches core's load list cannot reach (see module doc)."""
 
         def load(self, *args, **kwargs):
+            with self.use_ejected():
+                self._attach_quant_patches()  # before the load list: it counts and moves the low-rank terms
             super().load(*args, **kwargs)
             with self.use_ejected():
                 self._apply_leftover_patches()
+
+        def model_size(self):
+            """The stored weights (measured once, without any patch) plus the low-rank terms this patch set adds
+            to fp8-matmul layers, so ComfyUI's memory checks count them (they are buffers of the layers)."""
+            base = getattr(self.model, "steadydancer_base_size", None)
+            if base is None:
+                return super().model_size()
+            cached = getattr(self, "_side_terms_bytes", None)
+            if cached is None or cached[0] != self.patches_uuid:
+                cached = (self.patches_uuid, side_terms_bytes(self.model, self.patches, LoRAAdapter))
+                self._side_terms_bytes = cached
+            return base + cached[1]
+
+        def _attach_quant_patches(self):
+            attach_quant_patches(self.model, self.patches, self.patches_uuid,
+                                 lambda patches, key: functools.partial(_calc, patches, key), LoRAAdapter)
 
         def _apply_leftover_patches(self):
             handled = set(self.backup)
@@ -224,16 +247,13 @@ def native():
                 mname, _, attr = key.rpartition(".")
                 mod = self.model.get_submodule(mname)
                 if isinstance(mod, _Patched) and attr == "weight":
-                    mod.weight_patch_fn = functools.partial(_calc, self.patches[key], key)
-                else:
-                    w = getattr(mod, attr)
-                    self.patch_weight_to_device(key, device_to=w.device)
+                    continue  # _attach_quant_patches
+                w = getattr(mod, attr)
+                self.patch_weight_to_device(key, device_to=w.device)
 
         def unpatch_model(self, device_to=None, unpatch_weights=True):
             if unpatch_weights:
-                for m in self.model.modules():
-                    if isinstance(m, _Patched):
-                        m.weight_patch_fn = None
+                detach_quant_patches(self.model)
             return super().unpatch_model(device_to, unpatch_weights)
 
     def to_comfy_ops(dit: nn.Module) -> int:
@@ -253,6 +273,89 @@ def native():
         to_comfy_ops=to_comfy_ops, mm=comfy.model_management, pe=pe)
 
 
+def lora_side_terms(patches, weight_shape, lora_cls):
+    """ComfyUI's patches of one Linear weight (the entries of ``ModelPatcher.patches[key]``: ``(strength_patch,
+    adapter, strength_model, offset, function)``) as low-rank side terms ``[(up, down, scale)]`` for
+    ``QuantLinear.set_lowrank_terms``, or None when any entry is not a plain LoRA.
+
+    Plain: an adapter of exactly ``lora_cls`` (``comfy.weight_adapter.lora.LoRAAdapter``) without mid (LoCon /
+    Tucker), DoRA scale or reshape, ``up`` [out, r] and ``down`` [r, in] that fit the weight, ``strength_model``
+    1, no offset, no function. Then ComfyUI 0.33's ``LoRAAdapter.calculate_weight`` adds
+    ``(strength * alpha / r) * up @ down`` (alpha / r = 1 without alpha, r = ``down.shape[0]``) to the weight, and
+    ``scale`` is that factor. Anything else (full differences, LoHa / LoKr, nested patches...) gives None: the
+    layer keeps the exact dequantize + ``calculate_weight`` path."""
+    out_f, in_f = weight_shape
+    terms = []
+    for p in patches:
+        if len(p) != 5:
+            return None
+        strength, v, strength_model, offset, function = p
+        if type(v) is not lora_cls or strength_model != 1.0 or offset is not None or function is not None:
+            return None
+        w = getattr(v, "weights", None)
+        if not isinstance(w, (tuple, list)) or len(w) != 6:
+            return None
+        up, down, alpha, mid, dora_scale, reshape = w
+        if mid is not None or dora_scale is not None or reshape is not None:
+            return None
+        if not (torch.is_tensor(up) and torch.is_tensor(down)) or up.dim() < 2 or down.dim() < 2:
+            return None
+        u, d = up.flatten(1), down.flatten(1)
+        if u.shape[0] != out_f or d.shape[1] != in_f or u.shape[1] != d.shape[0]:
+            return None
+        scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        if scale != 0.0:
+            terms.append((u, d, scale))
+    return terms
+
+
+def attach_quant_patches(model: nn.Module, patches: dict, patches_uuid, patch_fn, lora_cls) -> None:
+    """Give every quantized layer of ``model`` the patches of its weight key (``patches``: a ModelPatcher's
+    ``patches``): ``weight_patch_fn = patch_fn(patches[key], key)`` (the exact dequantize + merge per call) and,
+    on layers that run the fp8 matmul (``fp8_matmul_eligible``), their low-rank form when all of them are plain
+    LoRAs (``lora_side_terms``), so the fp8 matmul stays on. Layers without patches are cleared. Idempotent per
+    patch set (``patches_uuid`` changes with every ``add_patches``, strength changes included)."""
+    from ..steadydancer.weights.quant import QuantLinear, _Patched
+    for name, m in model.named_modules():
+        if not isinstance(m, _Patched):
+            continue
+        key = f"{name}.weight"
+        p = patches.get(key)
+        tag = (patches_uuid, key) if p else None
+        if getattr(m, "_comfy_patch_tag", None) == tag and (tag is None) == (m.weight_patch_fn is None):
+            continue
+        m.weight_patch_fn = patch_fn(p, key) if p else None
+        if isinstance(m, QuantLinear):
+            eligible = p and m.fp8_matmul_eligible()
+            m.set_lowrank_terms(lora_side_terms(p, m.weight_shape, lora_cls) if eligible else None)
+        m._comfy_patch_tag = tag
+
+
+def side_terms_bytes(model: nn.Module, patches: dict, lora_cls) -> int:
+    """Bytes of the low-rank terms ``attach_quant_patches`` would register on ``model`` for ``patches``."""
+    from ..steadydancer.weights.quant import QuantLinear
+    n = 0
+    for name, m in model.named_modules():
+        p = patches.get(f"{name}.weight") if isinstance(m, QuantLinear) else None
+        if p and m.fp8_matmul_eligible():
+            terms = lora_side_terms(p, m.weight_shape, lora_cls)
+            if terms:
+                r = sum(d.shape[0] for _, d, _ in terms)
+                n += r * (m.in_features + m.out_features) * m.compute_dtype.itemsize
+    return n
+
+
+def detach_quant_patches(model: nn.Module) -> None:
+    """Undo ``attach_quant_patches``: no per-call patch and no low-rank term left on any quantized layer."""
+    from ..steadydancer.weights.quant import QuantLinear, _Patched
+    for m in model.modules():
+        if isinstance(m, _Patched):
+            m.weight_patch_fn = None
+            m._comfy_patch_tag = None
+            if isinstance(m, QuantLinear):
+                m.set_lowrank_terms(None)
+
+
 def make_model_patcher(dit, loader_fn=None, loader_args=()):
     """Wrap a loaded ``SteadyDancerDiT`` (weights in host RAM) as a ComfyUI MODEL."""
     n = native()
@@ -262,6 +365,7 @@ def make_model_patcher(dit, loader_fn=None, loader_args=()):
     cfg = n.SteadyDancerSupported(dit.config.dim)
     cfg.set_inference_dtype(dit.compute_dtype, None)
     base = n.SteadyDancerBaseModel(cfg, dit, device=n.mm.get_torch_device())
+    base.steadydancer_base_size = n.mm.module_size(base)  # before any patch (model_size adds the low-rank terms)
     patcher = n.SteadyDancerPatcher(base, load_device=n.mm.get_torch_device(), offload_device=n.mm.unet_offload_device())
     if loader_fn is not None:
         patcher.cached_patcher_init = (loader_fn, tuple(loader_args))

@@ -91,3 +91,48 @@ def test_offload_releases_vram(files):
     offload_model(m)
     assert all(p.device.type == "cpu" for p in m.parameters())
     assert torch.cuda.memory_allocated() <= base + (1 << 20)
+
+
+def test_fp8_scaled_mm_with_comfyui_lora_patches_as_side_terms(files):
+    """Issue 15: ComfyUI-style plain LoRA patches (stand-in adapters, the glue's real attach_quant_patches) on the
+    fp8 tensor-core layers keep the fp8 matmul (no per-call merge) and stay close to the exact per-call merge of
+    the same patches on the dequantized path (fp8_matmul off)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 tensor cores")
+    from steadydancer_turbo.nodes import native_model as nm
+    from steadydancer_turbo.steadydancer.weights.quant import QuantLinear
+    from test_native_lora_fp8 import LoRAAdapter, comfy_merge64
+
+    inp = U.inputs()
+    g = torch.Generator()
+    out = {}
+    for fp8mm in (False, True):
+        m = load_steadydancer(files / "fp8.safetensors", compute_dtype=BF16, device="cuda", fp8_matmul=fp8mm)
+        root = torch.nn.Module()
+        root.diffusion_model = m
+        patches, calls = {}, []
+        for i, name in enumerate(("blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.2.cross_attn.o")):
+            lin = m.get_submodule(name)
+            g.manual_seed(i)
+            a = LoRAAdapter(torch.randn(lin.out_features, 8, generator=g) * 0.2,
+                            torch.randn(8, lin.in_features, generator=g) * 0.2, 4.0)
+            patches[f"diffusion_model.{name}.weight"] = [(0.8, a, 1.0, None, None)]
+
+        def merge(p, key):
+            def fn(w):
+                calls.append(key)
+                return comfy_merge64(w, p).to(w.dtype)
+            return fn
+
+        nm.attach_quant_patches(root, patches, "u", merge, LoRAAdapter)
+        q = m.get_submodule("blocks.0.self_attn.q")
+        assert isinstance(q, QuantLinear) and q.fp8_matmul_active(torch.empty(1, device="cuda")) == fp8mm
+        out[fp8mm] = _run_cuda(m, inp)
+        assert bool(calls) != fp8mm            # fp8 path: the merge never ran
+        nm.detach_quant_patches(root)
+        if fp8mm:
+            out["base"] = _run_cuda(m, inp)
+        del m, root
+    assert torch.isfinite(out[True]).all()
+    assert U.rel_err(out[True], out[False]) < 0.07   # the e4m3 activation rounding, as the other fp8 tests
+    assert U.rel_err(out[True], out["base"]) > 0.01  # the LoRA changed the fp8 path's output

@@ -14,6 +14,10 @@
   capability >= 8.9). LoRA patches then stay un-merged: a low-rank patch adds ``scale * (x @ down.T) @ up.T``
   in the compute dtype next to the fp8 product (rank-r cost, no dequantized weight); a full-difference
   patch ("diff") falls back to the dequantized matmul with the patch merged.
+- A host application's per-call patch (``weight_patch_fn``: ``fn(weight_fp32) -> weight``) runs on the
+  dequantized path. When the host can also write that patch as low-rank side terms
+  (:meth:`QuantLinear.set_lowrank_terms`), the fp8 matmul path stays active and adds them instead of calling
+  the function (nodes/native_model.py does this for ComfyUI's plain LoRA patches).
 """
 from __future__ import annotations
 
@@ -83,6 +87,7 @@ class _Patched(nn.Module):
         # optional ``fn(weight_fp32) -> weight``: extra patches from a host application (e.g. ComfyUI's
         # ModelPatcher LoRA patches, attached by nodes/native_model.py), applied after ours, before the cast
         self.weight_patch_fn = None
+        self._host_rank = None          # rank of weight_patch_fn's low-rank form (QuantLinear.set_lowrank_terms)
         self.register_buffer("weight", None)
         self.register_buffer("weight_scale", None)
 
@@ -141,7 +146,8 @@ class _Patched(nn.Module):
 
     def extra_repr(self):
         q = self.qtype if self.qkind == "fp8" else _gguf().GGMLQuantizationType(self.qtype).name
-        return f"{self.weight_shape}, stored={q}, compute={self.compute_dtype}, patches={len(self._patches)}"
+        host = "" if self._host_rank is None else f", host_lowrank_rank={self._host_rank}"
+        return f"{self.weight_shape}, stored={q}, compute={self.compute_dtype}, patches={len(self._patches)}{host}"
 
 
 class QuantLinear(_Patched):
@@ -158,14 +164,51 @@ class QuantLinear(_Patched):
         return (self.qkind == "fp8" and self.qtype == torch.float8_e4m3fn
                 and self.weight_scale is not None and self.weight_scale.numel() == 1)
 
-    def fp8_matmul_active(self, x: torch.Tensor) -> bool:
-        """Whether this forward runs on fp8 tensor cores (e4m3 per-tensor weights, sizes /16, sm_89+ GPU,
-        no full-difference LoRA patch)."""
+    def fp8_matmul_eligible(self) -> bool:
+        """The device-independent part of :meth:`fp8_matmul_active`: fp8 matmul asked for, e4m3 per-tensor
+        weights, sizes /16, no full-difference patch of ours (the host's patch not considered)."""
         return (self.fp8_matmul and self.fp8_matmul_capable()
                 and _f8.scaled_mm_shape_ok(self.in_features, self.out_features)
-                and all(kind == "lowrank" for kind, _, _ in self._patches) and self.weight_patch_fn is None
+                and all(kind == "lowrank" for kind, _, _ in self._patches))
+
+    def fp8_matmul_active(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs on fp8 tensor cores (:meth:`fp8_matmul_eligible`, the stored weight on x's
+        device, an sm_89+ GPU, and no host patch, or one that has its low-rank form set)."""
+        return (self.fp8_matmul_eligible()
+                and (self.weight_patch_fn is None or self._host_rank is not None)
                 and self.weight.device == x.device
                 and _f8.fp8_matmul_supported(x.device))
+
+    def set_lowrank_terms(self, terms) -> None:
+        """The host patch of this layer (``weight_patch_fn``) written as low-rank side terms, for the fp8 matmul
+        path: ``terms`` = [(up [out, r], down [r, in], scale), ...] meaning ``W + sum(scale * up @ down)``.
+
+        Kept as two buffers in the compute dtype on the stored weight's device (they follow ``.to()`` and count
+        in the module's size): the ranks concatenated, each scale folded into its ``up`` in float32 (or the
+        compute dtype if wider) before the cast. The fp8 path adds ``(x @ down.T) @ up.T`` next to the fp8
+        product and never calls ``weight_patch_fn``; every other path calls it (exact) and ignores the terms. They are
+        the function's other form, so they act only while ``weight_patch_fn`` is set. ``[]``: the patch adds
+        nothing (every scale 0); ``None``: removes them (the fp8 path then stays off while a host patch is
+        set)."""
+        for name in ("host_lowrank_down", "host_lowrank_up"):
+            if name in self._buffers:
+                delattr(self, name)
+        self._host_rank = None
+        if terms is None:
+            return
+        terms = [(u.flatten(1), d.flatten(1), float(s)) for u, d, s in terms]
+        for u, d, _ in terms:
+            if u.shape[0] != self.out_features or d.shape[1] != self.in_features or u.shape[1] != d.shape[0]:
+                raise ValueError(f"low-rank term up {tuple(u.shape)} / down {tuple(d.shape)} does not fit a "
+                                 f"{self.out_features}x{self.in_features} weight")
+        self._host_rank = sum(d.shape[0] for _, d, _ in terms)
+        if not terms:
+            return
+        dev, cd = self.weight.device, self.compute_dtype
+        acc = torch.promote_types(cd, torch.float32)
+        f = lambda t: t.detach().to(device=dev, dtype=acc)  # noqa: E731
+        self.register_buffer("host_lowrank_down", torch.cat([f(d) for _, d, _ in terms], 0).to(cd))
+        self.register_buffer("host_lowrank_up", torch.cat([f(u) * s for u, _, s in terms], 1).to(cd))
 
     def forward(self, x):
         cd = self.compute_dtype
@@ -176,6 +219,8 @@ class QuantLinear(_Patched):
             for _, (up, down), scale in self._patches:  # low-rank LoRA terms, never merged into fp8
                 up, down = getattr(self, up), getattr(self, down)
                 out = out + F.linear(F.linear(x, down.flatten(1)), up.flatten(1)) * scale
+            if self.weight_patch_fn is not None and self._host_rank:  # the host patch's low-rank form
+                out = out + F.linear(F.linear(x, self.host_lowrank_down), self.host_lowrank_up)
             return out
         return F.linear(x, self.dequantized_weight(cd, x.device), self._bias(x))
 

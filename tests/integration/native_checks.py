@@ -46,6 +46,7 @@ _setup()
 import torch  # noqa: E402
 
 import _loader_util as U  # noqa: E402
+import native_lora_fp8_checks  # noqa: E402  (this folder: sys.path[0] when run as a script)
 import comfy.model_management as mm  # noqa: E402
 from steadydancer_turbo.nodes import conditioning_nodes as cn  # noqa: E402
 from steadydancer_turbo.nodes import model_nodes as mn  # noqa: E402
@@ -544,6 +545,7 @@ def check_windows():
 
 
 CHECKS = {"free": check_free, "official": check_official, "deferred_pose": check_deferred_pose, "rcm": check_rcm, "ksampler": check_ksampler, "lora": check_lora,
+          "lora_fp8": lambda: native_lora_fp8_checks.check_lora_fp8(sys.modules[__name__]),
           "compose": check_compose, "windows": check_windows}
 
 if __name__ == "__main__":

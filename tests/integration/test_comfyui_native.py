@@ -65,6 +65,38 @@ def test_lora_leaves_the_base_model_and_its_stored_form(results, kind):
     assert same and (n > 0) == (kind != "f32")
 
 
+@pytest.mark.parametrize("strength", ["1.0", "0.5"])
+def test_fp8_matmul_keeps_core_lora_patches_as_low_rank_terms(results, strength):
+    """fp8_matmul asked for (issue 15): core LoraLoaderModelOnly's plain LoRA patches on fp8 layers are registered
+    as the layers' low-rank side terms (ComfyUI's scale strength * alpha / rank). On the CPU (no fp8 tensor cores)
+    the layers fall back to today's exact merge, bit for bit; with the fp8 path forced (its product emulated in
+    float) no LoRA'd layer merges per call and the output equals ComfyUI's merged-weight output (measured 2.0e-7
+    at both strengths, full and partial load) and follows the strength change."""
+    tag = f"s{strength}"
+    assert results["lora_fp8mm_off_host_terms"] == 0                       # option off: nothing registered
+    assert results[f"lora_fp8mm_{tag}_cpu_fallback_equal"]
+    n, exact = results[f"lora_fp8mm_{tag}_terms_registered"]
+    assert n == 3 and exact                                                 # q, ffn.0, k_img of the test LoRA
+    assert results[f"lora_fp8mm_{tag}_cpu_merged_lora_layers"] == n         # the fallback merges them per call
+    assert results[f"lora_fp8mm_{tag}_merged_lora_layers"] == 0             # the forced fp8 path never does
+    assert results[f"lora_fp8mm_{tag}_fp8_calls"] > 0
+    # ComfyUI's model_size() counts the terms (it equals the module's size as loaded): rank 4 x (in + out) x 4 bytes
+    # (float32 compute) for q and k_img (256 -> 256) and ffn.0 (256 -> 512)
+    counted, extra = results[f"lora_fp8mm_{tag}_model_size"]
+    assert counted and extra == 4 * 4 * ((256 + 256) * 2 + (256 + 512))
+    assert results[f"lora_fp8mm_{tag}_side_terms_rel"] < 1e-3
+    assert results[f"lora_fp8mm_{tag}_lowvram_was_partial"] and results[f"lora_fp8mm_{tag}_lowvram_rel"] < 1e-3
+    assert results["lora_fp8mm_strengths_differ_rel"] > 1e-2                # so following the strength is tested
+
+
+def test_fp8_matmul_other_patch_kinds_stay_exact_and_unpatch_leaves_nothing(results):
+    no_terms, merged_per_call, with_terms = results["lora_fp8mm_diff_layer_exact"]
+    assert no_terms and merged_per_call and with_terms == 3   # the "diff" layer merges; the LoRA layers keep terms
+    assert results["lora_fp8mm_diff_rel"] < 1e-3
+    assert results["lora_fp8mm_after_unpatch"] == [0, 0, True]  # no side term, no per-call patch after unload
+    assert results["lora_fp8mm_base_after_equal"]
+
+
 def test_strength_changes_do_not_read_the_model_file(results):
     assert results["lora_base_file_reads_during_strength_changes"] == 0
 
