@@ -43,9 +43,10 @@ def comfy_merge64(w, patches):
         if isinstance(v, LoRAAdapter):
             up, down, alpha = v.weights[:3]
             a = alpha / down.shape[0] if alpha is not None else 1.0
-            w += (strength * a) * (up.double().flatten(1) @ down.double().flatten(1))
+            # ComfyUI casts the patch tensors to the weight's device (model_management.cast_to_device)
+            w += (strength * a) * (up.to(w.device).double().flatten(1) @ down.to(w.device).double().flatten(1))
         else:  # ("diff", (delta,))
-            w += strength * v[1][0].double()
+            w += strength * v[1][0].to(w.device).double()
     return w
 
 
