@@ -47,6 +47,7 @@ FACE_RADIUS = 3
 EPS = 0.01
 MAX_THREADS = 32
 BICUBIC_SUPPORT = 2  # PIL's bicubic filter support, in output pixels when downscaling
+BAND = 32  # output rows resized at a time around the figure
 
 
 def _bgr(colors):
@@ -186,40 +187,45 @@ def _pil_pass_order(src_w: int, src_h: int, width: int, height: int):
     return "hv" if np.array_equal(whole, hv) else "vh" if np.array_equal(whole, vh) else None
 
 
-def _downscale_content(img: np.ndarray, width: int, height: int, k: int):
+def _downscale_content(img: np.ndarray, width: int, height: int, k: int, band: int = BAND) -> list:
     """PIL bicubic resize of a (k*height) x (k*width) canvas to width x height, computed only around its content:
-    (x0, y0, patch) with the resized frame black outside the patch, or None for a black canvas.
+    a list of (x0, y0, patch), the resized frame being black outside the patches (none for a black canvas).
 
     Bit-identical to resizing the whole canvas. PIL resizes in two passes, each rounding to uint8 (rows then
     columns, or the other way round: ``_pil_pass_order``, done here as two one-axis resizes in that order); output
-    pixel x takes the input pixels within 2k of its centre k*(x + 0.5), weighted by numbers that depend only on
-    that centre and on where the image ends. So (1) an output pixel 4 or more pixels outside the content sees only
-    zeros and is exactly 0; (2) resizing ``box`` (integer corners, k*patch size: scale exactly k, the same centres)
-    of a crop with 2k + 2 pixels of margin around it reads the same pixels with the same weights, the windows being
-    clipped only where the crop edge is the canvas edge, as they are on the whole canvas."""
+    pixel (x, y) takes the input pixels within 2k of its centre (k*(x + 0.5), k*(y + 0.5)), weighted by numbers
+    that depend only on that centre and on where the image ends. So, per band of ``band`` output rows: (1) outside
+    the columns of the content of the band's canvas rows and their neighbour bands' (which hold every input row
+    the band reads) widened by 4 output pixels, a pixel sees only zeros and is exactly 0; (2) resizing ``box``
+    (integer corners, k*patch size: scale exactly k, the same centres) of a crop with 2k + 2 pixels of margin
+    around it reads the same pixels with the same weights, the windows being clipped only where the crop edge is
+    the canvas edge, as they are on the whole canvas."""
     from PIL import Image
 
-    box = _content_box(img)
-    if box is None:
-        return None
     order = _pil_pass_order(img.shape[1], img.shape[0], width, height)
     if order is None:
-        return 0, 0, resize_frame(img, width, height, "bicubic")
-    m = BICUBIC_SUPPORT + 2
-    x0, y0 = max(0, box[0] // k - m), max(0, box[1] // k - m)
-    x1, y1 = min(width, (box[2] - 1) // k + m + 1), min(height, (box[3] - 1) // k + m + 1)
-    pad = BICUBIC_SUPPORT * k + 2
-    cx0, cy0 = max(0, x0 * k - pad), max(0, y0 * k - pad)
-    cx1, cy1 = min(img.shape[1], x1 * k + pad), min(img.shape[0], y1 * k + pad)
-    im = Image.fromarray(np.ascontiguousarray(img[cy0:cy1, cx0:cx1]))
-    cw, ch, pw, ph = cx1 - cx0, cy1 - cy0, x1 - x0, y1 - y0
-    bx0, bx1, by0, by1 = x0 * k - cx0, x1 * k - cx0, y0 * k - cy0, y1 * k - cy0
-    bic = Image.Resampling.BICUBIC
-    if order == "hv":
-        im = im.resize((pw, ch), bic, box=(bx0, 0, bx1, ch)).resize((pw, ph), bic, box=(0, by0, pw, by1))
-    else:
-        im = im.resize((cw, ph), bic, box=(0, by0, cw, by1)).resize((pw, ph), bic, box=(bx0, 0, bx1, ph))
-    return x0, y0, np.asarray(im)
+        return [(0, 0, resize_frame(img, width, height, "bicubic"))] if _content_box(img) else []
+    s = band * k  # canvas rows of one band
+    strips = [_content_box(img[j:j + s]) for j in range(0, img.shape[0], s)]
+    m, pad, bic = BICUBIC_SUPPORT + 2, BICUBIC_SUPPORT * k + 2, Image.Resampling.BICUBIC
+    out = []
+    for j in range(len(strips)):
+        near = [b for b in strips[max(0, j - 1):j + 2] if b is not None]
+        if not near:
+            continue
+        x0, x1 = max(0, min(b[0] for b in near) // k - m), min(width, (max(b[2] for b in near) - 1) // k + m + 1)
+        y0, y1 = j * band, min(height, (j + 1) * band)
+        cx0, cy0 = max(0, x0 * k - pad), max(0, y0 * k - pad)
+        cx1, cy1 = min(img.shape[1], x1 * k + pad), min(img.shape[0], y1 * k + pad)
+        im = Image.fromarray(np.ascontiguousarray(img[cy0:cy1, cx0:cx1]))
+        cw, ch, pw, ph = cx1 - cx0, cy1 - cy0, x1 - x0, y1 - y0
+        bx0, bx1, by0, by1 = x0 * k - cx0, x1 * k - cx0, y0 * k - cy0, y1 * k - cy0
+        if order == "hv":
+            im = im.resize((pw, ch), bic, box=(bx0, 0, bx1, ch)).resize((pw, ph), bic, box=(0, by0, pw, by1))
+        else:
+            im = im.resize((cw, ph), bic, box=(0, by0, cw, by1)).resize((pw, ph), bic, box=(bx0, 0, bx1, ph))
+        out.append((x0, y0, np.asarray(im)))
+    return out
 
 
 def _for_each(fn, n: int, threads, progress, chunk: int) -> None:
@@ -281,21 +287,17 @@ def render_poses(poses, width: int, height: int, body: bool = True, hands: bool 
         img = draw_pose(pose, dw, dh, body, hands, face, threshold, swap_rb, stick_width)
         if k == 1:
             box = _content_box(img)
-            if box is None:
-                return
-            x0, y0, patch = box[0], box[1], img[box[1]:box[3], box[0]:box[2]]
+            patches = [] if box is None else [(box[0], box[1], img[box[1]:box[3], box[0]:box[2]])]
         elif k > 1 and resize == "bicubic":
-            r = _downscale_content(img, width, height, k)
-            if r is None:
-                return
-            x0, y0, patch = r
+            patches = _downscale_content(img, width, height, k)
         else:
-            x0, y0, patch = 0, 0, resize_frame(img, width, height, resize)
-        dst = out[i, y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
-        if as_float:
-            np.divide(patch, 255.0, out=dst, dtype=np.float32)  # = astype(float32) / 255.0 (0 stays 0.0)
-        else:
-            dst[...] = patch
+            patches = [(0, 0, resize_frame(img, width, height, resize))]
+        for x0, y0, patch in patches:
+            dst = out[i, y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]]
+            if as_float:
+                np.divide(patch, 255.0, out=dst, dtype=np.float32)  # = astype(float32) / 255.0 (0 stays 0.0)
+            else:
+                dst[...] = patch
 
     _for_each(frame, n, threads, progress, chunk)
     return out

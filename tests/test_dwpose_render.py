@@ -135,17 +135,21 @@ def test_swap_rb_draws_the_reversed_canvas():
                                       plain[..., ::-1])
 
 
-def test_downscale_stays_within_its_patch_and_skips_black_canvases():
-    assert DR._downscale_content(np.zeros((40, 60, 3), np.uint8), 30, 20, 2) is None
+def test_downscale_stays_within_its_patches_and_skips_black_canvases():
+    assert DR._downscale_content(np.zeros((40, 60, 3), np.uint8), 30, 20, 2) == []
     img = np.zeros((400, 600, 3), np.uint8)
-    img[201, 333] = (0, 0, 9)  # one dark pixel: its bicubic footprint must lie inside the patch
-    x0, y0, patch = DR._downscale_content(img, 300, 200, 2)
+    img[201, 333] = (0, 0, 9)  # one dark pixel: its bicubic footprint must lie inside the patches
+    img[20, 590] = (7, 0, 0)  # and one near the top right corner
     full = np.asarray(Image.fromarray(img).resize((300, 200), Image.Resampling.BICUBIC))
-    ys, xs = np.nonzero(full.any(-1))
-    assert ys.size and ys.min() >= y0 and ys.max() < y0 + patch.shape[0]
-    assert xs.min() >= x0 and xs.max() < x0 + patch.shape[1]
-    assert patch.shape[0] * patch.shape[1] < 20 * 20  # the patch is small, not the frame
-    np.testing.assert_array_equal(full[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]], patch)
+    for band in (8, 32, 1000):
+        got = np.zeros_like(full)
+        area = 0
+        for x0, y0, patch in DR._downscale_content(img, 300, 200, 2, band=band):
+            assert not got[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]].any()  # patches do not overlap
+            got[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch
+            area += patch.shape[0] * patch.shape[1]
+        np.testing.assert_array_equal(got, full)
+        assert full.any() and area < 300 * 200 / 2  # only around the two pixels, not the frame
 
 
 def test_progress_in_frame_order_and_an_interrupt_stops_the_drawing(monkeypatch):
