@@ -12,6 +12,10 @@ Colours are RGB on the canvas (as ComfyUI shows them):
 SteadyDancer's own preprocessing writes its frames with red and blue swapped (``swap_rb=True``
 reproduces that); the pose frames it conditions on are drawn at twice the generation size without the
 face, then resized (PIL bicubic) to the generation size: ``render_poses(..., supersample=2)``.
+
+Speed (issue 15; ``bench/pose_draw_speed.py``): ``render_poses`` gives the numbers of drawing, swapping and resizing
+each whole frame, bit for bit, but swaps the colours while drawing, resizes only bands around the figure and draws
+frames on a thread pool (cv2 and PIL release the GIL), writing float32 output directly.
 """
 from __future__ import annotations
 
