@@ -314,11 +314,11 @@ def test_drawn_frames_become_images_without_float_temporaries_and_with_the_same_
 
 def _node_video_poses(W, H, n):
     """POSE_KEYPOINT frames of a moving whole-body figure (the render tests' dancer) and a larger reference."""
+    from _pose_fixtures import dancer
     from steadydancer_turbo.dwpose import keypoints
-    import test_dwpose_render as R
-    drv = [keypoints.to_pose_keypoint(R.D.FramePose(W, H, [R._dancer(i / 9, W / H)]), True, True, True)
+    drv = [keypoints.to_pose_keypoint(keypoints.FramePose(W, H, [dancer(i / 9, W / H)]), True, True, True)
            for i in range(n)]
-    ref = keypoints.to_pose_keypoint(R.D.FramePose(W, H, [R._dancer(0.0, W / H, s=1.2, cy=0.5)]), True, True, True)
+    ref = keypoints.to_pose_keypoint(keypoints.FramePose(W, H, [dancer(0.0, W / H, s=1.2, cy=0.5)]), True, True, True)
     return drv, [ref]
 
 
