@@ -106,7 +106,8 @@ def draw_pose(pose, width: int, height: int, body: bool = True, hands: bool = Tr
             ok = present(b, threshold)
             for j in range(18):
                 if ok[j] and _sane(b[j, 0] * W, b[j, 1] * H, W, H):
-                    cv2.circle(canvas, (int(b[j, 0] * W), int(b[j, 1] * H)), JOINT_RADIUS, joint_colors[j], thickness=-1)
+                    cv2.circle(canvas, (int(b[j, 0] * W), int(b[j, 1] * H)), JOINT_RADIUS, joint_colors[j],
+                               thickness=-1)
     if hands:
         for p in people:
             for hand in (p.left_hand, p.right_hand):

@@ -25,7 +25,8 @@ def dancer(t, aspect, cx=0.5, cy=0.45, s=1.0, conf=0.9):
     def hand(w, side):
         ang = np.linspace(-1.0, 1.0, 21) * side + t
         r = s * np.r_[0, np.tile([0.02, 0.035, 0.05, 0.06], 5)]
-        return np.column_stack([body[w, 0] + r * np.sin(ang) / aspect, body[w, 1] + r * np.cos(ang), np.full(21, min(conf, 0.8))])
+        return np.column_stack([body[w, 0] + r * np.sin(ang) / aspect, body[w, 1] + r * np.cos(ang),
+                                np.full(21, min(conf, 0.8))])
 
     rng = np.random.default_rng(int(t * 1000))
     face = np.column_stack([body[0, 0] + s * rng.normal(0, 0.01, 68) / aspect, body[0, 1] + s * rng.normal(0, 0.01, 68),
