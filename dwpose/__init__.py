@@ -40,7 +40,8 @@ Public API
   pixels and c = 1.0 (its reader drops points with c < 1): pass ``normalized=False, binary_confidence=True``
   for a strict copy of its output.
 - ``draw_pose(pose, width, height, body, hands, face, threshold, swap_rb)`` -> HxWx3 uint8;
-  ``render_poses(poses, width, height, body, hands, face, supersample, resize, swap_rb, as_float)``
+  ``render_poses(poses, width, height, body, hands, face, supersample, resize, swap_rb, as_float, threads,
+  progress)``
   -> [F,H,W,3]. Standard OpenPose colours / widths; ``swap_rb=True`` reproduces SteadyDancer's R/B-swapped files.
 - ``compute_alignment(ref, driving)`` -> ``Alignment`` (ratios, offset); ``align_poses(ref, driving)``;
   ``negative_poses(poses, seed)``; ``negative_factors(n, seed)``.

@@ -157,6 +157,25 @@ def refit_poses(frames, W: int, H: int, fit: str):
     return out
 
 
+def draw_pose_videos(aligned, negative, W: int, H: int, hands: bool, face: bool, swap_rb: bool, threshold: float):
+    """The positive and negative pose videos as IMAGE tensors, drawn as SteadyDancer does (body + hands at twice
+    the size, PIL bicubic down; ``dwpose.draw.render_poses``, frames on all CPU threads, float32 written directly).
+    One progress bar over both videos, with ComfyUI's interrupt checked every CHUNK frames."""
+    from ..dwpose import draw
+    n = len(aligned)
+    pbar = cb.Progress(n + len(negative))
+    videos = []
+    for offset, poses in ((0, aligned), (n, negative)):
+        def progress(done, offset=offset):
+            pbar.update_absolute(offset + done)
+            cb.check_interrupt()
+        cb.check_interrupt()
+        img = draw.render_poses(poses, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap_rb,
+                                threshold=threshold, as_float=True, progress=progress, chunk=CHUNK)
+        videos.append(_to_image(img))  # float32 0..1 already: wrapped, not copied
+    return tuple(videos)
+
+
 class SteadyDancerPoseRetarget:
     DESCRIPTION = ("Prepares the reference image and the pose video at the generation size: retargets the driving "
                    "poses onto the reference person's body (SteadyDancer's official alignment: bone-length ratios "
@@ -197,7 +216,7 @@ class SteadyDancerPoseRetarget:
 
     def retarget(self, driving_poses, reference_pose, reference_image, width, height, fit, align, hands, face, colors,
                  negative_seed, unique_id=None):
-        from ..dwpose import draw, keypoints, retarget
+        from ..dwpose import keypoints, retarget
         from ..dwpose.pipeline import STEADYDANCER_THRESHOLD as THRESHOLD  # official preprocessing's 0.35
 
         if not driving_poses:
@@ -225,15 +244,8 @@ class SteadyDancerPoseRetarget:
             aligned = [keypoints.FramePose(ref.width, ref.height, [p.copy() for p in f.people[:1]]) for f in drv]
         neg = retarget.negative_poses(aligned, seed=int(negative_seed), threshold=THRESHOLD)
         aligned, neg = refit_poses(aligned, W, H, fit), refit_poses(neg, W, H, fit)
-        swap = colors == "steadydancer"
-        pbar = cb.Progress(2)
-        pos_img = draw.render_poses(aligned, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
-                                    threshold=THRESHOLD)
-        pbar.update(1)
-        cb.check_interrupt()
-        neg_img = draw.render_poses(neg, W, H, body=True, hands=hands, face=face, supersample=2, swap_rb=swap,
-                                    threshold=THRESHOLD)
-        pbar.update(1)
+        pos_img, neg_img = draw_pose_videos(aligned, neg, W, H, hands, face, swap_rb=colors == "steadydancer",
+                                            threshold=THRESHOLD)
         out = [keypoints.to_pose_keypoint(p, True, hands, face, threshold=THRESHOLD) for p in aligned]
         ref_img = resize_images(reference_image[:1], W, H, fit)
-        return (ref_img, _to_image(pos_img), _to_image(neg_img), out)
+        return (ref_img, pos_img, neg_img, out)

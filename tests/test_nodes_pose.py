@@ -310,3 +310,79 @@ def test_drawn_frames_become_images_without_float_temporaries_and_with_the_same_
     assert np.array_equal(img.numpy().view(np.uint32), (u8.astype(np.float32) / 255.0).view(np.uint32))
     f32 = np.random.default_rng(0).random((2, 4, 5, 3), dtype=np.float32)
     assert np.shares_memory(_to_image(f32).numpy(), f32)
+
+
+def _node_video_poses(W, H, n):
+    """POSE_KEYPOINT frames of a moving whole-body figure (the render tests' dancer) and a larger reference."""
+    from _pose_fixtures import dancer
+    from steadydancer_turbo.dwpose import keypoints
+    drv = [keypoints.to_pose_keypoint(keypoints.FramePose(W, H, [dancer(i / 9, W / H)]), True, True, True)
+           for i in range(n)]
+    ref = keypoints.to_pose_keypoint(keypoints.FramePose(W, H, [dancer(0.0, W / H, s=1.2, cy=0.5)]), True, True, True)
+    return drv, [ref]
+
+
+@pytest.mark.parametrize("W,H,fit,colors,face", [(208, 128, "crop", "steadydancer", False),
+                                                  (96, 160, "pad", "openpose", True)])
+def test_retarget_videos_are_bit_identical_to_the_per_frame_recipe(W, H, fit, colors, face):
+    """The node's pose and negative pose videos against the plain recipe (whole 2x canvas, array swap, whole-frame
+    PIL bicubic, uint8 -> float32 in torch as the node used to convert), fixed negative seed."""
+    import test_dwpose_render as R
+    from PIL import Image
+    from steadydancer_turbo.dwpose import keypoints, retarget
+    drv, ref = _node_video_poses(W, H, 7)
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseRetarget"]()
+    ref_img = torch.zeros(1, H, W, 3)
+    _, pos, neg, _ = node.retarget(drv, ref, ref_img, W, H, fit, True, True, face, colors, 77)
+
+    r = keypoints.from_pose_keypoint(ref[0])
+    aligned = retarget.align_poses(r, [keypoints.from_pose_keypoint(d) for d in drv], threshold=R.THR)
+    negative = retarget.negative_poses(aligned, seed=77, threshold=R.THR)
+    for got, poses in ((pos, aligned), (neg, negative)):
+        poses = pack.nodes.pose_nodes.refit_poses(poses, W, H, fit)
+        want = np.zeros((len(poses), H, W, 3), np.uint8)
+        for i, p in enumerate(poses):
+            img = R.D.draw_pose(p, 2 * W, 2 * H, body=True, hands=True, face=face, threshold=R.THR)
+            if colors == "steadydancer":
+                img = np.ascontiguousarray(img[..., ::-1])
+            want[i] = np.asarray(Image.fromarray(img).resize((W, H), Image.Resampling.BICUBIC))
+        want = torch.from_numpy(want).to(torch.float32).div_(255.0)
+        assert got.dtype == torch.float32 and got.shape == want.shape and want.max() > 0.5
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_retarget_progress_covers_both_videos_and_an_interrupt_stops_it(monkeypatch):
+    drv, ref = _node_video_poses(64, 48, 20)
+    cbm = pack.nodes.comfy_bridge
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.values = total, []
+            bars.append(self)
+
+        def update_absolute(self, value, preview=None):
+            self.values.append(value)
+
+    monkeypatch.setattr(cbm, "Progress", Bar)
+    node = pack.NODE_CLASS_MAPPINGS["SteadyDancerPoseRetarget"]()
+    args = (drv, ref, torch.zeros(1, 48, 64, 3), 64, 48, "crop", True, True, False, "steadydancer", 0)
+    node.retarget(*args)
+    (bar,) = bars
+    assert bar.total == 40 and bar.values == [8, 16, 20, 28, 36, 40]
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) > 3:
+            raise Interrupted
+
+    monkeypatch.setattr(cbm, "check_interrupt", interrupt)
+    bars.clear()
+    with pytest.raises(Interrupted):
+        node.retarget(*args)
+    assert bars[0].values[-1] < 40  # stopped within the drawing, not after it
