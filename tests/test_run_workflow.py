@@ -784,7 +784,7 @@ def test_fetch_missing_downloads_what_the_precheck_finds_missing_then_queues(tmp
     assert missing == [{"name": DIT, "directory": "diffusion_models", "url": _shipped_url(DIT)}]
     assert models_dir == models and isinstance(models_dir, pathlib.Path) and dry_run is False
     assert (models / "diffusion_models" / DIT).read_bytes() == b"weights"
-    assert f"fetching 1 missing model file(s) into {models}" in err and f"fetched {models / 'diffusion_models' / DIT}" in err
+    assert f"fetching 1 missing model(s) (a file or a sharded folder each) into {models}" in err and f"fetched {models / 'diffusion_models' / DIT}" in err
     assert len(fake.prompts) == 1 and fake.prompts[0]["prompt"]["2"]["inputs"]["model_name"] == DIT
 
 
@@ -932,7 +932,7 @@ def test_fetch_missing_runs_the_real_fetcher_against_the_hub_then_queues(real_fe
     rc = _run_fake(tmp_path, fake, _two_models_prompt(), "--fetch-missing")
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "fetching 2 missing model file(s)" in err
+    assert "fetching 2 missing model(s) (a file or a sharded folder each)" in err
     folder = models / "diffusion_models" / "SteadyDancer-14B"
     for repo, files in hub.repos.items():           # every file the pre-check's two entries stand for, byte-exact
         for path, data in files.items():

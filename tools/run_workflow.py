@@ -275,7 +275,7 @@ def fetch_missing_models(missing, models_dir, out):
         import fetch_models
     except ImportError as e:
         raise RunError(f"--fetch-missing needs tools/fetch_models.py next to this command ({e})", 2) from None
-    print(f"fetching {len(wanted)} missing model file(s) into {models_dir}:", file=out, flush=True)
+    print(f"fetching {len(wanted)} missing model(s) (a file or a sharded folder each) into {models_dir}:", file=out, flush=True)
     for m in wanted:
         print(f"  {m['directory']}/{m['name']}  <- {m['url']}", file=out, flush=True)
     try:
