@@ -121,6 +121,8 @@ def prepare(run, args, image_name, video_name, seed):
         for nid in hit:
             prompt[nid]["inputs"][name] = value
         info.setdefault("inputs", {})[name] = value
+    for spec in args.model_node or []:
+        info.setdefault("model_nodes", []).append(insert_model_node(prompt, spec, prompt_path.name))
     fp8_name = F.dit_name(F.workflow_models())
     info["dit"] = fp8_name
     if run["dit"] == "bf16":
@@ -133,6 +135,34 @@ def prepare(run, args, image_name, video_name, seed):
             raise rw.RunError(f"{run['key']}: no node of {prompt_path.name} takes {fp8_name}", 2)
         info["dit"] = F.BF16_DIT_NAME
     return prompt, ui_path, info
+
+
+def insert_model_node(prompt, spec, where="the workflow"):
+    """``--model-node CLASS[:name=value,...]``: put a MODEL -> MODEL node (core EasyCache, ModelSamplingSD3,
+    TorchCompileModel, ...) between the model chain and the sampling section: every ``model`` input of a guider /
+    sampler / sigmas node that the chain feeds is rewired to the new node, which takes that chain's MODEL. Values
+    are parsed as JSON when they can be. Returns the spec as recorded in results.json."""
+    cls, _, rest = spec.partition(":")
+    inputs = {}
+    for item in filter(None, rest.split(",")):
+        name, _, raw = item.partition("=")
+        try:
+            inputs[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            inputs[name] = raw
+    consumers = [(nid, n) for nid, n in prompt.items()
+                 if isinstance(n["inputs"].get("model"), list)
+                 and any(k in n["class_type"] for k in ("Guider", "Sampler", "Sigmas", "KSampler"))]
+    sources = {tuple(n["inputs"]["model"]) for _, n in consumers}
+    if len(sources) != 1:
+        raise rw.RunError(f"--model-node {spec}: {where} feeds its sampling section from {len(sources)} MODEL "
+                          f"outputs ({sorted(sources)}); expected one", 2)
+    (source,) = sources
+    new_id = str(max(int(k) for k in prompt if k.isdigit()) + 1)
+    prompt[new_id] = {"class_type": cls, "inputs": {"model": list(source), **inputs}}
+    for _, n in consumers:
+        n["inputs"]["model"] = [new_id, 0]
+    return {"class_type": cls, "node": new_id, "inputs": inputs}
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -456,6 +486,9 @@ def build_parser():
     p.add_argument("--input", action="append", metavar="NAME=VALUE", help="set the widget input NAME on every node "
                    "that has it (value parsed as JSON when it can be), e.g. --input compile=true "
                    "--input attention=sage; repeatable; recorded in results.json")
+    p.add_argument("--model-node", action="append", metavar="CLASS[:NAME=VALUE,...]", help="insert a core MODEL -> "
+                   "MODEL node before the sampling section (repeatable, in order), e.g. --model-node "
+                   "EasyCache:reuse_threshold=0.2,start_percent=0.15,end_percent=0.95,verbose=false")
     p.add_argument("--force", action="store_true", help="run again the runs results.json has as done")
     p.add_argument("--keep-base", action="store_true", help="keep each run's ComfyUI base directory")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait for one queue")
