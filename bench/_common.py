@@ -44,9 +44,10 @@ L_TEXT, L_IMG = 512, 257
 
 
 # ----------------------------------------------------------------------------------------------------- utilities
-def import_pack():
-    """Make ``steadydancer_turbo.steadydancer`` importable from this checkout (run from anywhere, no PYTHONPATH)
-    without running the pack's ``__init__`` (which imports the ComfyUI node layer and its dependencies)."""
+def import_pack(run_init: bool = False):
+    """Make ``steadydancer_turbo`` importable from this checkout (run from anywhere, no PYTHONPATH). By default
+    without running the pack's ``__init__`` (which imports the ComfyUI node layer and its dependencies);
+    ``run_init``: run it too (the node layer, e.g. inside a ComfyUI process)."""
     import importlib.util
     import pathlib
     import sys
@@ -56,7 +57,10 @@ def import_pack():
         root = pathlib.Path(__file__).resolve().parents[1]
         spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
                                                       submodule_search_locations=[str(root)])
-        sys.modules[name] = importlib.util.module_from_spec(spec)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        if run_init:
+            spec.loader.exec_module(mod)
 
 
 def log(*a):

@@ -360,7 +360,7 @@ def make_full(models_dir, comfyui, dits=("fp8",), log=print, only=KINDS):
     has ``onnx``."""
     root = pathlib.Path(models_dir)
     models = workflow_models()
-    fp8_name = dit_name(models)
+    dit_name(models)  # exactly one DiT file in the workflows, or stop
     plan = []
     for directory, name in models:
         kind = kind_of(directory, name)

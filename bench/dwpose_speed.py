@@ -21,9 +21,6 @@ Target: >= 30 frames/s (detection + pose) on one H100 with the CUDA provider.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
-import sys
 import time
 import warnings
 
@@ -31,13 +28,9 @@ import numpy as np
 
 
 def _import_pack():
-    root = pathlib.Path(__file__).resolve().parents[1]
-    name = "steadydancer_turbo"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    from _common import import_pack
+
+    import_pack(run_init=True)
     import steadydancer_turbo.dwpose as dwpose  # noqa: E402
 
     return dwpose

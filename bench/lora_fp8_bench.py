@@ -27,7 +27,6 @@ down``) is used, and the table says so.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import statistics
 import sys
@@ -36,15 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _common import import_pack
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 D, FFN, RANK, ALPHA, LAYERS = 5120, 13824, 64, 64.0, 40
-
-
-def import_pack():
-    if "steadydancer_turbo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("steadydancer_turbo", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        sys.modules["steadydancer_turbo"] = importlib.util.module_from_spec(spec)  # no node-layer __init__
 
 
 def comfy_pieces(path, cpu=False):
@@ -156,7 +150,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="smoke run of the script on the CPU (small shapes; the fp8 "
                     "device probe forced on, torch._scaled_mm on the CPU); its times mean nothing")
     args = ap.parse_args()
-    import_pack()
+    import_pack()  # no node-layer __init__
     from steadydancer_turbo.steadydancer.kernels import fp8_linear as f8
     global D, FFN, RANK, ALPHA
     if args.tiny:

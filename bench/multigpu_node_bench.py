@@ -26,7 +26,6 @@ the script itself (CPU "GPUs", gloo). Record GPU runs in bench/RESULTS.md (machi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -66,11 +65,9 @@ def setup(args):
     import comfy.options
     comfy.options.enable_args_parsing()
     sys.argv = [sys.argv[0], *args.comfy_args.split()]
-    spec = importlib.util.spec_from_file_location("steadydancer_turbo", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["steadydancer_turbo"] = mod
-    spec.loader.exec_module(mod)
+    from _common import import_pack
+
+    import_pack(run_init=True)
 
 
 def main(argv=None):

@@ -23,17 +23,12 @@ import types
 import torch
 import torch.nn.functional as F
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PKG_NAME = "steadydancer_turbo"
 
 
 def _import_pack():
-    if PKG_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PKG_NAME, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PKG_NAME] = mod
-        spec.loader.exec_module(mod)
+    from _common import import_pack
+
+    import_pack(run_init=True)
 
 
 def _load_official(path: str, patch_bf16_line: bool):

@@ -10,7 +10,6 @@ math, noise, conditioning moves) and the number of forwards / passes. The DiT it
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -18,12 +17,10 @@ import time
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if "steadydancer_turbo" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("steadydancer_turbo", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["steadydancer_turbo"] = mod
-    spec.loader.exec_module(mod)
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import import_pack  # noqa: E402
+
+import_pack(run_init=True)
 
 from steadydancer_turbo.steadydancer.sampling.conditioning import (  # noqa: E402
     SteadyDancerConditioning, build_i2v_mask, build_ref_c, build_ref_x, build_y, check_frame_count)
