@@ -285,11 +285,7 @@ def test_bf16_shards_land_in_one_folder_and_verify_by_git_sha1(hub, tmp_path):
     assert len([j for j in jobs if len(j.etag) == 40]) == 2                     # the two JSON files: not LFS
 
 
-def test_the_fetched_official_folder_is_what_the_loader_lists_and_the_precheck_knows(hub, tmp_path, monkeypatch):
-    """One name for the official sharded release everywhere: the folder --variant bf16 writes, the Model Loader's
-    combo entry for it (nodes/comfy_bridge.py, the shard files hidden), the run command's pre-check hint and the
-    entry --fetch-missing expands into the folder's files."""
-    from steadydancer_turbo.nodes import comfy_bridge as cb
+def _load_prechecks():
     spec = importlib.util.spec_from_file_location("sd_prechecks", ROOT / "tools" / "prechecks.py")
     pc = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(ROOT / "tools"))
@@ -297,6 +293,15 @@ def test_the_fetched_official_folder_is_what_the_loader_lists_and_the_precheck_k
         spec.loader.exec_module(pc)
     finally:
         sys.path.remove(str(ROOT / "tools"))
+    return pc
+
+
+def test_the_fetched_official_folder_is_what_the_loader_lists_and_the_precheck_knows(hub, tmp_path, monkeypatch):
+    """One name for the official sharded release everywhere: the folder --variant bf16 writes, the Model Loader's
+    combo entry for it (nodes/comfy_bridge.py, the shard files hidden), the run command's pre-check hint and the
+    entry --fetch-missing expands into the folder's files."""
+    from steadydancer_turbo.nodes import comfy_bridge as cb
+    pc = _load_prechecks()
     jobs = fm.resolve_variant("bf16")
     assert jobs[-1].name.endswith(".safetensors.index.json")           # the index last: see folder_jobs
     fm.fetch(jobs, tmp_path, out=io.StringIO())
@@ -384,3 +389,17 @@ def test_all_fetches_the_turbo_set_and_exit_codes(hub, tmp_path, monkeypatch, ca
     hub.gated.clear()
     code, _, err = _run(["--comfyui", str(comfy), "--variant", "gguf:Q3_K_S"], capsys)
     assert code == 2 and "Q8_0" in err
+
+
+def test_the_run_pre_check_knows_every_dwpose_file_of_the_core_table():
+    """known_models() takes dwpose/models.py's whole table (also the files no shipped workflow lists, such as the
+    non-384 estimator), each with its URL and ComfyUI folder, from the one file loader in tools/model_files.py."""
+    pc = _load_prechecks()
+    spec = importlib.util.spec_from_file_location("_test_dwpose_models", ROOT / "dwpose" / "models.py")
+    table = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = table
+    spec.loader.exec_module(table)
+    known = pc.known_models()
+    assert "dw-ll_ucoco.onnx" in table.MODEL_FILES
+    for name, f in table.MODEL_FILES.items():
+        assert known[name] == {"name": name, "url": f.url, "directory": table.COMFY_MODEL_SUBFOLDER}, name

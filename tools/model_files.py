@@ -129,8 +129,9 @@ QUANT_RE = re.compile(r"(?<![A-Za-z0-9])(BF16|F16|F32|Q\d_K(?:_[SML])?|Q\d_[01]|
                        re.IGNORECASE)
 
 
-def dwpose_files():
-    """The default DWPose detector and estimator, from the core's table (dwpose/models.py, plain Python)."""
+def dwpose_table():
+    """The core's DWPose table (dwpose/models.py, plain Python: ``MODEL_FILES``, ``COMFY_MODEL_SUBFOLDER``), loaded
+    by file so that no package import (and no ComfyUI node layer) is needed."""
     name = "_steadydancer_dwpose_models"
     mod = sys.modules.get(name)
     if mod is None:
@@ -138,6 +139,12 @@ def dwpose_files():
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod     # its dataclass looks the module up while the file executes
         spec.loader.exec_module(mod)
+    return mod
+
+
+def dwpose_files():
+    """The default DWPose detector and estimator, from the core's table (``dwpose_table``)."""
+    mod = dwpose_table()
     out = []
     for name in DWPOSE_DEFAULTS:
         repo, revision, path = parse_hf_url(mod.MODEL_FILES[name].url)

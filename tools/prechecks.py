@@ -5,7 +5,6 @@ Standard library, plus PIL / PyAV / OpenCV when this Python has them (ComfyUI's 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -188,14 +187,9 @@ def known_models():
             out.setdefault(name, m)
     for f in model_files.known_folders():
         out.setdefault(f.name, f.entry())
-    try:
-        spec = importlib.util.spec_from_file_location("_sd_dwpose_models", PACK_ROOT / "dwpose" / "models.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        for name, f in mod.MODEL_FILES.items():
-            out.setdefault(name, {"name": name, "url": f.url, "directory": mod.COMFY_MODEL_SUBFOLDER})
-    except Exception:  # noqa: BLE001 - hints only
-        pass
+    mod = model_files.dwpose_table()
+    for name, f in mod.MODEL_FILES.items():
+        out.setdefault(name, {"name": name, "url": f.url, "directory": mod.COMFY_MODEL_SUBFOLDER})
     return out
 
 
