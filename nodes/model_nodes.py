@@ -13,7 +13,7 @@ import logging
 
 from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
 # imported with the pack, as ComfyUI starts: it notes the user's compile-cache environment before torch sets it
-from ..steadydancer.weights import speed_options as _accel  # noqa: F401
+from ..steadydancer.weights import speed_options as accel
 from . import comfy_bridge as cb
 from . import validation
 from .frames import CATEGORY, MODEL_TYPE, tooltip
@@ -57,7 +57,6 @@ class LoadOptions:
 
     def attention_backend(self) -> str:
         if self.attention == "flex_sparse":
-            from ..steadydancer.weights import speed_options as accel
             return accel.sparse(float(self.sparse_topk))
         return self.attention
 
@@ -76,7 +75,6 @@ def use_compile_cache() -> dict | None:
     per process and before the first compile, unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR were set by the
     user (speed_options.use_compile_cache). Outside ComfyUI torch's own defaults stay. A folder that cannot be
     made leaves torch's default, with a warning."""
-    from ..steadydancer.weights import speed_options as accel
     folder = cb.compile_cache_folder()
     if folder is None:
         return None
@@ -94,7 +92,6 @@ def use_compile_cache() -> dict | None:
 def apply_speed_options(module, o: LoadOptions) -> None:
     """Attention backend (self-attention; cross-attention stays dense) and per-block torch.compile; the compile
     cache folder first when anything compiles."""
-    from ..steadydancer.weights import speed_options as accel
     if compiles(o):
         use_compile_cache()
     accel.use_attention(module, o.attention_backend())

@@ -64,7 +64,7 @@ def test_user_set_folders_and_switches_are_respected(clean, tmp_path):
     assert not ic.fx_graph_cache and fc.enable_autograd_cache
     # the default user_env is the environment as the pack was imported (torch overwrites os.environ later):
     # the Model Loader's module imports speed_options at the top, so ComfyUI's start takes the snapshot
-    assert accel._USER_CACHE_ENV.keys() == set(accel.CACHE_ENV) and mn._accel is accel
+    assert accel._USER_CACHE_ENV.keys() == set(accel.CACHE_ENV) and mn.accel is accel
 
 
 def _comfy_user_dir(monkeypatch, path):
