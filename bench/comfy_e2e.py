@@ -14,7 +14,9 @@ the shipped workflows on full-size random-weight files in the real formats (issu
    through), then two queues through the run command's API (tools/run_workflow.py: upload, pre-check, queue,
    websocket wait, video download): ``cold`` = the first queue after the server start, ``warm`` = a second queue
    with the models loaded and new inputs (same files under new names, new seed: every node but the loaders and
-   the text encode runs again, as for a user's next dance):
+   the text encode runs again, as for a user's next dance); ``--queues cold,warm,reseed`` adds a third queue with
+   warm's files and only a new noise seed (a user's re-roll: the poses and encodes come back cached), and
+   ``--cold-steps N`` makes the cold queue a shorter warm-up (loading + compiling; labelled in the table):
 
        python bench/comfy_e2e.py --comfyui /path/to/ComfyUI --models /data/models --out bench/logs/e2e \
            [--runs turbo480,turbo720,official480,official720] [--official-steps 8]
@@ -85,9 +87,24 @@ def parse_runs(text):
     return runs
 
 
-def prepare(run, args, image_name, video_name, seed):
+QUEUES = ("cold", "warm", "reseed")
+
+
+def parse_queues(text):
+    """``cold,warm[,reseed]``: cold = the first queue after the server start; warm = new input files (same
+    content, new names) and a new seed; reseed = warm's files again with only a new noise seed (a user's re-roll:
+    ComfyUI's cache keeps the poses and the encodes)."""
+    qs = [q.strip() for q in text.split(",") if q.strip()]
+    if not qs or qs[0] != "cold" or any(q not in QUEUES for q in qs) or len(set(qs)) != len(qs) \
+            or ("reseed" in qs and "warm" not in qs[:qs.index("reseed")]):
+        raise SystemExit(f"--queues {text!r}: give cold, then warm, then optionally reseed (each once)")
+    return qs
+
+
+def prepare(run, args, image_name, video_name, seed, steps_override=None):
     """The API prompt of a run: the shipped twin with the inputs, size, seed, steps and DiT file set (everything
-    found by input names, not node ids). Returns (prompt, UI path, info)."""
+    found by input names, not node ids). ``steps_override`` sets the sampler steps of this queue (``--cold-steps``).
+    Returns (prompt, UI path, info)."""
     prompt_path, ui_path = rw.resolve_workflow(run["workflow"])
     prompt = rw.load_prompt(prompt_path)
     w, h = (TINY_SIZES if args.tiny else SIZES)[run["res"]]
@@ -104,6 +121,8 @@ def prepare(run, args, image_name, video_name, seed):
     steps = [n["inputs"]["steps"] for n in prompt.values() if isinstance(n["inputs"].get("steps"), int)]
     info["workflow_steps"] = max(steps) if steps else None
     want = TINY_STEPS if args.tiny else (args.official_steps if run["workflow"] == "dance" else None)
+    if steps_override is not None:
+        want = steps_override
     if want is not None:
         for n in prompt.values():
             if isinstance(n["inputs"].get("steps"), int):
@@ -300,15 +319,20 @@ def do_run(run, args, results, save):
         idle = monitor.baseline_vram()
         rec["vram_idle_gib"] = idle / GIB if idle is not None else None
         inputs = pathlib.Path(args.models) / "input"
-        for qi, qname in enumerate(("cold", "warm")):
+        for qi, qname in enumerate(parse_queues(args.queues)):
             img, vid = inputs / F.INPUTS[0], inputs / F.INPUTS[1]
-            if qname == "warm":
+            if qname != "cold":  # warm: the same files under new names; reseed: warm's files again
                 img, vid = F.warm_name(img), F.warm_name(vid)
             t_up = time.monotonic()
-            names = client.upload(img), client.upload(vid)
+            if qname != "reseed":  # a re-roll uploads nothing (an upload would touch the file: LoadVideo re-runs)
+                names = client.upload(img), client.upload(vid)
             upload_s = time.monotonic() - t_up
-            prompt, ui_path, info = prepare(run, args, *names, seed=1000 + qi)
-            rec.update(info)
+            steps = args.cold_steps if qname == "cold" else None
+            prompt, ui_path, info = prepare(run, args, *names, seed=1000 + qi, steps_override=steps)
+            if qname == "cold" and steps is not None:
+                rec["cold_steps"] = steps
+            else:
+                rec.update(info)
             problems, missing = rw.precheck(client, prompt, ui_path)
             if missing:
                 raise rw.missing_error(missing)
@@ -318,10 +342,11 @@ def do_run(run, args, results, save):
                 f"steps {info['steps']}, DiT {info['dit']}")
             q, video = measure_queue(client, monitor, prompt, args, steps=info["steps"])
             q["upload_s"] = upload_s
+            q["seed"], q["steps"] = info["seed"], info["steps"]
             vpath = out / "videos" / f"{key}-{qname}{pathlib.Path(q['video_name']).suffix}"
             vpath.write_bytes(video)
             q["video"] = str(vpath)
-            est = estimate(q, info)
+            est = None if (qname == "cold" and steps is not None) else estimate(q, info)
             if est:
                 q["estimate"] = est
             rec["queues"][qname] = q
@@ -358,8 +383,8 @@ def _f(x, nd=1):
     return "" if x is None else f"{x:.{nd}f}"
 
 
-def _pair(a, b, nd=1):
-    return f"{_f(a, nd) or '-'} / {_f(b, nd) or '-'}"
+def _multi(values, nd=1):
+    return " / ".join(_f(v, nd) or "-" for v in values)
 
 
 def table(results):
@@ -378,36 +403,42 @@ def table(results):
                      + f"; {rec.get('status')}"
                      + (f": {rec['error'].splitlines()[0]}" if rec.get("error") else ""))
         qs = rec.get("queues", {})
-        cold, warm = qs.get("cold", {}), qs.get("warm", {})
+        names = [q for q in QUEUES if q in qs] or ["cold", "warm"]
+        heads = [q + (f" ({rec['cold_steps']} steps)" if q == "cold" and rec.get("cold_steps") else "")
+                 for q in names]
+        Q = [qs.get(q, {}) for q in names]
+        slash = " / ".join(names)
         lines.append("")
-        lines.append("| node | cold s | warm s | peak VRAM GiB cold / warm | peak RAM GiB cold / warm |")
-        lines.append("|---|---:|---:|---:|---:|")
-        order = list(cold.get("order", [])) + [n for n in warm.get("order", []) if n not in cold.get("order", [])]
-        order += [n for n in list(cold.get("nodes", {})) + list(warm.get("nodes", {})) if n not in order]
+        lines.append("| node | " + " | ".join(f"{h} s" for h in heads) + f" | peak VRAM GiB {slash} | "
+                     f"peak RAM GiB {slash} |")
+        lines.append("|---|" + "---:|" * (len(names) + 2))
+        order = []
+        for q in Q:
+            order += [n for n in q.get("order", []) if n not in order]
+        for q in Q:
+            order += [n for n in q.get("nodes", {}) if n not in order]
         for nid in order:
-            c, w = cold.get("nodes", {}).get(nid, {}), warm.get("nodes", {}).get(nid, {})
-            e = c or w
+            es = [q.get("nodes", {}).get(nid, {}) for q in Q]
+            e = next(x for x in es if x)
             label = f"{nid} {e.get('class_type')}" + (f" ({e['title']})" if e.get("title") and
                                                        e["title"] != e.get("class_type") else "")
-            cs = "cached" if c.get("cached") else _f(c.get("s"), 2)
-            ws = "cached" if w.get("cached") else _f(w.get("s"), 2)
-            lines.append(f"| {label} | {cs} | {ws} | {_pair(c.get('peak_vram_gib'), w.get('peak_vram_gib'))} | "
-                         f"{_pair(c.get('peak_rss_gib'), w.get('peak_rss_gib'))} |")
-        lines.append(f"| queue -> first node | {_f(cold.get('to_first_node_s'), 2)} | "
-                     f"{_f(warm.get('to_first_node_s'), 2)} | | |")
-        lines.append(f"| **queue -> saved video** | **{_f(cold.get('total_s'))}** | **{_f(warm.get('total_s'))}** | "
-                     f"{_pair(cold.get('peak_vram_gib'), warm.get('peak_vram_gib'))} | "
-                     f"{_pair(cold.get('peak_rss_gib'), warm.get('peak_rss_gib'))} |")
-        ce, we = cold.get("estimate"), warm.get("estimate")
-        if ce or we:
-            lab = (ce or we)["label"]
-            lines.append(f"| ESTIMATE queue -> video at {(ce or we)['steps']} steps | {_f((ce or {}).get('total_s'))} "
-                         f"| {_f((we or {}).get('total_s'))} | {lab} | |")
-        for qn, q in (("cold", cold), ("warm", warm)):
+            cells = ["cached" if x.get("cached") else _f(x.get("s"), 2) for x in es]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {_multi([x.get('peak_vram_gib') for x in es])} | "
+                         f"{_multi([x.get('peak_rss_gib') for x in es])} |")
+        lines.append("| queue -> first node | " + " | ".join(_f(q.get("to_first_node_s"), 2) for q in Q) + " | | |")
+        lines.append("| **queue -> saved video** | " + " | ".join(f"**{_f(q.get('total_s'))}**" for q in Q) +
+                     f" | {_multi([q.get('peak_vram_gib') for q in Q])} | {_multi([q.get('peak_rss_gib') for q in Q])} |")
+        ests = [q.get("estimate") for q in Q]
+        if any(ests):
+            first = next(e for e in ests if e)
+            lines.append(f"| ESTIMATE queue -> video at {first['steps']} steps | " +
+                         " | ".join(_f((e or {}).get("total_s")) for e in ests) + f" | {first['label']} | |")
+        for qn, q in zip(names, Q):
             s = q.get("sampler")
             if s and s.get("per_step_s"):
                 lines.append(f"| {qn} sampler {s['node']}: per step (2nd on) | {_f(s['per_step_s'], 3)} s | "
-                             f"first step {_f(s.get('first_step_s'), 2)} s | {s['steps_seen']} steps | |")
+                             f"first step {_f(s.get('first_step_s'), 2)} s | {s['steps_seen']} steps |"
+                             + " |" * (len(names) - 1))
     return "\n".join(lines) + "\n"
 
 
@@ -478,6 +509,10 @@ def build_parser():
                    help="comma list of <turbo|official><480|720>[:bf16] (default %(default)s)")
     p.add_argument("--official-steps", type=int, help="steps of the official sampler (default: the workflow's); "
                    "with fewer, an extrapolated total at the workflow's steps is added, labelled ESTIMATE")
+    p.add_argument("--queues", default="cold,warm", help="queues per run: cold,warm[,reseed] (default %(default)s; "
+                   "reseed = warm's files with only a new noise seed, a user's re-roll)")
+    p.add_argument("--cold-steps", type=int, help="sampler steps of the cold queue only (a shorter warm-up: "
+                   "loading and compiling; the table says so); the other queues keep theirs")
     p.add_argument("--tiny", action="store_true", help="tiny models, CPU (see above)")
     p.add_argument("--cpu", action="store_true", help="run ComfyUI with --cpu (default: only when no NVIDIA GPU)")
     p.add_argument("--python", help="Python that runs ComfyUI (default: this one)")
