@@ -120,7 +120,9 @@ def prepare(run, args, image_name, video_name, seed, steps_override=None):
     info = {"workflow": prompt_path.stem, "width": w, "height": h, "seed": seed}
     steps = [n["inputs"]["steps"] for n in prompt.values() if isinstance(n["inputs"].get("steps"), int)]
     info["workflow_steps"] = max(steps) if steps else None
-    want = TINY_STEPS if args.tiny else (args.official_steps if run["workflow"] == "dance" else None)
+    want = args.official_steps if run["workflow"] == "dance" else None
+    if args.tiny:
+        want = want or TINY_STEPS
     if steps_override is not None:
         want = steps_override
     if want is not None:

@@ -45,3 +45,26 @@ def test_model_node_refuses_a_graph_fed_from_two_models():
               "4": {"class_type": "SteadyDancerOfficialSigmas", "inputs": {"model": ["2", 0]}}}
     with pytest.raises(e2e.rw.RunError, match="2 MODEL outputs"):
         e2e.insert_model_node(prompt, "EasyCache")
+
+
+def test_queue_list_is_cold_then_warm_then_optional_reseed():
+    b = _bench()
+    assert b.parse_queues("cold,warm") == ["cold", "warm"]
+    assert b.parse_queues(" cold, warm ,reseed") == ["cold", "warm", "reseed"]
+    assert b.parse_queues("cold") == ["cold"]
+    for bad in ("warm,cold", "cold,reseed", "cold,warm,warm", "cold,hot", "", "cold,reseed,warm"):
+        with pytest.raises(SystemExit, match="--queues"):
+            b.parse_queues(bad)
+
+
+def test_tiny_official_steps_are_honoured_and_cold_steps_override_one_queue(tmp_path):
+    b = _bench()
+    args = b.build_parser().parse_args(["--comfyui", str(tmp_path), "--tiny", "--official-steps", "10"])
+    run = b.parse_runs("official480")[0]
+    prompt, _, info = b.prepare(run, args, "ref.png", "dance.mp4", seed=7)
+    steps = {n["inputs"]["steps"] for n in prompt.values() if isinstance(n["inputs"].get("steps"), int)}
+    assert steps == {10} and info["steps"] == 10 and info["workflow_steps"] == 40
+    prompt, _, info = b.prepare(run, args, "ref.png", "dance.mp4", seed=7, steps_override=4)
+    assert {n["inputs"]["steps"] for n in prompt.values() if isinstance(n["inputs"].get("steps"), int)} == {4}
+    seeds = {n["inputs"]["noise_seed"] for n in prompt.values() if "noise_seed" in n["inputs"]}
+    assert seeds == {7}

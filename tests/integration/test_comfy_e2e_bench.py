@@ -32,7 +32,7 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
     assert (models_dir / "input" / "dance.mp4").is_file() and (models_dir / "input" / "dance_warm.mp4").is_file()
 
     cmd = [python, str(BENCH), "--tiny", "--comfyui", str(comfy), "--models", str(models_dir), "--out", str(out),
-           "--runs", ",".join(RUNS)]
+           "--runs", ",".join(RUNS), "--queues", "cold,warm,reseed"]
     rc, so, se = _run(cmd, 1500)
     assert rc == 0, (so + se)[-5000:]
     res = json.loads((out / "results.json").read_text())
@@ -64,6 +64,17 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
         for n, c in classes.items():
             if c in ("LoadVideo", "LoadImage", "SaveVideo"):
                 assert not warm["nodes"][n]["cached"] and warm["nodes"][n]["s"] > 0, (key, n, warm["nodes"][n])
+        # reseed: warm's files again, only a new noise seed -> ComfyUI's cache keeps media, poses and encodes
+        reseed = rec["queues"]["reseed"]
+        rcls = {n: e["class_type"] for n, e in reseed["nodes"].items()}
+        assert reseed["seed"] != warm["seed"], (reseed["seed"], warm["seed"])
+        rcached = {rcls[n] for n in reseed["cached"]}
+        assert {"LoadVideo", "LoadImage", "SteadyDancerPoseExtract", "SteadyDancerPoseRetarget",
+                "SteadyDancerConditioning"} <= rcached, (key, rcached)
+        for n, c in rcls.items():
+            if c in ("RandomNoise", "SamplerCustomAdvanced", "VAEDecode", "SaveVideo"):
+                assert not reseed["nodes"][n]["cached"], (key, n, reseed["nodes"][n])
+        assert "| reseed s |" in md
     assert "ESTIMATE" in md and "**queue -> saved video**" in md
 
     rc, so, se = _run(cmd, 120)           # resumable: the finished runs are kept, nothing is queued again

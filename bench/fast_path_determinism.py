@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Is a DiT path reproducible bit for bit, within one process and across processes (a ComfyUI restart)? And
+how far does a difference grow over a sampling loop of a random-weight model?
+
+Full-width SteadyDancer blocks (dim 5120, 40 heads; ``--layers`` of the 40, default 8), random weights
+(steadydancer/model/random_init.py, seed 0), 832x480x81 inputs from a fixed generator. ``--variant``:
+``default`` = bf16, SDPA, eager (the shipped defaults); ``fast`` = the loader's fast options (fp8 matmul,
+flex top-k 0.10, compiled blocks). Each process runs one forward twice and a ``--steps``-step Euler flow loop
+(x <- x + (s_next - s) * v(x), shift-5 sigmas) twice; ``--save F`` writes the results, ``--compare F`` (a second
+process) reports the difference to them. A third loop starts from the noise rounded once to bf16 (~0.2%):
+how much a tiny difference grows over the loop (random weights are not a contracting denoiser):
+
+    python bench/fast_path_determinism.py --variant fast --save /tmp/fast.pt
+    python bench/fast_path_determinism.py --variant fast --compare /tmp/fast.pt
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+import _common as C
+
+C.import_pack()
+DEV = "cuda"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def build(args):
+    from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
+    from steadydancer_turbo.steadydancer.model.random_init import randomize_
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+
+    cfg = SteadyDancerConfig.tiny() if args.tiny else dataclasses.replace(SteadyDancerConfig.full_14b(),
+                                                                           num_layers=args.layers)
+    with C.bf16_params_on(DEV):
+        model = SteadyDancerDiT(cfg, attention="sdpa")
+    model.eval().requires_grad_(False)
+    randomize_(model, seed=0)
+    if args.variant == "fast":
+        accel.optimize(model, fp8=True, sparse_topk=0.1, compile=True)
+    return model, cfg
+
+
+def inputs(cfg, tiny):
+    g = torch.Generator(device=DEV).manual_seed(11)
+    lh, lw = (8, 12) if tiny else (60, 104)
+    f32 = dict(device=DEV, dtype=torch.float32, generator=g)
+    bf = dict(device=DEV, dtype=torch.bfloat16, generator=g)
+    zr = torch.randn(1, 16, 1, lh, lw, **f32)
+    return dict(x=torch.randn(1, 16, 21, lh, lw, **f32), context=torch.randn(1, 512, cfg.text_dim, **bf),
+                clip_fea=torch.randn(1, 257, 1280, **bf), clip_fea_c=torch.randn(1, 257, 1280, **bf),
+                y=torch.randn(1, 20, 21, lh, lw, **f32), cond=torch.randn(1, 16, 21, lh, lw, **f32),
+                ref_x=torch.cat([zr, torch.ones(1, 4, 1, lh, lw, device=DEV), zr], 1),
+                ref_c=torch.randn(1, 16, 1, lh, lw, **f32))
+
+
+@torch.no_grad()
+def forward(model, inp, x, sigma):
+    t = torch.tensor([sigma * 1000.0], device=DEV)
+    kw = {k: v for k, v in inp.items() if k != "x"}
+    return model(x=x, timestep=t, **kw).float()
+
+
+@torch.no_grad()
+def loop(model, inp, steps, x=None):
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    s = 5.0 * s / (1 + 4.0 * s)
+    x = inp["x"].clone() if x is None else x
+    for i in range(steps):
+        x = x + float(s[i + 1] - s[i]) * forward(model, inp, x, float(s[i]))
+    return x
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", choices=("default", "fast"), default="fast")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--save")
+    ap.add_argument("--compare")
+    ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script (with --tiny, default variant)")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    global DEV
+    DEV = args.device
+    t0 = time.time()
+    model, cfg = build(args)
+    inp = inputs(cfg, args.tiny)
+    f1 = forward(model, inp, inp["x"], 0.9)  # the first call compiles (fast)
+    f2 = forward(model, inp, inp["x"], 0.9)
+    l1 = loop(model, inp, args.steps)
+    l2 = loop(model, inp, args.steps)
+    xp = inp["x"].bfloat16().float()  # one bf16 rounding of the start noise (~0.2% rel.): how far does it grow?
+    lp = loop(model, inp, args.steps, xp)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    row = dict(variant=args.variant, layers=args.layers, steps=args.steps,
+               card=torch.cuda.get_device_name() if DEV == "cuda" else DEV,
+               torch=torch.__version__, s=round(time.time() - t0, 1),
+               same_process_forward_equal=bool(torch.equal(f1, f2)), same_process_forward_rel=rel(f2, f1),
+               same_process_loop_equal=bool(torch.equal(l1, l2)), same_process_loop_rel=rel(l2, l1),
+               start_perturbation_rel=rel(xp, inp["x"]), perturbed_loop_rel=rel(lp, l1))
+    if args.save:
+        torch.save({"forward": f1.cpu(), "loop": l1.cpu()}, args.save)
+    if args.compare:
+        ref = torch.load(args.compare)
+        row.update(other_process_forward_equal=bool(torch.equal(f1.cpu(), ref["forward"])),
+                   other_process_forward_rel=rel(f1.cpu(), ref["forward"]),
+                   other_process_loop_equal=bool(torch.equal(l1.cpu(), ref["loop"])),
+                   other_process_loop_rel=rel(l1.cpu(), ref["loop"]))
+    print("RESULT " + json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
