@@ -168,3 +168,34 @@ def test_block_with_rope_tables_traces_without_graph_breaks():
         assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
         torch.testing.assert_close(blk(*args[:4], rope_freqs((2, 3, 4), cfg.head_dim), "sdpa", torch.float32),
                                    blk(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_with_flex_sparse_run_on_cpu_and_equal_eager():
+    """Model Loader compile + flex_sparse on a CPU (ComfyUI --cpu): inductor has no CPU kernel for flex attention
+    with our block masks (it raised NoValidChoicesError at the first step), so flex runs eagerly behind a graph
+    break inside the compiled block; the output equals the uncompiled model's (same fp32 RoPE)."""
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+
+    torch.manual_seed(0)
+    cfg = SteadyDancerConfig.tiny()
+    m = SteadyDancerDiT(cfg).requires_grad_(False)
+    m.compute_dtype = torch.float32
+    b, f, h, w = 1, 3, 8, 12     # 5 x 4 x 6 = 120 tokens: two 64-token query blocks, one of them partial
+    kw = dict(x=torch.randn(b, 16, f, h, w), timestep=torch.tensor([500]), context=torch.randn(b, 7, cfg.text_dim),
+              clip_fea=torch.randn(b, 257, cfg.clip_dim), clip_fea_c=torch.randn(b, 257, cfg.clip_dim),
+              y=torch.randn(b, 20, f, h, w), cond=torch.randn(b, 16, f, h, w), ref_x=torch.randn(b, 36, 1, h, w),
+              ref_c=torch.randn(b, 16, 1, h, w))
+    try:  # inductor's CPU backend at all (it needs a C++ toolchain); a failure below is then ours
+        _compiled(lambda a: a * 2 + 1)(torch.randn(8))
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        pytest.skip(f"inductor CPU backend unavailable: {e}")
+    accel.use_attention(m, accel.sparse(0.5, block_q=64, block_k=64))
+    with torch.no_grad():
+        m.rope_dtype = torch.float32
+        ref = m(**kw)
+        accel.compile_blocks(m, fullgraph=False)
+        try:
+            out = m(**kw)
+        finally:
+            accel.uncompile_blocks(m)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -21,7 +21,8 @@ SLA's learned linear branch (``proj_l``) is not implemented here: with a zero (u
 exactly to this top-k sparse attention, and no SteadyDancer checkpoint carries one.
 
 Layout: q, k, v are [B, L, H, D] as everywhere in ``steadydancer/kernels/attention.py``; the output has the same layout.
-On CUDA the flex kernel is compiled (``torch.compile(flex_attention)``); elsewhere flex runs eagerly, which
+On CUDA the flex kernel is compiled (``torch.compile(flex_attention)``); elsewhere flex runs eagerly (inside a
+compiled block too, behind a graph break: inductor has no CPU kernel for these masks), which
 materializes the scores and is only meant for tests.
 """
 
@@ -172,23 +173,37 @@ def _kernel_options(q: torch.Tensor) -> dict | None:
     return dict(_KERNEL_OPTIONS) if _KERNEL_OPTIONS else None
 
 
+def _flex_eager(q, k, v, block_mask, scale):
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+# Off CUDA inside a compiled region: inductor's CPU lowering of flex_attention finds no kernel for our block masks
+# (NoValidChoicesError on torch 2.13 / 2.14 for any token count), so there flex runs eagerly behind a graph
+# break, as it does uncompiled (the rest of the block stays compiled; fullgraph=True would refuse the break).
+_flex_eager_outside_graph = torch.compiler.disable(_flex_eager)
+
+
 def _flex(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     opts = _kernel_options(q)
     kw = {"kernel_options": opts} if opts else {}
-    if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled block): traced into it
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
+    if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled block)
+        if q.is_cuda:  # traced into it
+            return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
+        return _flex_eager_outside_graph(q, k, v, block_mask, scale)
     if q.is_cuda:
         if _compiled_flex is None:
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
         return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, **kw)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    return _flex_eager(q, k, v, block_mask, scale)
 
 
 def sparse_attention(q, k, v, cfg: SparseAttentionConfig | None = None, scale: float | None = None,
