@@ -65,7 +65,11 @@ def test_rope_fp32_forms_match_float64(dtype):
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-def test_block_traces_without_graph_breaks():
+def test_block_traces_without_graph_breaks(monkeypatch):
+    """As on CUDA, where flex_attention is traced into the compiled block: no graph break anywhere in the block
+    (top-k selection and block mask included). Off CUDA flex runs eagerly: the only breaks are at that call."""
+    from steadydancer_turbo.steadydancer.kernels import sparse_attention as SA
+
     cfg = SteadyDancerConfig.tiny()
     m = SteadyDancerDiT(cfg).requires_grad_(False)
     m.rope_dtype = torch.float32
@@ -75,7 +79,14 @@ def test_block_traces_without_graph_breaks():
     e0 = torch.randn(1, 6, cfg.dim)
     ctx_img, ctx_txt = torch.randn(1, 257, cfg.dim), torch.randn(1, 512, cfg.dim)
     freqs = rope_freqs((2, 3, 4), cfg.head_dim)
-    for backend in ("auto", accel.sparse(0.5, block_q=8, block_k=8)):
+    sparse = accel.sparse(0.5, block_q=8, block_k=8)
+    with torch.no_grad():
+        ex = torch._dynamo.explain(blk)(x, e0, ctx_img, ctx_txt, freqs, sparse, torch.float32)
+    reasons = [b.reason for b in ex.break_reasons]
+    assert reasons and all("torch.compiler.disable" in r for r in reasons), reasons
+    torch._dynamo.reset()
+    monkeypatch.setattr(SA, "_flex_in_graph", lambda q: True)
+    for backend in ("auto", sparse):
         with torch.no_grad():
             ex = torch._dynamo.explain(blk)(x, e0, ctx_img, ctx_txt, freqs, backend, torch.float32)
         assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]

@@ -189,6 +189,11 @@ def _flex_eager(q, k, v, block_mask, scale):
 _flex_eager_outside_graph = torch.compiler.disable(_flex_eager)
 
 
+def _flex_in_graph(q: torch.Tensor) -> bool:
+    """Whether a compiled region traces flex_attention into its graph (CUDA) or calls it eagerly (elsewhere)."""
+    return q.is_cuda
+
+
 def _flex(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -196,7 +201,7 @@ def _flex(q, k, v, block_mask, scale):
     opts = _kernel_options(q)
     kw = {"kernel_options": opts} if opts else {}
     if torch.compiler.is_compiling():  # inside a compiled region (e.g. a compiled block)
-        if q.is_cuda:  # traced into it
+        if _flex_in_graph(q):  # traced into it
             return flex_attention(q, k, v, block_mask=block_mask, scale=scale, **kw)
         return _flex_eager_outside_graph(q, k, v, block_mask, scale)
     if q.is_cuda:
