@@ -331,10 +331,9 @@ def do_run(run, args, results, save):
             upload_s = time.monotonic() - t_up
             steps = args.cold_steps if qname == "cold" else None
             prompt, ui_path, info = prepare(run, args, *names, seed=1000 + qi, steps_override=steps)
+            rec.update(info)  # the later queues' info (the workflow's steps) replaces a shortened cold queue's
             if qname == "cold" and steps is not None:
                 rec["cold_steps"] = steps
-            else:
-                rec.update(info)
             problems, missing = rw.precheck(client, prompt, ui_path)
             if missing:
                 raise rw.missing_error(missing)
