@@ -24,7 +24,6 @@ import torch
 import _common as C
 
 C.import_pack()
-DEV = "cuda"
 
 
 def rel(a, b):
@@ -35,36 +34,28 @@ def rel(a, b):
 def build(args):
     from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
     from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
-    from steadydancer_turbo.steadydancer.model.random_init import randomize_
     from steadydancer_turbo.steadydancer.weights import speed_options as accel
 
     cfg = SteadyDancerConfig.tiny() if args.tiny else dataclasses.replace(SteadyDancerConfig.full_14b(),
                                                                            num_layers=args.layers)
-    with C.bf16_params_on(DEV):
-        model = SteadyDancerDiT(cfg, attention="sdpa")
-    model.eval().requires_grad_(False)
-    randomize_(model, seed=0)
+    model = C.random_model(lambda: SteadyDancerDiT(cfg, attention="sdpa"))
     if args.variant == "fast":
         accel.optimize(model, fp8=True, sparse_topk=0.1, compile=True)
-    return model, cfg
+    return model
 
 
-def inputs(cfg, tiny):
-    g = torch.Generator(device=DEV).manual_seed(11)
-    lh, lw = (8, 12) if tiny else (60, 104)
-    f32 = dict(device=DEV, dtype=torch.float32, generator=g)
-    bf = dict(device=DEV, dtype=torch.bfloat16, generator=g)
-    zr = torch.randn(1, 16, 1, lh, lw, **f32)
-    return dict(x=torch.randn(1, 16, 21, lh, lw, **f32), context=torch.randn(1, 512, cfg.text_dim, **bf),
-                clip_fea=torch.randn(1, 257, 1280, **bf), clip_fea_c=torch.randn(1, 257, 1280, **bf),
-                y=torch.randn(1, 20, 21, lh, lw, **f32), cond=torch.randn(1, 16, 21, lh, lw, **f32),
-                ref_x=torch.cat([zr, torch.ones(1, 4, 1, lh, lw, device=DEV), zr], 1),
-                ref_c=torch.randn(1, 16, 1, lh, lw, **f32))
+def inputs():
+    """The bench's 480p inputs (``_dit.ours_inputs``, generator seed 11) without the timestep, which the loops set."""
+    from _dit import ours_inputs
+
+    inp = ours_inputs("480p", torch.Generator(device=C.DEV).manual_seed(11))
+    inp.pop("timestep")
+    return inp
 
 
 @torch.no_grad()
 def forward(model, inp, x, sigma):
-    t = torch.tensor([sigma * 1000.0], device=DEV)
+    t = torch.tensor([sigma * 1000.0], device=C.DEV)
     kw = {k: v for k, v in inp.items() if k != "x"}
     return model(x=x, timestep=t, **kw).float()
 
@@ -89,21 +80,22 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script (with --tiny, default variant)")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
-    global DEV
-    DEV = args.device
+    C.DEV = args.device
+    if args.tiny:
+        C.use_tiny_sizes()
     t0 = time.time()
-    model, cfg = build(args)
-    inp = inputs(cfg, args.tiny)
+    model = build(args)
+    inp = inputs()
     f1 = forward(model, inp, inp["x"], 0.9)  # the first call compiles (fast)
     f2 = forward(model, inp, inp["x"], 0.9)
     l1 = loop(model, inp, args.steps)
     l2 = loop(model, inp, args.steps)
     xp = inp["x"].bfloat16().float()  # one bf16 rounding of the start noise (~0.2% rel.): how far does it grow?
     lp = loop(model, inp, args.steps, xp)
-    if DEV == "cuda":
+    if C.DEV == "cuda":
         torch.cuda.synchronize()
     row = dict(variant=args.variant, layers=args.layers, steps=args.steps,
-               card=torch.cuda.get_device_name() if DEV == "cuda" else DEV,
+               card=torch.cuda.get_device_name() if C.DEV == "cuda" else C.DEV,
                torch=torch.__version__, s=round(time.time() - t0, 1),
                same_process_forward_equal=bool(torch.equal(f1, f2)), same_process_forward_rel=rel(f2, f1),
                same_process_loop_equal=bool(torch.equal(l1, l2)), same_process_loop_rel=rel(l2, l1),

@@ -14,7 +14,6 @@ blending on them (real weights decode smooth images), not a quality figure. ``--
 """
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -46,15 +45,10 @@ def main(argv=None):
     if not args.vae:
         raise SystemExit("give --vae FILE or --make-vae FILE")
     F._comfy(args.comfyui)
-    cwd = os.getcwd()
-    os.chdir(args.comfyui)
-    try:
-        import comfy.model_management as mm
-        import comfy.sd
-        import comfy.utils
-        import nodes
-    finally:
-        os.chdir(cwd)
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    import nodes
     import torch
 
     cuda = torch.cuda.is_available() and not args.tiny
