@@ -16,7 +16,10 @@ the shipped workflows on full-size random-weight files in the real formats (issu
    with the models loaded and new inputs (same files under new names, new seed: every node but the loaders and
    the text encode runs again, as for a user's next dance); ``--queues cold,warm,reseed`` adds a third queue with
    warm's files and only a new noise seed (a user's re-roll: the poses and encodes come back cached), and
-   ``--cold-steps N`` makes the cold queue a shorter warm-up (loading + compiling; labelled in the table):
+   ``--cold-steps N`` makes the cold queue a shorter warm-up (loading + compiling; labelled in the table);
+   ``again`` (after warm) queues warm's content under new names with warm's seed and compares the two videos, and
+   with ``--save-intermediates`` the pose frames, the sampler's latent and the decoded frames too, naming the first
+   stage where they differ (bench/_e2e_repro.py):
 
        python bench/comfy_e2e.py --comfyui /path/to/ComfyUI --models /data/models --out bench/logs/e2e \
            [--runs turbo480,turbo720,official480,official720] [--official-steps 8]
@@ -59,6 +62,7 @@ for _p in (ROOT / "tools", BENCH):
         sys.path.insert(0, str(_p))
 
 import _e2e_files as F  # noqa: E402
+import _e2e_repro as R  # noqa: E402
 import run_workflow as rw  # noqa: E402
 
 PACK_FOLDER = "ComfyUI-SteadyDancer-Turbo"
@@ -87,18 +91,28 @@ def parse_runs(text):
     return runs
 
 
-QUEUES = ("cold", "warm", "reseed")
+QUEUES = ("cold", "warm", "reseed", "again")
 
 
 def parse_queues(text):
-    """``cold,warm[,reseed]``: cold = the first queue after the server start; warm = new input files (same
-    content, new names) and a new seed; reseed = warm's files again with only a new noise seed (a user's re-roll:
-    ComfyUI's cache keeps the poses and the encodes)."""
+    """``cold,warm[,reseed][,again]``: cold = the first queue after the server start; warm = new input files
+    (same content, new names) and a new seed; reseed = warm's files again with only a new noise seed (a user's
+    re-roll: ComfyUI's cache keeps the poses and the encodes); again = warm's content under new names with warm's
+    seed (everything but the loaders and text encodes runs again: is the result the same? bench/_e2e_repro.py)."""
     qs = [q.strip() for q in text.split(",") if q.strip()]
     if not qs or qs[0] != "cold" or any(q not in QUEUES for q in qs) or len(set(qs)) != len(qs) \
-            or ("reseed" in qs and "warm" not in qs[:qs.index("reseed")]):
-        raise SystemExit(f"--queues {text!r}: give cold, then warm, then optionally reseed (each once)")
+            or any(q in qs and "warm" not in qs[:qs.index(q)] for q in ("reseed", "again")):
+        raise SystemExit(f"--queues {text!r}: give cold, then warm, then optionally reseed and again (each once)")
     return qs
+
+
+def again_copy(path, out):
+    """A byte-identical copy of warm's input file under a new name (the ``again`` queue's upload)."""
+    p = pathlib.Path(path)
+    dest = pathlib.Path(out) / "inputs_again" / f"{p.stem}_again{p.suffix}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(p, dest)
+    return dest
 
 
 def prepare(run, args, image_name, video_name, seed, steps_override=None):
@@ -321,16 +335,23 @@ def do_run(run, args, results, save):
         idle = monitor.baseline_vram()
         rec["vram_idle_gib"] = idle / GIB if idle is not None else None
         inputs = pathlib.Path(args.models) / "input"
-        for qi, qname in enumerate(parse_queues(args.queues)):
+        queues = parse_queues(args.queues)
+        for qi, qname in enumerate(queues):
             img, vid = inputs / F.INPUTS[0], inputs / F.INPUTS[1]
             if qname != "cold":  # warm: the same files under new names; reseed: warm's files again
                 img, vid = F.warm_name(img), F.warm_name(vid)
+            if qname == "again":  # warm's bytes under a third pair of names
+                img, vid = again_copy(img, out), again_copy(vid, out)
             t_up = time.monotonic()
             if qname != "reseed":  # a re-roll uploads nothing (an upload would touch the file: LoadVideo re-runs)
                 names = client.upload(img), client.upload(vid)
             upload_s = time.monotonic() - t_up
             steps = args.cold_steps if qname == "cold" else None
-            prompt, ui_path, info = prepare(run, args, *names, seed=1000 + qi, steps_override=steps)
+            seed = 1000 + (queues.index("warm") if qname == "again" else qi)
+            prompt, ui_path, info = prepare(run, args, *names, seed=seed, steps_override=steps)
+            tag = f"sdrepro_{key}_{qname}"
+            if args.save_intermediates:
+                R.insert_savers(prompt, tag)
             rec.update(info)  # the later queues' info (the workflow's steps) replaces a shortened cold queue's
             if qname == "cold" and steps is not None:
                 rec["cold_steps"] = steps
@@ -347,12 +368,21 @@ def do_run(run, args, results, save):
             vpath = out / "videos" / f"{key}-{qname}{pathlib.Path(q['video_name']).suffix}"
             vpath.write_bytes(video)
             q["video"] = str(vpath)
+            if args.save_intermediates:
+                q["intermediates"] = str(out / "intermediates" / key / qname)
+                q["intermediate_files"] = R.collect(base / "output", tag, q["intermediates"])
             est = None if (qname == "cold" and steps is not None) else estimate(q, info)
             if est:
                 q["estimate"] = est
             rec["queues"][qname] = q
             log(f"[{run['key']}] {qname}: queue -> video {q['total_s']:.1f} s ({vpath})")
             save()
+        if "again" in rec["queues"]:
+            a, w = rec["queues"]["again"], rec["queues"]["warm"]
+            rec["repro"] = R.compare(a.get("intermediates", "/nonexistent"), w.get("intermediates", "/nonexistent"),
+                                     a["video"], w["video"])
+            rec["repro"]["first_difference"] = R.first_difference(rec["repro"])
+            log(f"[{run['key']}] again vs warm: first difference at {rec['repro']['first_difference']}")
         rec["status"] = "done"
     except rw.RunError as e:
         rec.update(status="failed", error=str(e))
@@ -440,6 +470,10 @@ def table(results):
                 lines.append(f"| {qn} sampler {s['node']}: per step (2nd on) | {_f(s['per_step_s'], 3)} s | "
                              f"first step {_f(s.get('first_step_s'), 2)} s | {s['steps_seen']} steps |"
                              + " |" * (len(names) - 1))
+        if rec.get("repro"):
+            lines += ["", f"Reproducibility (again = warm's content under new names, warm's seed); first difference: "
+                          f"{rec['repro'].get('first_difference') or 'none'}", ""]
+            lines += R.table_lines(rec["repro"])
     return "\n".join(lines) + "\n"
 
 
@@ -510,8 +544,12 @@ def build_parser():
                    help="comma list of <turbo|official><480|720>[:bf16] (default %(default)s)")
     p.add_argument("--official-steps", type=int, help="steps of the official sampler (default: the workflow's); "
                    "with fewer, an extrapolated total at the workflow's steps is added, labelled ESTIMATE")
-    p.add_argument("--queues", default="cold,warm", help="queues per run: cold,warm[,reseed] (default %(default)s; "
-                   "reseed = warm's files with only a new noise seed, a user's re-roll)")
+    p.add_argument("--queues", default="cold,warm", help="queues per run: cold,warm[,reseed][,again] (default "
+                   "%(default)s; reseed = warm's files with only a new noise seed, a user's re-roll; again = warm's "
+                   "content under new names with warm's seed, compared with warm)")
+    p.add_argument("--save-intermediates", action="store_true", help="save the pose frames, the sampler's latent "
+                   "and the decoded frames of every queue (core SaveImage / SaveLatent; their time is in the "
+                   "totals); with an again queue, say at which stage warm and again first differ")
     p.add_argument("--cold-steps", type=int, help="sampler steps of the cold queue only (a shorter warm-up: "
                    "loading and compiling; the table says so); the other queues keep theirs")
     p.add_argument("--tiny", action="store_true", help="tiny models, CPU (see above)")
