@@ -36,27 +36,41 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["int8_sparse_attention", "quantize_blocks", "set_int8_kernel_options", "kernel_options",
-           "check_shapes"]
+__all__ = ["int8_sparse_attention", "quantize_blocks", "attend_quantized", "set_int8_kernel_options",
+           "kernel_options", "check_shapes", "interpreting"]
 
 LOG2E = 1.4426950408889634
 INT8_MAX = 127.0
 
-# Launch options of the attention kernel (num_warps / num_stages). Hopper defaults below: BLOCK 128 x 128 x 128
-# with 8 warps (two warpgroups over the 128 query rows); bench/attention_backends.py --sections int8tune sweeps.
-_DEFAULT_OPTIONS = {"num_warps": 8, "num_stages": 3}
-_OPTIONS = dict(_DEFAULT_OPTIONS)
+# Launch options of the attention kernel (BLOCK 128 x 128, D 128): 8 warps (two warpgroups over the 128 query
+# rows), 3 pipeline stages on Hopper (~160 KB of shared memory), 2 elsewhere (Ada has ~100 KB per block; a
+# launch that does not fit retries with fewer stages). bench/attention_backends.py --sections int8 sweeps them.
+HOPPER_OPTIONS = {"num_warps": 8, "num_stages": 3}
+OTHER_OPTIONS = {"num_warps": 8, "num_stages": 2}
+_OPTIONS: dict = {}  # set_int8_kernel_options; empty: by GPU as above
 
 
 def set_int8_kernel_options(options: dict | None = None) -> None:
-    """num_warps / num_stages of the attention kernel (None: the defaults). Takes effect at the next call (Triton
-    compiles one kernel per setting)."""
+    """num_warps / num_stages of the attention kernel (None: by GPU, see HOPPER_OPTIONS). Takes effect at the
+    next call (Triton compiles one kernel per setting)."""
     _OPTIONS.clear()
-    _OPTIONS.update(_DEFAULT_OPTIONS if options is None else options)
+    _OPTIONS.update(options or {})
 
 
-def kernel_options() -> dict:
-    return dict(_OPTIONS)
+def kernel_options(device: torch.device | None = None) -> dict:
+    if _OPTIONS:
+        return dict(_OPTIONS)
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available() and \
+            torch.cuda.get_device_capability(dev)[0] >= 9:
+        return dict(HOPPER_OPTIONS)
+    return dict(OTHER_OPTIONS)
+
+
+_OutOfResources = getattr(getattr(triton, "runtime", None), "OutOfResources", None)
+if _OutOfResources is None:  # older layouts of the triton package
+    from triton.runtime.errors import OutOfResources as _OutOfResources
+_FITTED: dict = {}  # launch key -> the num_stages that fit the GPU's shared memory
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -166,18 +180,40 @@ def _quantize(x: torch.Tensor, mean: torch.Tensor | None, block: int):
 @torch.library.custom_op("steadydancer::int8_sparse_attention", mutates_args=())
 def _int8_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, block_q: int,
                     block_k: int, scale: float, num_warps: int, num_stages: int) -> torch.Tensor:
-    b, n, h, d = q.shape
-    nq, kept = kv_indices.shape[2], kv_indices.shape[3]
     mean = k.mean(dim=1, dtype=torch.float32)  # [B, H, D]: smooth-K (exact for softmax)
     q8, qs = _quantize(q, None, block_q)
     k8, ks = _quantize(k, mean.contiguous(), block_k)
-    out = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
-    _attn_int8_sparse_kernel[(nq, b * h)](
-        q8, k8, v, qs, ks, kv_indices, out,
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        n, h, nq, ks.shape[-1], kept, scale * LOG2E,
-        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=d, PV_FP16=v.dtype == torch.float16, INTERPRET=interpreting(),
-        num_warps=num_warps, num_stages=num_stages)
+    return attend_quantized(q8, qs, k8, ks, v, kv_indices, block_q, block_k, scale, q.dtype, num_warps, num_stages)
+
+
+def launch_key(q8, v, block_q, block_k, out_dtype, num_warps, num_stages) -> tuple:
+    """Key of ``_FITTED``: the num_stages a launch with these settings ended up with (the bench reads it)."""
+    return (str(q8.device), q8.shape[-1], block_q, block_k, v.dtype, out_dtype, num_warps, num_stages)
+
+
+def attend_quantized(q8, qs, k8, ks, v, kv_indices, block_q: int, block_k: int, scale: float, out_dtype,
+                     num_warps: int, num_stages: int) -> torch.Tensor:
+    """The attention kernel alone, on Q / K already in int8 form (``quantize_blocks``); the op's second half,
+    separate so the bench can time it."""
+    b, n, h, d = q8.shape
+    nq, kept = kv_indices.shape[2], kv_indices.shape[3]
+    out = torch.empty((b, n, h, d), dtype=out_dtype, device=q8.device)
+    key = launch_key(q8, v, block_q, block_k, out_dtype, num_warps, num_stages)
+    stages = _FITTED.get(key, num_stages)
+    while True:
+        try:
+            _attn_int8_sparse_kernel[(nq, b * h)](
+                q8, k8, v, qs, ks, kv_indices, out,
+                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                n, h, nq, ks.shape[-1], kept, scale * LOG2E,
+                BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=d, PV_FP16=v.dtype == torch.float16,
+                INTERPRET=interpreting(), num_warps=num_warps, num_stages=stages)
+            break
+        except _OutOfResources:  # shared memory: fewer pipeline stages (Ada), remembered for this launch key
+            if stages <= 1:
+                raise
+            stages -= 1
+    _FITTED[key] = stages
     return out
 
 
@@ -229,6 +265,6 @@ def int8_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     check_shapes(q, k, v, kv_indices, block_q, block_k)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    opts = _OPTIONS
+    opts = kernel_options(q.device)
     return _int8_sparse_op(q, k, v, kv_indices.to(torch.int32).contiguous(), int(block_q), int(block_k), scale,
                            int(opts["num_warps"]), int(opts["num_stages"]))
