@@ -177,7 +177,17 @@ def _quantize(x: torch.Tensor, mean: torch.Tensor | None, block: int):
     return x8, scale
 
 
-@torch.library.custom_op("steadydancer::int8_sparse_attention", mutates_args=())
+def _free_op_name(namespace: str, name: str) -> str:
+    """``namespace::name``, or ``name_2``, ``name_3``... when a second copy of this module (the pack imported
+    under another name, e.g. by a test harness) registered it already: an op name can be defined only once."""
+    ops, candidate, i = getattr(torch.ops, namespace), name, 1
+    while hasattr(ops, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return f"{namespace}::{candidate}"
+
+
+@torch.library.custom_op(_free_op_name("steadydancer", "int8_sparse_attention"), mutates_args=())
 def _int8_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, block_q: int,
                     block_k: int, scale: float, num_warps: int, num_stages: int) -> torch.Tensor:
     mean = k.mean(dim=1, dtype=torch.float32)  # [B, H, D]: smooth-K (exact for softmax)
