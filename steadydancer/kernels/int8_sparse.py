@@ -40,10 +40,9 @@ __all__ = ["int8_sparse_attention", "quantize_blocks", "attend_quantized", "set_
            "kernel_options", "check_shapes", "interpreting"]
 
 LOG2E = 1.4426950408889634
-INT8_MAX = 127.0
 
 # Launch options of the attention kernel (BLOCK 128 x 128, D 128): 8 warps (two warpgroups over the 128 query
-# rows), 3 pipeline stages on Hopper (~160 KB of shared memory), 2 elsewhere (Ada has ~100 KB per block; a
+# rows), 3 pipeline stages on Hopper (about 160 KB of shared memory), 2 elsewhere (Ada has ~100 KB a block; a
 # launch that does not fit retries with fewer stages). bench/attention_backends.py --sections int8 sweeps them.
 HOPPER_OPTIONS = {"num_warps": 8, "num_stages": 3}
 OTHER_OPTIONS = {"num_warps": 8, "num_stages": 2}
