@@ -131,11 +131,13 @@ def ours_inputs(res, g):
 
 def set_backend(model, backend: str):
     """Switch the attention backend of our model (registry names, see steadydancer/kernels/attention.py and
-    backends.py); "flex_sparse:<topk>" registers that top-k setting on first use."""
+    backends.py); "flex_sparse:<topk>" / "int8_sparse:<topk>" register that top-k setting on first use."""
+    from steadydancer_turbo.steadydancer.kernels.backends import SPARSE_FAMILIES
     from steadydancer_turbo.steadydancer.weights import speed_options as accel
 
-    if backend.startswith("flex_sparse:"):
-        backend = accel.sparse(float(backend.split(":")[1]))
+    family, _, topk = backend.partition(":")
+    if family in SPARSE_FAMILIES and topk:
+        backend = accel.sparse(float(topk.split(":")[0]), kernel=SPARSE_FAMILIES[family])
     accel.use_attention(model, backend)
 
 

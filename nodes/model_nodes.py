@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from ..steadydancer.kernels.backends import SPARSE_FAMILIES
 from ..steadydancer.weights.loader import COMPUTE_DTYPES as LOADER_DTYPES, STORAGE_MODES
 # imported with the pack, as ComfyUI starts: it notes the user's compile-cache environment before torch sets it
 from ..steadydancer.weights import speed_options as accel
@@ -24,23 +25,29 @@ WEIGHT_STORAGE = list(STORAGE_MODES)
 COMPUTE_DTYPES = list(LOADER_DTYPES)  # the names the loader maps to torch dtypes
 
 
+# listed always (a workflow saved with one opens everywhere); where one cannot run, the loader says why
+ALWAYS_LISTED = ("int8_sparse", "sage")
+
+
 def attention_choices() -> list:
-    """auto / sdpa / flex_sparse (when this torch has flex attention), flash_attn when importable, and sage
-    always: a workflow saved with sage opens everywhere, and where the sageattention package is missing (or the
-    GPU is too old) the loader fails with how to install it (``attention_problem``) instead of ComfyUI's bare
+    """auto / sdpa / flex_sparse (when this torch has flex attention), flash_attn when importable, and
+    int8_sparse and sage always: a workflow saved with them opens everywhere, and where a package is missing (or
+    the GPU is too old) the loader fails with what to do (``attention_problem``) instead of ComfyUI's bare
     "value not in list"."""
     from ..steadydancer.kernels.attention import available_backends
     avail = available_backends()
     out = ["auto", "sdpa"]
     out += [n for n in ("flex_sparse", "flash_attn") if n in avail]
-    return out + ["sage"]
+    return out + list(ALWAYS_LISTED)
 
 
 def attention_problem(attention: str, device) -> str | None:
     """Why this attention choice cannot run on ``device`` (None: it can)."""
+    from ..steadydancer.kernels import backends
     if attention == "sage":
-        from ..steadydancer.kernels.backends import sage_problem
-        return sage_problem(device)
+        return backends.sage_problem(device)
+    if attention == "int8_sparse":
+        return backends.int8_sparse_problem(device)
     return None
 
 
@@ -56,15 +63,17 @@ class LoadOptions:
     compile: bool = False
 
     def attention_backend(self) -> str:
-        if self.attention == "flex_sparse":
-            return accel.sparse(float(self.sparse_topk))
+        kernel = SPARSE_FAMILIES.get(self.attention)
+        if kernel is not None:  # flex_sparse / int8_sparse: the top-k backend of sparse_topk
+            return accel.sparse(float(self.sparse_topk), kernel=kernel)
         return self.attention
 
 
 def compiles(o: LoadOptions) -> bool:
-    """Whether these options run torch.compile: the blocks (compile), the fp8 activation quantizer (fp8_matmul,
-    compiled on CUDA) or the flex_attention kernel of flex_sparse."""
-    return bool(o.compile or o.fp8_matmul or o.attention.startswith("flex_sparse"))
+    """Whether these options compile kernels that the compile cache keeps: the blocks (compile), the fp8
+    activation quantizer (fp8_matmul, compiled on CUDA), the flex_attention kernel of flex_sparse or the Triton
+    kernels of int8_sparse."""
+    return bool(o.compile or o.fp8_matmul or o.attention.startswith(tuple(SPARSE_FAMILIES)))
 
 
 _compile_cache: dict = {}
@@ -152,10 +161,14 @@ class SteadyDancerModelLoader:
                     "flash_attn appears when installed. sage = SageAttention 2 (8-bit; needs the sageattention "
                     "package and an RTX 30xx / A100 or newer GPU; the loader says how to install it "
                     "otherwise): self-attention ~1.4x faster than cuDNN on an H200, lossy (3.9% error on random "
-                    "q/k/v vs 0.2% for cuDNN); not combined with flex_sparse. Cross-attention always stays dense.",
+                    "q/k/v vs 0.2% for cuDNN); not combined with flex_sparse. int8_sparse = the top-k blocks of "
+                    "flex_sparse run by our own 8-bit Triton kernel (int8 Q/K, bf16 P/V; RTX 40xx / L40 / H100 / "
+                    "H200 or newer; lossy like sage, see the README; uses sparse_topk). Cross-attention always "
+                    "stays dense.",
                     default="auto")),
                 "sparse_topk": ("FLOAT", tooltip(
-                    "flex_sparse only: fraction of key blocks each query block attends to. Turbo-path option: "
+                    "flex_sparse / int8_sparse only: fraction of key blocks each query block attends to. "
+                    "Turbo-path option: "
                     "0.15 measured ~2% relative error vs dense attention (random weights, worst case), 0.10 is "
                     "faster with a bit more error, 0.3 is closer to dense. Ignored by the other attention "
                     "choices.", default=0.15, min=0.1, max=0.3, step=0.01)),

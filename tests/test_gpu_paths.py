@@ -136,3 +136,71 @@ def test_fp8_scaled_mm_with_comfyui_lora_patches_as_side_terms(files):
     assert torch.isfinite(out[True]).all()
     assert U.rel_err(out[True], out[False]) < 0.07   # the e4m3 activation rounding, as the other fp8 tests
     assert U.rel_err(out[True], out["base"]) > 0.01  # the LoRA changed the fp8 path's output
+
+
+# ---------------------------------------------------------------------------------------- int8 top-k sparse
+def _int8_or_skip():
+    from steadydancer_turbo.steadydancer.kernels import backends
+    problem = backends.int8_sparse_problem("cuda")
+    if problem:
+        pytest.skip(problem)
+
+
+def test_int8_sparse_kernel_vs_float64_at_the_480p_length():
+    """Our int8 top-k sparse kernel at the 480p self-attention length (35,880 tokens: 281 blocks, the last of 40
+    tokens), 4 heads x 128, top-k 0.10, bf16: against float64 attention on the same kept blocks (the int8
+    rounding of Q and K: ~1.8% on these inputs in the CPU-interpreter test) and against the same 8-bit scheme in
+    float64 (what is left: P and the output in bf16, ~0.2% there, as dense bf16 SDPA)."""
+    _int8_or_skip()
+    import math
+
+    from _int8_ref import blockwise_sparse_reference, dequant, quant_ref, structured_inputs
+    from steadydancer_turbo.steadydancer.kernels import int8_sparse as I8
+    from steadydancer_turbo.steadydancer.kernels.sparse_attention import SparseAttentionConfig, select_kv_blocks
+
+    L = 35880
+    q, k, v = structured_inputs(1, L, 4, 128, seed=0, device="cuda")
+    idx = select_kv_blocks(q, k, SparseAttentionConfig(topk=0.10))
+    assert idx.shape == (1, 4, 281, 28)
+    out = I8.int8_sparse_attention(q, k, v, idx)
+    assert out.dtype == BF16 and torch.isfinite(out).all()
+    exact = blockwise_sparse_reference(q, k, v, idx, 128, 128)
+    (qv, qs), (kv, ks) = quant_ref(q, 128, False), quant_ref(k, 128, True)
+    scheme = blockwise_sparse_reference(dequant(qv, qs, 128), dequant(kv, ks, 128), v, idx, 128, 128,
+                                        scale=1 / math.sqrt(128))
+    err_scheme, err_exact = U.rel_err(out, scheme), U.rel_err(out, exact)
+    assert err_scheme < 0.004, err_scheme
+    assert U.rel_err(out[:, -40:], scheme[:, -40:]) < 0.004  # the partial last block
+    assert err_exact < 0.03 and abs(err_exact - U.rel_err(scheme, exact)) < 0.2 * err_exact, err_exact
+
+
+def test_int8_sparse_in_compiled_blocks_on_cuda():
+    """The tiny DiT (bf16 compute, 320 tokens: 3 blocks, the last partial) with int8_sparse: the blocks compile
+    with fullgraph=True (no graph break: the kernels are one custom op), give the eager numbers, and stay close to
+    flex_sparse on the same top-k blocks."""
+    _int8_or_skip()
+    from test_dit_steadydancer import CFG, _inputs, _randomize
+    from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+
+    torch._dynamo.reset()
+    m = _randomize(SteadyDancerDiT(CFG)).eval().cuda()
+    m.compute_dtype = BF16
+    m.rope_dtype = F32
+    inp = {k: (v.cuda() if torch.is_tensor(v) else [t.cuda() for t in v] if isinstance(v, list) else v)
+           for k, v in _inputs(f=3, h=16, w=16).items()}
+    outs = {}
+    with torch.no_grad():
+        for name in (accel.sparse(0.7), accel.sparse(0.7, kernel="int8")):
+            accel.use_attention(m, name)
+            outs[name] = m(**inp).float()
+        accel.compile_blocks(m, fullgraph=True)
+        try:
+            compiled = m(**inp).float()
+        finally:
+            accel.uncompile_blocks(m, rope_dtype=F32)
+    torch._dynamo.reset()
+    eager = outs["int8_sparse:0.7"]
+    assert torch.isfinite(compiled).all()
+    assert U.rel_err(compiled, eager) < 0.02  # inductor rounds the bf16 block differently, same kernels
+    assert U.rel_err(eager, outs["flex_sparse:0.7"]) < 0.03

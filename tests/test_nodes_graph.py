@@ -248,8 +248,8 @@ def test_loader_options_and_speed_options(models):
     req = node.INPUT_TYPES()["required"]
     choices = req["attention"][0]
     assert choices[:2] == ["auto", "sdpa"] and req["attention"][1]["default"] == "auto"
-    # every choice can run here, except sage, listed always (refused with how to install it when missing)
-    assert all(c in available_backends() for c in choices if c != "sage") and choices[-1] == "sage"
+    # every choice can run here, except int8_sparse and sage, listed always (refused with what is missing)
+    assert all(c in available_backends() for c in choices if c not in mn.ALWAYS_LISTED) and choices[-1] == "sage"
     assert list(req) == ["model_name", "weight_storage", "compute_dtype", "attention", "sparse_topk", "fp8_matmul",
                          "compile"]
     module = loader.load_steadydancer(str(models / "steadydancer_tiny.safetensors"), compute_dtype="fp32",

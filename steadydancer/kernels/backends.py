@@ -4,9 +4,10 @@
 - ``"flash_attn"``: FlashAttention 3 if importable, else 2; ``"sage"``: SageAttention 2 (``sageattention``
   package: INT8 Q/K and FP8 P/V, lossy) for self-attention, cross-attention dense. Both are available only when
   their package imports, and are used only when chosen (never a silent fallback: ``sage_problem`` says why
-  sage cannot run). Top-k sparse attention has its own flex kernel and is not combined with sage: the
-  sageattention package has no entry point for our top-k block lists (block-sparse Sage kernels are the separate
-  SpargeAttn project), so ``"sage"`` and ``"flex_sparse*"`` are two choices of the one self-attention backend.
+  sage cannot run). Top-k sparse attention is not combined with sage: the sageattention package has no entry
+  point for our top-k block lists (block-sparse Sage kernels are the separate SpargeAttn project), so ``"sage"``
+  and ``"flex_sparse*"`` are two choices of the one self-attention backend; ``"int8_sparse*"`` is our own 8-bit
+  kernel for the top-k blocks.
 - ``"sdpa_cudnn"``: PyTorch's cuDNN fused attention called directly (``aten._scaled_dot_product_cudnn_attention``;
   direct, so it also works inside ``torch.compile`` regions without an ``sdpa_kernel`` context). On an H100 with
   torch 2.11, head dim 128, it runs self-attention over 35,880 tokens in 45 ms against 72 ms for the flash
@@ -16,6 +17,9 @@
 - ``"flex_sparse"`` (top-k 0.15) and ``sparse_backend(topk, ...)`` for other settings: training-free top-k
   block-sparse *self*-attention (``sparse_attention.py``). Calls whose query and key lengths differ (the
   cross-attention to text / CLIP tokens) stay dense, through ``"auto"``.
+- ``"int8_sparse"`` (top-k 0.15) and ``sparse_backend(topk, ..., kernel="int8")``: the same block selection,
+  run by our own Triton kernel with int8 Q/K (``int8_sparse.py``; SageAttention 2's idea on our block lists,
+  lossy like ``"sage"``); CUDA compute capability 8.9+ with triton only (``int8_sparse_problem`` says why not).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from .attention import is_registered, register_backend, sdpa
 
 __all__ = ["register_builtin_backends", "sparse_backend", "sparse_settings", "cudnn_attention_usable",
-           "sage_problem"]
+           "sage_problem", "int8_sparse_problem", "SPARSE_FAMILIES"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -170,10 +174,20 @@ def _flex_available() -> bool:
         return False
 
 
+# the sparse backend families: Model Loader choice (and name prefix) -> the kernel that runs the kept blocks
+SPARSE_FAMILIES = {"flex_sparse": "flex", "int8_sparse": "int8"}
+_FAMILY_OF_KERNEL = {kernel: family for family, kernel in SPARSE_FAMILIES.items()}
+
+
 def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, keep_tail_tokens: int = 0,
-                   force_diagonal: bool = True) -> str:
-    """Register (once) and return the name of a top-k block-sparse self-attention backend."""
-    name = f"flex_sparse:{topk:g}"
+                   force_diagonal: bool = True, kernel: str = "flex") -> str:
+    """Register (once) and return the name of a top-k block-sparse self-attention backend: the blocks are chosen
+    by ``select_kv_blocks`` and run by ``kernel``: ``"flex"`` (flex_attention, exact on the kept blocks; names
+    ``flex_sparse:<topk>...``) or ``"int8"`` (our Triton kernel with int8 Q/K, ``int8_sparse.py``; names
+    ``int8_sparse:<topk>...``, CUDA sm_89+ only: ``int8_sparse_problem``)."""
+    if kernel not in _FAMILY_OF_KERNEL:
+        raise ValueError(f"unknown sparse attention kernel {kernel!r}; one of {sorted(_FAMILY_OF_KERNEL)}")
+    name = f"{_FAMILY_OF_KERNEL[kernel]}:{topk:g}"
     if (block_q, block_k) != (128, 128):
         name += f":b{block_q}x{block_k}"
     if keep_tail_tokens:
@@ -181,19 +195,27 @@ def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, k
     if not force_diagonal:
         name += ":nodiag"
     if not is_registered(name):
-        settings = dict(topk=topk, block_q=block_q, block_k=block_k, force_diagonal=force_diagonal,
-                        keep_tail_tokens=keep_tail_tokens)
+        cfg = dict(topk=topk, block_q=block_q, block_k=block_k, force_diagonal=force_diagonal,
+                   keep_tail_tokens=keep_tail_tokens)
+        if kernel == "flex":
+            def fn(q, k, v, _cfg=cfg):
+                if q.shape[1] != k.shape[1]:  # cross-attention: dense
+                    return _auto(q, k, v)
+                from .sparse_attention import SparseAttentionConfig, sparse_attention  # needs flex (torch >= 2.5)
 
-        def fn(q, k, v, _settings=settings):
-            if q.shape[1] != k.shape[1]:  # cross-attention: dense
-                return _auto(q, k, v)
-            from .sparse_attention import SparseAttentionConfig, sparse_attention  # needs flex (torch >= 2.5)
+                return sparse_attention(q, k, v, SparseAttentionConfig(**_cfg))
 
-            return sparse_attention(q, k, v, SparseAttentionConfig(**_settings))
+            available = _flex_available
+        else:
+            def fn(q, k, v, _cfg=cfg):
+                return _int8_sparse(q, k, v, _cfg)
+
+            def available():
+                return int8_sparse_problem() is None
 
         _SPARSE_FNS[name] = fn
-        _SPARSE_SETTINGS[name] = settings
-        register_backend(name, fn, _flex_available, doc=f"top-k block-sparse self-attention {settings}")
+        _SPARSE_SETTINGS[name] = dict(cfg, kernel=kernel)
+        register_backend(name, fn, available, doc=f"top-k block-sparse self-attention ({kernel} kernel) {cfg}")
     return name
 
 
@@ -206,6 +228,65 @@ def sparse_settings(name: str):
     another process registers the same backend (steadydancer/parallel/replica.py)."""
     s = _SPARSE_SETTINGS.get(name)
     return dict(s) if s is not None else None
+
+
+# ---------------------------------------------------------------------- int8 top-k sparse (our Triton kernel)
+INT8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer: the GPUs it was written and measured for
+
+
+def _int8_probe() -> str | None:
+    """Why our Triton kernel module cannot be imported (None: it can); tried once."""
+    if "problem" not in _INT8_STATE:
+        try:
+            _INT8_STATE["module"] = importlib.import_module(".int8_sparse", __package__)
+            _INT8_STATE["problem"] = None
+        except ImportError as e:  # no triton, or a torch without torch.library.triton_op (< 2.6)
+            _INT8_STATE["problem"] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a broken triton install: say what it was, never crash a probe
+            _INT8_STATE["problem"] = f"{type(e).__name__}: {e}"
+    return _INT8_STATE["problem"]
+
+
+_INT8_STATE: dict = {}
+
+
+def int8_sparse_problem(device: torch.device | str | None = None) -> str | None:
+    """Why ``"int8_sparse"`` cannot run on ``device`` (None: it can): it needs triton (it ships with PyTorch's
+    Linux CUDA wheels) with torch >= 2.6, and an NVIDIA GPU of compute capability 8.9 or newer. Under Triton's
+    CPU interpreter (``TRITON_INTERPRET=1``, tests only: very slow) CPU tensors are accepted."""
+    err = _int8_probe()
+    if err is not None:
+        return (f"attention 'int8_sparse' needs the triton package and PyTorch 2.6 or newer ({err}): triton "
+                f"comes with PyTorch's CUDA builds on Linux (pip install triton otherwise); or choose flex_sparse")
+    if _INT8_STATE["module"].interpreting():
+        return None
+    dev = torch.device(device) if device is not None else None
+    if (dev is not None and dev.type != "cuda") or not torch.cuda.is_available():
+        return (f"attention 'int8_sparse' needs an NVIDIA GPU (its Triton kernel runs on CUDA); this runs on "
+                f"{dev or 'cpu'}: choose flex_sparse")
+    major, minor = torch.cuda.get_device_capability(dev)
+    if (major, minor) < INT8_MIN_CAPABILITY:
+        return (f"attention 'int8_sparse' needs an NVIDIA GPU of compute capability 8.9 or newer (RTX 40xx, L40, "
+                f"H100/H200 and later); this one is sm{major}{minor}: choose flex_sparse")
+    return None
+
+
+def _int8_sparse(q, k, v, cfg: dict):
+    """Top-k block selection (``select_kv_blocks``, as for flex_sparse), then our int8 kernel on the kept blocks;
+    cross-attention (query and key lengths differ) stays dense."""
+    if q.shape[1] != k.shape[1]:
+        return _auto(q, k, v)
+    mod = _INT8_STATE.get("module")
+    if mod is None:  # get_backend checked availability, so only a direct call gets here
+        raise RuntimeError(int8_sparse_problem(q.device))
+    if q.device.type != "cuda" and not mod.interpreting():
+        raise RuntimeError(f"attention 'int8_sparse' needs CUDA tensors, got {q.device}: its Triton kernel runs on "
+                           f"CUDA; choose flex_sparse")
+    from .sparse_attention import SparseAttentionConfig, select_kv_blocks
+
+    sc = SparseAttentionConfig(**cfg)
+    idx = select_kv_blocks(q, k, sc)
+    return mod.int8_sparse_attention(q, k, v, idx, sc.block_q, sc.block_k)
 
 
 def register_builtin_backends() -> None:
@@ -223,3 +304,7 @@ def register_builtin_backends() -> None:
     if not is_registered("flex_sparse"):
         register_backend("flex_sparse", _SPARSE_FNS[default_sparse], _flex_available,
                          doc="top-k (0.15) block-sparse self-attention via flex_attention; cross-attention dense")
+    default_int8 = sparse_backend(0.15, kernel="int8")
+    if not is_registered("int8_sparse"):
+        register_backend("int8_sparse", _SPARSE_FNS[default_int8], lambda: int8_sparse_problem() is None,
+                         doc="top-k (0.15) block-sparse self-attention, int8 Q/K Triton kernel; cross-attention dense")
