@@ -41,10 +41,12 @@ __all__ = ["int8_sparse_attention", "quantize_blocks", "attend_quantized", "set_
 
 LOG2E = 1.4426950408889634
 
-# Launch options of the attention kernel (BLOCK 128 x 128, D 128): 8 warps (two warpgroups over the 128 query
-# rows), 3 pipeline stages on Hopper (about 160 KB of shared memory), 2 elsewhere (Ada has ~100 KB a block; a
-# launch that does not fit retries with fewer stages). bench/attention_backends.py --sections int8 sweeps them.
-HOPPER_OPTIONS = {"num_warps": 8, "num_stages": 3}
+# Launch options of the attention kernel (BLOCK 128 x 128, D 128): on Hopper 4 warps with 2 pipeline stages, the
+# fastest of the 4/8 warps x 2/3/4 stages sweep on an H200 (top-k 0.1 at 35,880 tokens: 5.56 ms against 6.07 ms for
+# 8 warps / 3 stages; bench/RESULTS.md); elsewhere 8 warps, 2 stages (Ada has ~100 KB of shared memory a block; a
+# launch that does not fit retries with fewer stages; not measured). bench/attention_backends.py --sections int8
+# sweeps them.
+HOPPER_OPTIONS = {"num_warps": 4, "num_stages": 2}
 OTHER_OPTIONS = {"num_warps": 8, "num_stages": 2}
 _OPTIONS: dict = {}  # set_int8_kernel_options; empty: by GPU as above
 
