@@ -12,6 +12,11 @@ how much a tiny difference grows over the loop (random weights are not a contrac
 
     python bench/fast_path_determinism.py --variant fast --save /tmp/fast.pt
     python bench/fast_path_determinism.py --variant fast --compare /tmp/fast.pt
+
+``--batches 2,3,3,2`` runs the loop as the official guider calls the DiT: step i runs one batched forward of
+``batches[i % n]`` conditions (the same latent with a different text context each, like cond / text-uncond /
+pose-uncond) and steps with their CFG-like mix ``v0 + 4 (v0 - v1) [+ (v0 - v2)]``, so the compiled blocks see
+batch 2 and 3 (recompiling once for a dynamic batch, as in ComfyUI); the forwards are at the largest batch.
 """
 import argparse
 import dataclasses
@@ -44,29 +49,42 @@ def build(args):
     return model
 
 
-def inputs():
-    """The bench's 480p inputs (``_dit.ours_inputs``, generator seed 11) without the timestep, which the loops set."""
+def inputs(batch=1):
+    """The bench's 480p inputs (``_dit.ours_inputs``, generator seed 11) without the timestep, which the loops set;
+    ``batch`` > 1: every input repeated to that batch, with a different random text context per item."""
     from _dit import ours_inputs
 
-    inp = ours_inputs("480p", torch.Generator(device=C.DEV).manual_seed(11))
+    g = torch.Generator(device=C.DEV).manual_seed(11)
+    inp = ours_inputs("480p", g)
     inp.pop("timestep")
+    if batch > 1:
+        inp = {k: (v.expand(batch, *v.shape[1:]).contiguous() if k != "x" else v) for k, v in inp.items()}
+        inp["context"] = torch.randn(inp["context"].shape, generator=g, device=C.DEV, dtype=inp["context"].dtype)
     return inp
 
 
 @torch.no_grad()
-def forward(model, inp, x, sigma):
-    t = torch.tensor([sigma * 1000.0], device=C.DEV)
-    kw = {k: v for k, v in inp.items() if k != "x"}
-    return model(x=x, timestep=t, **kw).float()
+def forward(model, inp, x, sigma, batch=1):
+    t = torch.full((batch,), sigma * 1000.0, device=C.DEV)
+    kw = {k: (v[:batch] if batch > 1 else v[:1]) for k, v in inp.items() if k != "x"}
+    return model(x=x.expand(batch, *x.shape[1:]) if batch > 1 else x, timestep=t, **kw).float()
+
+
+def velocity(model, inp, x, sigma, batch):
+    if batch == 1:
+        return forward(model, inp, x, sigma)
+    v = forward(model, inp, x, sigma, batch)
+    mix = v[:1] + 4.0 * (v[:1] - v[1:2])
+    return mix + (v[:1] - v[2:3]) if batch > 2 else mix
 
 
 @torch.no_grad()
-def loop(model, inp, steps, x=None):
+def loop(model, inp, steps, x=None, batches=(1,)):
     s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     s = 5.0 * s / (1 + 4.0 * s)
     x = inp["x"].clone() if x is None else x
     for i in range(steps):
-        x = x + float(s[i + 1] - s[i]) * forward(model, inp, x, float(s[i]))
+        x = x + float(s[i + 1] - s[i]) * velocity(model, inp, x, float(s[i]), batches[i % len(batches)])
     return x
 
 
@@ -79,22 +97,27 @@ def main(argv=None):
     ap.add_argument("--compare")
     ap.add_argument("--device", default="cuda", help="cpu: smoke-test the script (with --tiny, default variant)")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batches", default="1", help="batch per step, cycled (e.g. 2,3,3,2: guidance passes)")
     args = ap.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    if any(b < 1 or b > 3 for b in batches):
+        raise SystemExit("--batches: each batch is 1, 2 or 3")
     C.DEV = args.device
     if args.tiny:
         C.use_tiny_sizes()
     t0 = time.time()
     model = build(args)
-    inp = inputs()
-    f1 = forward(model, inp, inp["x"], 0.9)  # the first call compiles (fast)
-    f2 = forward(model, inp, inp["x"], 0.9)
-    l1 = loop(model, inp, args.steps)
-    l2 = loop(model, inp, args.steps)
+    bmax = max(batches)
+    inp = inputs(bmax)
+    f1 = forward(model, inp, inp["x"], 0.9, bmax)  # the first call compiles (fast)
+    f2 = forward(model, inp, inp["x"], 0.9, bmax)
+    l1 = loop(model, inp, args.steps, batches=batches)
+    l2 = loop(model, inp, args.steps, batches=batches)
     xp = inp["x"].bfloat16().float()  # one bf16 rounding of the start noise (~0.2% rel.): how far does it grow?
-    lp = loop(model, inp, args.steps, xp)
+    lp = loop(model, inp, args.steps, xp, batches=batches)
     if C.DEV == "cuda":
         torch.cuda.synchronize()
-    row = dict(variant=args.variant, layers=args.layers, steps=args.steps,
+    row = dict(variant=args.variant, layers=args.layers, steps=args.steps, batches=list(batches),
                card=torch.cuda.get_device_name() if C.DEV == "cuda" else C.DEV,
                torch=torch.__version__, s=round(time.time() - t0, 1),
                same_process_forward_equal=bool(torch.equal(f1, f2)), same_process_forward_rel=rel(f2, f1),
