@@ -52,7 +52,10 @@ def test_queue_list_is_cold_then_warm_then_optional_reseed():
     assert b.parse_queues("cold,warm") == ["cold", "warm"]
     assert b.parse_queues(" cold, warm ,reseed") == ["cold", "warm", "reseed"]
     assert b.parse_queues("cold") == ["cold"]
-    for bad in ("warm,cold", "cold,reseed", "cold,warm,warm", "cold,hot", "", "cold,reseed,warm"):
+    assert b.parse_queues("cold,warm,again") == ["cold", "warm", "again"]
+    assert b.parse_queues("cold,warm,reseed,again") == ["cold", "warm", "reseed", "again"]
+    for bad in ("warm,cold", "cold,reseed", "cold,warm,warm", "cold,hot", "", "cold,reseed,warm", "cold,again",
+                "cold,again,warm"):
         with pytest.raises(SystemExit, match="--queues"):
             b.parse_queues(bad)
 

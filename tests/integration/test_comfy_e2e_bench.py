@@ -32,7 +32,7 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
     assert (models_dir / "input" / "dance.mp4").is_file() and (models_dir / "input" / "dance_warm.mp4").is_file()
 
     cmd = [python, str(BENCH), "--tiny", "--comfyui", str(comfy), "--models", str(models_dir), "--out", str(out),
-           "--runs", ",".join(RUNS), "--queues", "cold,warm,reseed"]
+           "--runs", ",".join(RUNS), "--queues", "cold,warm,reseed,again", "--save-intermediates"]
     rc, so, se = _run(cmd, 1500)
     assert rc == 0, (so + se)[-5000:]
     res = json.loads((out / "results.json").read_text())
@@ -75,6 +75,23 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
             if c in ("RandomNoise", "SamplerCustomAdvanced", "VAEDecode", "SaveVideo"):
                 assert not reseed["nodes"][n]["cached"], (key, n, reseed["nodes"][n])
         assert "| reseed s |" in md
+        # again: warm's content under new names, warm's seed -> everything fed by the media runs again, and on
+        # the CPU the pose frames, the sampler's latent and the decoded frames come out bit-identical to warm's
+        again = rec["queues"]["again"]
+        acls = {n: e["class_type"] for n, e in again["nodes"].items()}
+        assert again["seed"] == warm["seed"]
+        for n, c in acls.items():
+            if c in ("LoadVideo", "LoadImage", "SteadyDancerPoseExtract", "SteadyDancerConditioning",
+                     "SamplerCustomAdvanced", "VAEDecode", "SaveLatent"):
+                assert not again["nodes"][n]["cached"], (key, n, again["nodes"][n])
+        for q in ("warm", "again"):
+            files = rec["queues"][q]["intermediate_files"]
+            assert len(files["poses"]) == 9 and len(files["frames"]) == 9 and len(files["latent"]) == 1, (key, files)
+        rep = rec["repro"]
+        for stage in ("poses", "latent", "frames"):
+            assert rep[stage]["comparable"] and rep[stage]["identical"], (key, stage, rep[stage])
+        assert rep["first_difference"] in (None, "video"), rep
+        assert "Reproducibility (again" in md
     assert "ESTIMATE" in md and "**queue -> saved video**" in md
 
     rc, so, se = _run(cmd, 120)           # resumable: the finished runs are kept, nothing is queued again
