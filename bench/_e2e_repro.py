@@ -4,12 +4,14 @@ the model loaders and the text encodes stay cached) with warm's seed, and three 
 what the graph made on the way:
 
 - ``poses``: the retargeted pose frames (the pose preview's input) as core SaveImage PNGs;
+- ``negative_poses``: the negative pose frames the Conditioning node takes (official workflow only), as PNGs;
 - ``latent``: the sampler's output LATENT (VAE Decode's input) through core SaveLatent (safetensors);
 - ``frames``: VAE Decode's output as core SaveImage PNGs (what Create Video encodes).
 
 ``compare`` then says, stage by stage, whether warm and again are bit-identical and by how much they differ, so a
 difference of two saved videos is pinned to the stage where it starts (pose extraction, the encodes + sampler,
-the VAE decode, or the video encoder, which sees identical frames when the others are identical).
+the VAE decode, or the video encoder, which sees identical frames when the others are identical). Stage files
+are matched by name: ``poses_*`` does not take ``negative_poses_*``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import shutil
 
 import numpy as np
 
-STAGES = ("poses", "latent", "frames")
+STAGES = ("poses", "negative_poses", "latent", "frames")
 POSE_PREVIEW = "PreviewImage"
 
 
@@ -40,6 +42,12 @@ def insert_savers(prompt, tag):
     prompt[prev] = {"class_type": "SaveImage",
                     "inputs": {"images": list(prompt[prev]["inputs"]["images"]), "filename_prefix": f"{tag}/poses"}}
     ids = {"poses": prev}
+    negs = {tuple(n["inputs"]["negative_pose_frames"]) for n in prompt.values()
+            if isinstance(n["inputs"].get("negative_pose_frames"), list)}
+    if len(negs) == 1:
+        neg = ids["negative_poses"] = _node_id(prompt)
+        prompt[neg] = {"class_type": "SaveImage",
+                       "inputs": {"images": list(next(iter(negs))), "filename_prefix": f"{tag}/negative_poses"}}
     lat = ids["latent"] = _node_id(prompt)
     prompt[lat] = {"class_type": "SaveLatent",
                    "inputs": {"samples": list(prompt[dec]["inputs"]["samples"]), "filename_prefix": f"{tag}/latent"}}
@@ -92,6 +100,8 @@ def compare(dir_a, dir_b, video_a=None, video_b=None):
     for stage in STAGES:
         pa = sorted(pathlib.Path(dir_a).glob(f"{stage}_*"))
         pb = sorted(pathlib.Path(dir_b).glob(f"{stage}_*"))
+        if not pa and not pb:
+            continue  # a stage this workflow has no saver for (negative poses in the turbo workflow)
         if not pa or not pb:
             out[stage] = {"comparable": False, "items": [len(pa), len(pb)]}
             continue

@@ -32,7 +32,13 @@ def test_savers_take_the_pose_preview_the_sampler_latent_and_the_decoded_frames(
                                      "inputs": {"samples": src, "filename_prefix": "tagX/latent"}}
     assert prompt[ids["frames"]] == {"class_type": "SaveImage",
                                      "inputs": {"images": [dec, 0], "filename_prefix": "tagX/frames"}}
-    assert {n for n in prompt if prompt[n] != before.get(n)} == {prev, ids["latent"], ids["frames"]}
+    negs = [n["inputs"]["negative_pose_frames"] for n in before.values() if "negative_pose_frames" in n["inputs"]]
+    if name == "steadydancer-dance":   # the official graph encodes negative poses: their frames are saved too
+        assert len(negs) == 1 and prompt[ids["negative_poses"]] == {
+            "class_type": "SaveImage", "inputs": {"images": negs[0], "filename_prefix": "tagX/negative_poses"}}
+    else:
+        assert not negs and "negative_poses" not in ids
+    assert {n for n in prompt if prompt[n] != before.get(n)} == {prev, *ids.values()}
 
 
 def test_savers_refuse_a_graph_without_one_decode_and_one_preview():
@@ -89,7 +95,10 @@ def test_compare_marks_missing_or_mismatched_stages_not_comparable(tmp_path):
     _write(tmp_path / "a", "poses", [np.zeros((4, 4, 3), np.uint8)] * 2)
     _write(tmp_path / "b", "poses", [np.zeros((4, 4, 3), np.uint8)] * 3)
     c = R.compare(tmp_path / "a", tmp_path / "b")
-    assert c["poses"] == {"comparable": False, "items": [2, 3]}
-    assert c["latent"] == {"comparable": False, "items": [0, 0]}
+    _write(tmp_path / "a", "negative_poses", [np.zeros((4, 4, 3), np.uint8)])
+    c = R.compare(tmp_path / "a", tmp_path / "b")
+    assert c["poses"] == {"comparable": False, "items": [2, 3]}        # negative_poses_* are not poses_*
+    assert c["negative_poses"] == {"comparable": False, "items": [1, 0]}
+    assert "latent" not in c and "frames" not in c                    # no saver on either side: not a stage
     assert R.first_difference(c) is None
     assert "not comparable" in "\n".join(R.table_lines(c))

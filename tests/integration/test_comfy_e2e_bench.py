@@ -87,8 +87,9 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
         for q in ("warm", "again"):
             files = rec["queues"][q]["intermediate_files"]
             assert len(files["poses"]) == 9 and len(files["frames"]) == 9 and len(files["latent"]) == 1, (key, files)
+            assert len(files["negative_poses"]) == (9 if key.startswith("official") else 0), (key, files)
         rep = rec["repro"]
-        for stage in ("poses", "latent", "frames"):
+        for stage in ("poses", "latent", "frames") + (("negative_poses",) if key.startswith("official") else ()):
             assert rep[stage]["comparable"] and rep[stage]["identical"], (key, stage, rep[stage])
         assert rep["first_difference"] in (None, "video"), rep
         assert "Reproducibility (again" in md
