@@ -218,3 +218,20 @@ def write_gguf(sd, path, qtype, five_d="fix", seed=0, prefix=""):
     w.write_tensors_to_file()
     w.close()
     return deq
+
+
+def offline_model_loader(monkeypatch, tmp_path):
+    """The Model Loader node as ComfyUI would run it on the CPU, with an empty model file and the file reader
+    replaced by a recorder: for tests of what the node refuses before it reads anything. Returns (node, file,
+    reads): ``reads`` lists every call that reached the reader."""
+    from steadydancer_turbo.nodes import comfy_bridge as cb
+    from steadydancer_turbo.nodes import model_nodes as mn
+
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"")
+    monkeypatch.setattr(cb, "need_comfy", lambda what: None)
+    monkeypatch.setattr(cb, "torch_device", lambda: torch.device("cpu"))
+    reads = []
+    monkeypatch.setattr("steadydancer_turbo.steadydancer.weights.loader.load_steadydancer",
+                        lambda *a, **k: reads.append(a))
+    return mn.SteadyDancerModelLoader(), f, reads

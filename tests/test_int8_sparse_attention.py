@@ -177,7 +177,6 @@ def test_problem_messages(monkeypatch):
 def test_model_loader_offers_int8_sparse_and_refuses_it_clearly(monkeypatch, tmp_path):
     """Listed always, opt-in (never the default); the topk widget drives it like flex_sparse; off an sm_89+ GPU
     the loader fails before reading the file with what is missing."""
-    from steadydancer_turbo.nodes import comfy_bridge as cb
     from steadydancer_turbo.nodes import model_nodes as mn
 
     req = mn.SteadyDancerModelLoader.INPUT_TYPES()["required"]
@@ -187,13 +186,9 @@ def test_model_loader_offers_int8_sparse_and_refuses_it_clearly(monkeypatch, tmp
     assert mn.LoadOptions(attention="flex_sparse", sparse_topk=0.12).attention_backend() == "flex_sparse:0.12"
     if backends.int8_sparse_problem("cpu") is None:
         pytest.skip("int8_sparse can run here (interpreter)")
-    f = tmp_path / "m.safetensors"
-    f.write_bytes(b"")
-    monkeypatch.setattr(cb, "need_comfy", lambda what: None)
-    monkeypatch.setattr(cb, "torch_device", lambda: torch.device("cpu"))
-    read = []
-    monkeypatch.setattr("steadydancer_turbo.steadydancer.weights.loader.load_steadydancer",
-                        lambda *a, **k: read.append(a))
+    from _loader_util import offline_model_loader
+
+    node, f, read = offline_model_loader(monkeypatch, tmp_path)
     with pytest.raises(RuntimeError, match=r"m\.safetensors: attention 'int8_sparse' needs .*choose flex_sparse"):
-        mn.SteadyDancerModelLoader().load(str(f), "auto", "bf16", "int8_sparse", 0.15, False, False)
+        node.load(str(f), "auto", "bf16", "int8_sparse", 0.15, False, False)
     assert not read

@@ -136,18 +136,12 @@ def test_model_loader_offers_sage_and_refuses_it_clearly_when_missing(monkeypatc
     reading the file, with the install hint; ComfyUI's own list check stays (VALIDATE_INPUTS takes only
     model_name, so a bad file is reported once)."""
     import inspect
-    from steadydancer_turbo.nodes import comfy_bridge as cb
+
+    from _loader_util import offline_model_loader
     from steadydancer_turbo.nodes import model_nodes as mn
     assert mn.attention_choices()[-1] == "sage"
     assert list(inspect.signature(mn.SteadyDancerModelLoader.VALIDATE_INPUTS).parameters) == ["model_name"]
-    f = tmp_path / "m.safetensors"
-    f.write_bytes(b"")
-    monkeypatch.setattr(cb, "need_comfy", lambda what: None)
-    monkeypatch.setattr(cb, "torch_device", lambda: torch.device("cpu"))
-    read = []
-    monkeypatch.setattr("steadydancer_turbo.steadydancer.weights.loader.load_steadydancer",
-                        lambda *a, **k: read.append(a))
-    node = mn.SteadyDancerModelLoader()
+    node, f, read = offline_model_loader(monkeypatch, tmp_path)
     args = ("auto", "bf16", "sage", 0.15, False, False)
     monkeypatch.setattr(backends, "_has_sage", lambda: False)
     with pytest.raises(RuntimeError, match=r"m\.safetensors: attention 'sage' needs the sageattention package.*"
