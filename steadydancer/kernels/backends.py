@@ -197,21 +197,12 @@ def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, k
     if not is_registered(name):
         cfg = dict(topk=topk, block_q=block_q, block_k=block_k, force_diagonal=force_diagonal,
                    keep_tail_tokens=keep_tail_tokens)
-        if kernel == "flex":
-            def fn(q, k, v, _cfg=cfg):
-                if q.shape[1] != k.shape[1]:  # cross-attention: dense
-                    return _auto(q, k, v)
-                from .sparse_attention import SparseAttentionConfig, sparse_attention  # needs flex (torch >= 2.5)
+        run, available = {"flex": (_flex_sparse, _flex_available), "int8": (_int8_sparse, _int8_available)}[kernel]
 
-                return sparse_attention(q, k, v, SparseAttentionConfig(**_cfg))
-
-            available = _flex_available
-        else:
-            def fn(q, k, v, _cfg=cfg):
-                return _int8_sparse(q, k, v, _cfg)
-
-            def available():
-                return int8_sparse_problem() is None
+        def fn(q, k, v, _cfg=cfg, _run=run):
+            if q.shape[1] != k.shape[1]:  # cross-attention: dense
+                return _auto(q, k, v)
+            return _run(q, k, v, _cfg)
 
         _SPARSE_FNS[name] = fn
         _SPARSE_SETTINGS[name] = dict(cfg, kernel=kernel)
@@ -221,6 +212,13 @@ def sparse_backend(topk: float = 0.15, block_q: int = 128, block_k: int = 128, k
 
 _SPARSE_FNS = {}
 _SPARSE_SETTINGS = {}
+
+
+def _flex_sparse(q, k, v, cfg: dict):
+    """Top-k block selection, then exact attention on the kept blocks through flex_attention."""
+    from .sparse_attention import SparseAttentionConfig, sparse_attention  # needs flex (torch >= 2.5)
+
+    return sparse_attention(q, k, v, SparseAttentionConfig(**cfg))
 
 
 def sparse_settings(name: str):
@@ -234,29 +232,27 @@ def sparse_settings(name: str):
 INT8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer: the GPUs it was written and measured for
 
 
+_INT8_STATE: dict = {}
+
+
 def _int8_probe() -> str | None:
     """Why our Triton kernel module cannot be imported (None: it can); tried once."""
     if "problem" not in _INT8_STATE:
         try:
             _INT8_STATE["module"] = importlib.import_module(".int8_sparse", __package__)
             _INT8_STATE["problem"] = None
-        except ImportError as e:  # no triton, or a torch without torch.library.triton_op (< 2.6)
-            _INT8_STATE["problem"] = f"{type(e).__name__}: {e}"
-        except Exception as e:  # a broken triton install: say what it was, never crash a probe
-            _INT8_STATE["problem"] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # no triton, a torch without torch.library.custom_op (< 2.4), a broken triton
+            _INT8_STATE["problem"] = f"{type(e).__name__}: {e}"  # install: say what it was, never crash a probe
     return _INT8_STATE["problem"]
-
-
-_INT8_STATE: dict = {}
 
 
 def int8_sparse_problem(device: torch.device | str | None = None) -> str | None:
     """Why ``"int8_sparse"`` cannot run on ``device`` (None: it can): it needs triton (it ships with PyTorch's
-    Linux CUDA wheels) with torch >= 2.6, and an NVIDIA GPU of compute capability 8.9 or newer. Under Triton's
+    Linux CUDA wheels) with ``torch.library.custom_op`` (torch >= 2.4), and an NVIDIA GPU of compute capability 8.9 or newer. Under Triton's
     CPU interpreter (``TRITON_INTERPRET=1``, tests only: very slow) CPU tensors are accepted."""
     err = _int8_probe()
     if err is not None:
-        return (f"attention 'int8_sparse' needs the triton package and PyTorch 2.6 or newer ({err}): triton "
+        return (f"attention 'int8_sparse' needs the triton package and PyTorch 2.4 or newer ({err}): triton "
                 f"comes with PyTorch's CUDA builds on Linux (pip install triton otherwise); or choose flex_sparse")
     if _INT8_STATE["module"].interpreting():
         return None
@@ -271,11 +267,13 @@ def int8_sparse_problem(device: torch.device | str | None = None) -> str | None:
     return None
 
 
+def _int8_available() -> bool:
+    return int8_sparse_problem() is None
+
+
 def _int8_sparse(q, k, v, cfg: dict):
-    """Top-k block selection (``select_kv_blocks``, as for flex_sparse), then our int8 kernel on the kept blocks;
-    cross-attention (query and key lengths differ) stays dense."""
-    if q.shape[1] != k.shape[1]:
-        return _auto(q, k, v)
+    """Top-k block selection (``select_kv_blocks``, as for flex_sparse), then our int8 kernel on the kept blocks
+    (self-attention; the registered backend sends cross-attention to dense before this)."""
     mod = _INT8_STATE.get("module")
     if mod is None:  # get_backend checked availability, so only a direct call gets here
         raise RuntimeError(int8_sparse_problem(q.device))
@@ -306,5 +304,5 @@ def register_builtin_backends() -> None:
                          doc="top-k (0.15) block-sparse self-attention via flex_attention; cross-attention dense")
     default_int8 = sparse_backend(0.15, kernel="int8")
     if not is_registered("int8_sparse"):
-        register_backend("int8_sparse", _SPARSE_FNS[default_int8], lambda: int8_sparse_problem() is None,
+        register_backend("int8_sparse", _SPARSE_FNS[default_int8], _int8_available,
                          doc="top-k (0.15) block-sparse self-attention, int8 Q/K Triton kernel; cross-attention dense")
