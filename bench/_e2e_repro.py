@@ -94,10 +94,10 @@ def diff_arrays(a, b):
 
 
 def compare(dir_a, dir_b, video_a=None, video_b=None):
-    """{stage: diff} of two collected queues (``dir_b`` is the reference), plus the saved videos: byte-identical?
-    and their decoded difference (bench/video_diff.py)."""
+    """{stage: diff} of two collected queues (``dir_b`` is the reference; None: the queues saved no stages),
+    plus the saved videos: byte-identical? and their decoded difference (bench/video_diff.py)."""
     out = {}
-    for stage in STAGES:
+    for stage in STAGES if dir_a and dir_b else ():
         pa = sorted(pathlib.Path(dir_a).glob(f"{stage}_*"))
         pb = sorted(pathlib.Path(dir_b).glob(f"{stage}_*"))
         if not pa and not pb:

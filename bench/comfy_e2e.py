@@ -379,8 +379,7 @@ def do_run(run, args, results, save):
             save()
         if "again" in rec["queues"]:
             a, w = rec["queues"]["again"], rec["queues"]["warm"]
-            rec["repro"] = R.compare(a.get("intermediates", "/nonexistent"), w.get("intermediates", "/nonexistent"),
-                                     a["video"], w["video"])
+            rec["repro"] = R.compare(a.get("intermediates"), w.get("intermediates"), a["video"], w["video"])
             rec["repro"]["first_difference"] = R.first_difference(rec["repro"])
             log(f"[{run['key']}] again vs warm: first difference at {rec['repro']['first_difference']}")
         rec["status"] = "done"

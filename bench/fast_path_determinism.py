@@ -66,8 +66,8 @@ def inputs(batch=1):
 @torch.no_grad()
 def forward(model, inp, x, sigma, batch=1):
     t = torch.full((batch,), sigma * 1000.0, device=C.DEV)
-    kw = {k: (v[:batch] if batch > 1 else v[:1]) for k, v in inp.items() if k != "x"}
-    return model(x=x.expand(batch, *x.shape[1:]) if batch > 1 else x, timestep=t, **kw).float()
+    kw = {k: v[:batch] for k, v in inp.items() if k != "x"}
+    return model(x=x.expand(batch, *x.shape[1:]), timestep=t, **kw).float()
 
 
 def velocity(model, inp, x, sigma, batch):
