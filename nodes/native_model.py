@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import types
 
 import torch
@@ -88,6 +89,19 @@ def round_timestep(t: torch.Tensor, mode, sigmas=None) -> torch.Tensor:
         v = model_timesteps(torch.cat([s, s.new_zeros(1)]), "bfloat16")
         return v.to(t.device).expand(t.shape[0]) if v.numel() == 1 else v.to(t.device)
     return t
+
+
+# Diagnostics: STEADYDANCER_TRACE_PASSES=1 logs one line per DiT pass (batch, timesteps, float64 sums of the
+# inputs and the output), so two queues that should be identical can be compared pass by pass (bench/pass_trace.py).
+_TRACE_PASSES = os.environ.get("STEADYDANCER_TRACE_PASSES", "") not in ("", "0")
+
+
+def _trace_pass(t, out, **inputs):
+    def digest(v):
+        return "-" if v is None else f"{v.detach().double().sum().item():.17g}"
+    fields = " ".join(f"{k}={digest(v)}" for k, v in inputs.items())
+    steps = ",".join(f"{v:.6g}" for v in t.detach().float().reshape(-1).tolist())
+    log.info("SteadyDancer pass: batch=%d t=%s %s out=%s", out.shape[0], steps, fields, digest(out))
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,7 +166,11 @@ def native():
                 prog = transformer_options.get(PROGRESS_KEY)
                 batch = prog.batch if prog is not None else x.shape[0]  # rows per guidance pass
                 dit = cw.ContextWindowModel(dit, windows, x.shape[2], batch, functools.partial(_window_done, prog))
-            return dit(x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
+            out = dit(x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
+            if _TRACE_PASSES:
+                _trace_pass(t, out, x=x, context=context, clip_fea=clip_fea, clip_fea_c=clip_fea_c,
+                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c)
+            return out
 
     class SteadyDancerBaseModel(comfy.model_base.WAN21):
         is_steadydancer = True

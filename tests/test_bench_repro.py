@@ -102,3 +102,50 @@ def test_compare_marks_missing_or_mismatched_stages_not_comparable(tmp_path):
     assert "latent" not in c and "frames" not in c                    # no saver on either side: not a stage
     assert R.first_difference(c) is None
     assert "not comparable" in "\n".join(R.table_lines(c))
+
+
+def _traced_log(caplog, queues):
+    """A server log as ComfyUI writes it: 'got prompt' per queue, then one traced line per DiT pass, written by
+    the pack's own tracer (nodes/native_model._trace_pass) from the given tensors."""
+    import logging
+
+    import torch
+
+    from steadydancer_turbo.nodes import native_model as nm
+    lines = []
+    for passes in queues:
+        lines.append("got prompt")
+        for t, x, pose, out in passes:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="steadydancer_turbo"):
+                nm._trace_pass(torch.tensor(t), out, x=x, pose=pose, ref_x=None)
+            lines += [r.getMessage() for r in caplog.records]
+        lines.append("Prompt executed in 1.00 seconds")
+    return "\n".join(lines)
+
+
+def test_pass_trace_names_the_first_pass_and_field_that_differ(caplog):
+    import torch
+
+    import pass_trace as PT
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    pose = torch.full((2, 2), 0.25)
+    out = torch.ones(2, 3, 4)
+    same = [([999.0, 999.0], x, pose, out), ([937.0, 937.0], x + 1, pose, out * 2)]
+    tiny = x.clone()
+    tiny[1, 2, 3] += 2 ** -10                 # one element changed by ~1e-3: the float64 sum must still differ
+    log = _traced_log(caplog, [same[:1], same, [same[0], ([937.0, 937.0], x + 1, pose, out * 2 + 2 ** -20)],
+                               [same[0], ([937.0, 937.0], tiny + 1, pose * 0, out * 2)]])
+    queues = PT.parse(log)
+    assert [len(q) for q in queues] == [1, 2, 2, 2]
+    # the line carries the hand sums: x = 0 + 1 + ... + 23 = 276, pose = 4 x 0.25 = 1, out = 24
+    assert queues[0][0] == {"batch": "2", "t": "999,999", "x": "276", "pose": "1", "ref_x": "-", "out": "24"}
+    assert queues[1][1]["x"] == "300" and queues[1][1]["out"] == "48"
+    assert PT.first_difference(queues[1], queues[1]) is None
+    assert PT.first_difference(queues[1], queues[2]) == (1, ["out"])          # same inputs, other output
+    assert PT.first_difference(queues[1], queues[3]) == (1, ["x", "pose"])     # the inputs already differ
+    assert float(queues[3][1]["x"]) - 300 == 2 ** -10
+    assert PT.first_difference(queues[0], queues[1]) == (1, ["missing"])
+    text = PT.report(queues, (1, 2))
+    assert "first difference at pass 1 (of 2 / 2): out" in text and "not reproducible" in text
+    assert "all 2 passes identical" in PT.report(queues, (1, 1))
