@@ -14,6 +14,8 @@
 # warm-up's; PYTHON (default python3) the Python that runs the bench; ONLY (default "shipped no_pose_cfg no_cfg euler")
 # the variants to run. The server traces every DiT pass (STEADYDANCER_TRACE_PASSES=1) and bench/pass_trace.py names
 # the first pass where warm and again part, and which of its inputs or its output differ.
+# TORCH_LOGS=recompiles (or recompiles,autotuning) in the environment reaches the server: its log then shows
+# which queue compiled what.
 set -u
 COMFY=$1; MODELS=$2; OUT=$3; shift 3
 STEPS=${STEPS:-4}; COLD=${COLD_STEPS:-2}; PY=${PYTHON:-python3}
