@@ -7,6 +7,7 @@ execution_start -> execution_success timestamps, the warm queue re-runs the node
 the loaders come back as ComfyUI's execution_cached, and the mp4 decodes (PyAV) to the frame count and size asked.
 """
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -17,8 +18,9 @@ BENCH = PACK_ROOT / "bench" / "comfy_e2e.py"
 RUNS = ("turbo480", "official480")
 
 
-def _run(cmd, timeout):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=PACK_ROOT)
+def _run(cmd, timeout, env=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=PACK_ROOT,
+                       env=None if env is None else {**os.environ, **env})
     return p.returncode, p.stdout, p.stderr
 
 
@@ -33,7 +35,7 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
 
     cmd = [python, str(BENCH), "--tiny", "--comfyui", str(comfy), "--models", str(models_dir), "--out", str(out),
            "--runs", ",".join(RUNS), "--queues", "cold,warm,reseed,again", "--save-intermediates"]
-    rc, so, se = _run(cmd, 1500)
+    rc, so, se = _run(cmd, 1500, env={"STEADYDANCER_TRACE_PASSES": "1"})  # the server traces every DiT pass
     assert rc == 0, (so + se)[-5000:]
     res = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
@@ -93,6 +95,17 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
             assert rep[stage]["comparable"] and rep[stage]["identical"], (key, stage, rep[stage])
         assert rep["first_difference"] in (None, "video"), rep
         assert "Reproducibility (again" in md
+        # the per-pass trace in the server's own log: one traced queue per queue, warm and again identical pass
+        # by pass, cold and warm not (other inputs, other seed); the official guider batches its text-CFG passes
+        # (2 a step; the tiny run's few steps leave no pose-guided 3-pass step), the turbo sampler runs one
+        sys.path.insert(0, str(PACK_ROOT / "bench"))
+        import pass_trace
+        traced = [q for q in pass_trace.parse(pathlib.Path(rec["server_log"]).read_text()) if q]
+        assert len(traced) == 4, (key, [len(q) for q in traced])
+        assert pass_trace.first_difference(traced[1], traced[3]) is None, (key, traced[1][:1], traced[3][:1])
+        assert pass_trace.first_difference(traced[0], traced[1]) is not None
+        batches = {p["batch"] for q in traced for p in q}
+        assert batches == ({"2"} if key.startswith("official") else {"1"}), (key, batches)
     assert "ESTIMATE" in md and "**queue -> saved video**" in md
 
     rc, so, se = _run(cmd, 120)           # resumable: the finished runs are kept, nothing is queued again
