@@ -10,6 +10,8 @@ Prints each queue's passes (count, batch sizes) and the first pass where the two
 inputs equal but ``out`` different = the DiT pass itself is not reproducible at that batch; ``x`` different with
 equal conditioning = an earlier pass (or the sampler between passes) already differed; a conditioning field
 (``pose``, ``ref_x``, ``context`` ...) different = the conditioning reached the DiT differently.
+A sum is a digest, not a proof: equal sums almost surely mean equal tensors for real-valued data, but a batch
+whose items were reordered would show equal input sums (its output sum would then differ only by rounding).
 """
 from __future__ import annotations
 
