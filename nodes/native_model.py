@@ -96,12 +96,28 @@ def round_timestep(t: torch.Tensor, mode, sigmas=None) -> torch.Tensor:
 _TRACE_PASSES = os.environ.get("STEADYDANCER_TRACE_PASSES", "") not in ("", "0")
 
 
-def _trace_pass(t, out, **inputs):
+# Diagnostics (issue 15): STEADYDANCER_SPLIT_PASSES=1 runs a batched guidance pass (ComfyUI batches cond / uncond /
+# pose-uncond into one DiT call) as one DiT call per item, concatenated; off by default. Single-GPU, no windows.
+_SPLIT_PASSES = os.environ.get("STEADYDANCER_SPLIT_PASSES", "") not in ("", "0")
+
+
+def split_call(fn, args, batch: int):
+    """``fn(*args)`` one batch item at a time: every tensor argument whose first dimension is ``batch`` is sliced
+    to that item, the others (None, a shared timestep of batch 1) are passed whole; the outputs are concatenated."""
+    if batch <= 1:
+        return fn(*args)
+    def item(a, i):
+        return a[i:i + 1] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch else a
+    return torch.cat([fn(*(item(a, i) for a in args)) for i in range(batch)])
+
+
+def _trace_pass(t, out, split=False, **inputs):
     def digest(v):
         return "-" if v is None else f"{v.detach().double().sum().item():.17g}"
     fields = " ".join(f"{k}={digest(v)}" for k, v in inputs.items())
     steps = ",".join(f"{v:.6g}" for v in t.detach().float().reshape(-1).tolist())
-    log.info("SteadyDancer pass: batch=%d t=%s %s out=%s", out.shape[0], steps, fields, digest(out))
+    log.info("SteadyDancer pass: batch=%d%s t=%s %s out=%s", out.shape[0], " split=1" if split else "", steps,
+             fields, digest(out))
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,10 +182,12 @@ def native():
                 prog = transformer_options.get(PROGRESS_KEY)
                 batch = prog.batch if prog is not None else x.shape[0]  # rows per guidance pass
                 dit = cw.ContextWindowModel(dit, windows, x.shape[2], batch, functools.partial(_window_done, prog))
-            out = dit(x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
+            args = (x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
+            split = _SPLIT_PASSES and getattr(dit, "func", None) is SteadyDancerDiT.forward  # not windows / multi-GPU
+            out = split_call(dit, args, x.shape[0]) if split else dit(*args)
             if _TRACE_PASSES:
                 _trace_pass(t, out, x=x, context=context, clip_fea=clip_fea, clip_fea_c=clip_fea_c,
-                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c)
+                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c, split=bool(split and x.shape[0] > 1))
             return out
 
     class SteadyDancerBaseModel(comfy.model_base.WAN21):
