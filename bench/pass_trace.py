@@ -24,7 +24,8 @@ _PROMPT = re.compile(r"\bgot prompt\b")
 
 
 def parse(text: str) -> list[list[dict]]:
-    """The passes of each queue, in log order: one list of {field: value string} per ``got prompt``."""
+    """The passes of each queue, in log order: one list of {field: value string} per ``got prompt`` that ran a
+    traced DiT pass (prompts without one, e.g. ComfyUI's fully cached ones, are left out)."""
     queues: list[list[dict]] = []
     for line in text.splitlines():
         if _PROMPT.search(line):
@@ -36,7 +37,7 @@ def parse(text: str) -> list[list[dict]]:
         if not queues:
             queues.append([])
         queues[-1].append(dict(kv.split("=", 1) for kv in m.group(1).split()))
-    return queues
+    return [q for q in queues if q]
 
 
 def first_difference(a: list[dict], b: list[dict]):
@@ -80,7 +81,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     with open(args.log, encoding="utf-8", errors="replace") as f:
         queues = parse(f.read())
-    queues = [q for q in queues if q]  # prompts that ran no DiT pass (none here) are not queues to compare
     if len(queues) < 2:
         print(f"{args.log}: {len(queues)} queue(s) with traced passes; need two "
               "(was the server started with STEADYDANCER_TRACE_PASSES=1?)")

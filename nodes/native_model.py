@@ -91,14 +91,16 @@ def round_timestep(t: torch.Tensor, mode, sigmas=None) -> torch.Tensor:
     return t
 
 
-# Diagnostics: STEADYDANCER_TRACE_PASSES=1 logs one line per DiT pass (batch, timesteps, float64 sums of the
-# inputs and the output), so two queues that should be identical can be compared pass by pass (bench/pass_trace.py).
-_TRACE_PASSES = os.environ.get("STEADYDANCER_TRACE_PASSES", "") not in ("", "0")
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
 
 
-# Diagnostics (issue 15): STEADYDANCER_SPLIT_PASSES=1 runs a batched guidance pass (ComfyUI batches cond / uncond /
-# pose-uncond into one DiT call) as one DiT call per item, concatenated; off by default. Single-GPU, no windows.
-_SPLIT_PASSES = os.environ.get("STEADYDANCER_SPLIT_PASSES", "") not in ("", "0")
+# Diagnostics, off by default (issue 15). STEADYDANCER_TRACE_PASSES=1 logs one line per DiT pass (batch, timesteps,
+# float64 sums of the inputs and the output), so two queues that should be identical can be compared pass by pass
+# (bench/pass_trace.py). STEADYDANCER_SPLIT_PASSES=1 runs a batched guidance pass (ComfyUI batches cond / uncond /
+# pose-uncond into one DiT call) as one DiT call per item, concatenated (single GPU, no context windows).
+_TRACE_PASSES = _env_flag("STEADYDANCER_TRACE_PASSES")
+_SPLIT_PASSES = _env_flag("STEADYDANCER_SPLIT_PASSES")
 
 
 def split_call(fn, args, batch: int):
@@ -187,7 +189,7 @@ def native():
             out = split_call(dit, args, x.shape[0]) if split else dit(*args)
             if _TRACE_PASSES:
                 _trace_pass(t, out, x=x, context=context, clip_fea=clip_fea, clip_fea_c=clip_fea_c,
-                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c, split=bool(split and x.shape[0] > 1))
+                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c, split=split and x.shape[0] > 1)
             return out
 
     class SteadyDancerBaseModel(comfy.model_base.WAN21):

@@ -100,7 +100,7 @@ def test_tiny_e2e_bench_times_every_node_and_saves_the_videos(tmp_path):
         # (2 a step; the tiny run's few steps leave no pose-guided 3-pass step), the turbo sampler runs one
         sys.path.insert(0, str(PACK_ROOT / "bench"))
         import pass_trace
-        traced = [q for q in pass_trace.parse(pathlib.Path(rec["server_log"]).read_text()) if q]
+        traced = pass_trace.parse(pathlib.Path(rec["server_log"]).read_text())
         assert len(traced) == 4, (key, [len(q) for q in traced])
         assert pass_trace.first_difference(traced[1], traced[3]) is None, (key, traced[1][:1], traced[3][:1])
         assert pass_trace.first_difference(traced[0], traced[1]) is not None
