@@ -38,13 +38,6 @@ def load_frames(args):
     return rng.integers(0, 256, size=(args.count, h, w, 3), dtype=np.uint8), f"{args.count} noise frames {w}x{h}"
 
 
-def decode(path):
-    import av
-
-    with av.open(str(path)) as c:
-        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(np.int16)
-
-
 def encode_core(frames, fps, path):
     """Core Create Video -> Save Video's writer (comfy_api's VideoFromComponents.save_to, h264 in mp4)."""
     import torch
@@ -60,6 +53,8 @@ def encode_core(frames, fps, path):
 def series(name, encode, frames, runs, tmp):
     import hashlib
 
+    import video_diff  # decoding and the rel. L2 / PSNR of two videos, as bench/video_diff.py reports them
+
     ref, rows, secs, files = None, [], [], {}
     for i in range(runs):
         path = pathlib.Path(tmp) / f"{name}_{i}.mp4"
@@ -68,16 +63,14 @@ def series(name, encode, frames, runs, tmp):
         secs.append(time.perf_counter() - t)
         h = hashlib.sha256(path.read_bytes()).hexdigest()
         files[h] = files.get(h, 0) + 1
-        dec = decode(path)
+        dec = video_diff.frames(path)  # float64, 0..1 in steps of 1/255
         if ref is None:
             ref = dec
             continue
-        d = (dec - ref).astype(np.float64) / 255.0
+        d = video_diff.diff(dec, ref)
         per = np.abs(dec - ref).reshape(len(dec), -1).max(axis=1)
-        mse = float(np.mean(d * d))
-        rows.append({"frames_differing": int(np.count_nonzero(per)), "max_abs_levels": int(per.max()),
-                     "rel_l2": float(np.linalg.norm(d) / max(np.linalg.norm(ref / 255.0), 1e-12)),
-                     "psnr_db": 10 * math.log10(1 / mse) if mse > 0 else float("inf")})
+        rows.append({"frames_differing": int(np.count_nonzero(per)), "max_abs_levels": round(d["max_abs"] * 255),
+                     "rel_l2": d["rel_l2"], "psnr_db": d["psnr_db"]})
     return {"name": name, "runs": runs, "runs_differing": sum(r["frames_differing"] > 0 for r in rows),
             "distinct_files": sorted(files.values(), reverse=True), "worst": max(rows, key=lambda r: r["rel_l2"]) if rows else None, "encode_s": sorted(secs)[len(secs) // 2],
             "all": rows}
