@@ -97,20 +97,11 @@ def _env_flag(name: str) -> bool:
 
 # Diagnostics, off by default (issue 15). STEADYDANCER_TRACE_PASSES=1 logs one line per DiT pass (batch, timesteps,
 # float64 sums of the inputs and the output), so two queues that should be identical can be compared pass by pass
-# (bench/pass_trace.py). STEADYDANCER_SPLIT_PASSES=1 runs a batched guidance pass (ComfyUI batches cond / uncond /
-# pose-uncond into one DiT call) as one DiT call per item, concatenated (single GPU, no context windows).
+# (bench/pass_trace.py). STEADYDANCER_SPLIT_PASSES=1 runs every batched pass (ComfyUI batches cond / uncond /
+# pose-uncond into one DiT call) as one DiT forward per item in every configuration (``batch_split``); without it
+# the DiT does so only where batched kernels cannot be trusted (``SteadyDancerDiT.splits_batch``).
 _TRACE_PASSES = _env_flag("STEADYDANCER_TRACE_PASSES")
 _SPLIT_PASSES = _env_flag("STEADYDANCER_SPLIT_PASSES")
-
-
-def split_call(fn, args, batch: int):
-    """``fn(*args)`` one batch item at a time: every tensor argument whose first dimension is ``batch`` is sliced
-    to that item, the others (None, a shared timestep of batch 1) are passed whole; the outputs are concatenated."""
-    if batch <= 1:
-        return fn(*args)
-    def item(a, i):
-        return a[i:i + 1] if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == batch else a
-    return torch.cat([fn(*(item(a, i) for a in args)) for i in range(batch)])
 
 
 def _trace_pass(t, out, split=False, **inputs):
@@ -185,11 +176,11 @@ def native():
                 batch = prog.batch if prog is not None else x.shape[0]  # rows per guidance pass
                 dit = cw.ContextWindowModel(dit, windows, x.shape[2], batch, functools.partial(_window_done, prog))
             args = (x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
-            split = _SPLIT_PASSES and getattr(dit, "func", None) is SteadyDancerDiT.forward  # not windows / multi-GPU
-            out = split_call(dit, args, x.shape[0]) if split else dit(*args)
+            out = dit(*args)
             if _TRACE_PASSES:
                 _trace_pass(t, out, x=x, context=context, clip_fea=clip_fea, clip_fea_c=clip_fea_c,
-                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c, split=split and x.shape[0] > 1)
+                            pose=pose_latents, ref_x=ref_x, ref_c=ref_c,
+                            split=x.shape[0] > 1 and self.splits_batch(x.device))
             return out
 
     class SteadyDancerBaseModel(comfy.model_base.WAN21):
@@ -399,6 +390,8 @@ def make_model_patcher(dit, loader_fn=None, loader_args=()):
     n = native()
     n.to_comfy_ops(dit)
     dit.__class__ = n.ComfySteadyDancerDiT
+    if _SPLIT_PASSES:
+        dit.batch_split = True
     dit.dtype = torch.float64 if dit.compute_dtype == torch.float64 else torch.float32  # the input dtype it wants
     cfg = n.SteadyDancerSupported(dit.config.dim)
     cfg.set_inference_dtype(dit.compute_dtype, None)

@@ -149,30 +149,3 @@ def test_pass_trace_names_the_first_pass_and_field_that_differ(caplog):
     text = PT.report(queues, (1, 2))
     assert "first difference at pass 1 (of 2 / 2): out" in text and "not reproducible" in text
     assert "all 2 passes identical" in PT.report(queues, (1, 1))
-
-
-def test_split_call_runs_each_item_alone_and_concatenates():
-    """nodes/native_model.split_call (STEADYDANCER_SPLIT_PASSES): a batched pass as one call per item gives the
-    batched call's result for a per-item function, slicing only the batch-sized tensors."""
-    import torch
-
-    from steadydancer_turbo.nodes import native_model as nm
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(3, 4, 5, generator=g), torch.randn(3, 7, 5, generator=g)
-    t_shared, w = torch.tensor([500.0]), torch.randn(5, 5, generator=g)
-    seen = []
-
-    def fn(x, t, ctx, none, w):
-        seen.append((x.shape[0], t.shape[0], ctx.shape[0], none, w.shape))
-        return x @ w + ctx.mean(dim=1, keepdim=True) * t.reshape(-1, 1, 1) / 1000
-
-    args = (x, t_shared, ctx, None, w)
-    assert torch.equal(nm.split_call(fn, args, 3), torch.cat([fn(x[i:i + 1], t_shared, ctx[i:i + 1], None, w)
-                                                              for i in range(3)]))
-    assert seen[:3] == [(1, 1, 1, None, (5, 5))] * 3       # w (5 rows, not the batch) is passed whole
-    full = fn(*args)
-    assert torch.allclose(nm.split_call(fn, args, 3), full, rtol=1e-6, atol=1e-6)
-    t_per_item = torch.tensor([900.0, 500.0, 100.0])
-    out = nm.split_call(fn, (x, t_per_item, ctx, None, w), 3)
-    assert torch.allclose(out[2], fn(x[2:], t_per_item[2:], ctx[2:], None, w)[0])
-    assert nm.split_call(fn, args, 1) is not None and seen[-1][0] == 3  # batch 1: one plain call

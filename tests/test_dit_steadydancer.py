@@ -159,6 +159,81 @@ def test_batch_samples_are_independent_and_inputs_broadcast(model):
     torch.testing.assert_close(out_b[1:2], _run(model, **one), rtol=1e-5, atol=1e-5)
 
 
+def test_rows_and_per_item_cut_only_batched_arguments():
+    """model/batching.py: a batched call run one item at a time equals the batched call of a per-item function;
+    only tensors with the batch as first dimension and lists of batch items are cut, the rest passes whole."""
+    from steadydancer_turbo.steadydancer.model.batching import per_item, rows
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(3, 4, 5, generator=g), [torch.randn(2 + i, 5, generator=g) for i in range(3)]
+    t_shared, w, scalar = torch.tensor([500.0]), torch.randn(5, 5, generator=g), torch.tensor(2.0)
+    seen = []
+
+    def fn(x, t, ctx, none, w, s):
+        seen.append((x.shape[0], t.shape[0], len(ctx), none, tuple(w.shape), s.dim()))
+        return x @ w * s + torch.stack([c.mean(dim=0) for c in ctx]).unsqueeze(1) * t.reshape(-1, 1, 1) / 1000
+
+    args = (x, t_shared, ctx, None, w, scalar)
+    out = per_item(fn, args, 3)
+    assert seen == [(1, 1, 1, None, (5, 5), 0)] * 3      # w (5 rows, not the batch) and the 0-d tensor pass whole
+    torch.testing.assert_close(out, fn(*args), rtol=1e-6, atol=1e-6)
+    t_items = torch.tensor([900.0, 500.0, 100.0])
+    torch.testing.assert_close(per_item(fn, (x, t_items, ctx, None, w, scalar), 3)[2:],
+                               fn(x[2:], t_items[2:], ctx[2:], None, w, scalar), rtol=1e-6, atol=1e-6)
+    assert rows(tuple(ctx), 3, 1, 3) == tuple(ctx[1:]) and rows(ctx[:2], 3, 0, 1) == ctx[:2]
+    seen.clear()
+    per_item(fn, args, 1)
+    assert [s[0] for s in seen] == [3]                   # batch 1: one plain call, nothing cut
+
+
+def test_batch_split_runs_one_forward_per_item_with_the_batched_result(model, monkeypatch):
+    """``batch_split=True``: a batch-3 forward (own timesteps, own text lengths, one batch-1 condition broadcast)
+    runs as three batch-1 forwards whose concatenation is the batched forward's result."""
+    kw = _inputs(b=3)
+    kw["timestep"] = torch.tensor([999, 500, 3])
+    kw["ref_x"] = kw["ref_x"][:1]                        # broadcast to every item
+    batched = _run(model, **kw)
+    calls = []
+    inner = SteadyDancerDiT._forward
+    monkeypatch.setattr(SteadyDancerDiT, "_forward", lambda self, *a: calls.append(a[0].shape[0]) or inner(self, *a))
+    model.batch_split = True
+    try:
+        split = _run(model, **kw)
+    finally:
+        model.batch_split = None
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(split, batched, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    _run(model, **kw)                                    # auto on the CPU: one batched forward
+    assert calls == [3]
+
+
+def test_splits_batch_only_for_flex_traced_into_compiled_blocks_on_cuda():
+    """The automatic split (issue 15, runs 22-23): flex top-k attention inside compiled blocks on CUDA, nothing
+    else (SDPA or int8 top-k in compiled blocks, flex without compiled blocks, any CPU run); ``batch_split``
+    overrides it both ways. No CUDA is needed: only the rule is checked."""
+    from steadydancer_turbo.steadydancer.kernels.backends import sparse_backend
+    from steadydancer_turbo.steadydancer.weights import speed_options as accel
+    m = SteadyDancerDiT(CFG)
+    flex, int8 = sparse_backend(0.1), sparse_backend(0.1, kernel="int8")
+    assert not m.splits_batch("cuda")                    # SDPA, eager
+    accel.compile_blocks(m)                              # wraps only; nothing compiles until a call
+    try:
+        assert not m.splits_batch("cuda")                # SDPA, compiled
+        m.attention_backend = int8
+        assert not m.splits_batch("cuda")
+        m.attention_backend = flex
+        assert m.splits_batch("cuda") and m.splits_batch(torch.device("cuda", 1))
+        assert not m.splits_batch("cpu")
+        m.batch_split = False
+        assert not m.splits_batch("cuda")
+    finally:
+        accel.uncompile_blocks(m)
+    m.batch_split = None
+    assert not m.splits_batch("cuda")                    # flex, eager blocks
+    m.batch_split = True
+    assert m.splits_batch("cpu")
+
+
 def test_text_is_zero_padded_to_512(model):
     kw = _inputs(b=2)
     padded = torch.stack([torch.cat([u, u.new_zeros(512 - len(u), CFG.text_dim)]) for u in kw["context"]])

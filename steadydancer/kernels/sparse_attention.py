@@ -189,9 +189,14 @@ def _flex_eager(q, k, v, block_mask, scale):
 _flex_eager_outside_graph = torch.compiler.disable(_flex_eager)
 
 
+def flex_traced_in_graph(device) -> bool:
+    """Whether a compiled region on ``device`` traces flex_attention into its graph (CUDA) or calls it eagerly
+    behind a graph break (elsewhere)."""
+    return torch.device(device).type == "cuda"
+
+
 def _flex_in_graph(q: torch.Tensor) -> bool:
-    """Whether a compiled region traces flex_attention into its graph (CUDA) or calls it eagerly (elsewhere)."""
-    return q.is_cuda
+    return flex_traced_in_graph(q.device)
 
 
 def _flex(q, k, v, block_mask, scale):

@@ -40,6 +40,7 @@ For loaders / offloading:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 from ..kernels.attention import attention as _attention
 from ..kernels.attention import get_backend
+from .batching import per_item
 from .config import SteadyDancerConfig
 from .layers import RMSNorm, apply_cd, layer_norm_fp32
 from .pose_modules import PoseAlignment, SpatialDynamicConv, TemporalFactorConv
@@ -282,6 +284,7 @@ class SteadyDancerDiT(nn.Module):
         self._rope_cache = None
         self._rope_tables_cache = None  # (freqs it was built from, (cos, sin)); see block_freqs
         self.sequence_parallel = None   # distributed.Ulysses: tokens split over ranks after the embeddings
+        self.batch_split: Optional[bool] = None  # one forward per batch item: None = where needed (splits_batch)
         dim, p = cfg.dim, cfg.patch_size
 
         # token embeddings
@@ -399,6 +402,23 @@ class SteadyDancerDiT(nn.Module):
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c, f * pt, h * ph, w * pw)
 
     # ------------------------------------------------------------------ forward
+    def splits_batch(self, device) -> bool:
+        """Whether a forward of batch > 1 on ``device`` runs as one forward per item (``batch_split``; None =
+        where the batched kernels cannot be trusted). That is flex top-k attention traced into compiled blocks on
+        CUDA: there, batch items after the first read memory outside their inputs (torch 2.11 + triton 3.6 on an
+        H200, issue 15: an illegal memory access with PyTorch's flex kernel options, outputs that change call to
+        call under cudaMallocAsync with ours; flex compiled on its own, fp8 and SDPA in compiled blocks were all
+        bit-reproducible at batch 2-3). One item at a time measured 2.6% faster over the official 40 steps."""
+        if self.batch_split is not None:
+            return bool(self.batch_split)
+        from ..kernels.backends import sparse_settings
+        from ..kernels.sparse_attention import flex_traced_in_graph
+
+        s = sparse_settings(self.attention_backend)
+        if s is None or s.get("kernel") != "flex" or not flex_traced_in_graph(device):
+            return False
+        return any(block_is_compiled(blk) for blk in self.blocks)
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: ContextArg, clip_fea: torch.Tensor,
                 clip_fea_c: Optional[torch.Tensor], y: torch.Tensor, cond: torch.Tensor, ref_x: torch.Tensor,
                 ref_c: torch.Tensor) -> torch.Tensor:
@@ -408,8 +428,14 @@ class SteadyDancerDiT(nn.Module):
         [Li,4096] (Li <= 512); clip_fea, clip_fea_c [B,257,1280] (clip_fea_c may be None: reference CLIP
         only); y [B,20,F,H,W] = mask(4) + image latent(16); cond [B,16,F,H,W] pose latent;
         ref_x [B,36,1,H,W] = cat(Zr, ones4, Zr); ref_c [B,>=16,1,H,W] (first 16 channels = first-pose latent).
-        Inputs with batch 1 are broadcast to B.
+        Inputs with batch 1 are broadcast to B. Batch items are independent; see ``splits_batch``.
         """
+        args = (x, timestep, context, clip_fea, clip_fea_c, y, cond, ref_x, ref_c)
+        if x.dim() == 5 and x.shape[0] > 1 and self.splits_batch(x.device):
+            return per_item(functools.partial(SteadyDancerDiT._forward, self), args, x.shape[0])
+        return self._forward(*args)
+
+    def _forward(self, x, timestep, context, clip_fea, clip_fea_c, y, cond, ref_x, ref_c):
         cfg = self.config
         cd = self.compute_dtype
         acc = torch.promote_types(cd, torch.float32)   # the dtype of the official fp32 latent arithmetic
@@ -455,6 +481,11 @@ class SteadyDancerDiT(nn.Module):
             out = sp.gather(out)
         # output = the first F latent frames (the reference frames are dropped)
         return self.unpatchify(out, (f, grid[1], grid[2])).to(acc)
+
+
+def block_is_compiled(block: nn.Module) -> bool:
+    """``nn.Module.compile`` (or, for blocks with hooks, a compiled ``forward``: weights/speed_options.py)."""
+    return getattr(block, "_compiled_call_impl", None) is not None or "forward" in block.__dict__
 
 
 def _bcast(t: torch.Tensor, b: int, name: str) -> torch.Tensor:

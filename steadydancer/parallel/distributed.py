@@ -47,6 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..kernels.attention import attention as _attention
+from ..model.batching import rows as _rows
 
 __all__ = ["Layout", "ParallelContext", "Ulysses", "GuidanceParallel", "init_parallel", "enable_sequence_parallel",
            "disable_sequence_parallel", "parallelize", "runtime_info", "DistributedSetupError"]
@@ -192,17 +193,6 @@ class GuidanceParallel:
             out = torch.cat([out, out.new_zeros((share - n, *out.shape[1:]))])
         full = _all_gather(out, self.group, g)                           # [G, share, ...]
         return full.reshape(g * share, *out.shape[1:])[:b]
-
-
-def _rows(a, b: int, lo: int, hi: int):
-    """Rows lo:hi of a batched argument (tensors with batch b, lists of b items); others pass as they are."""
-    if torch.is_tensor(a):
-        if a.dim() == 0 or a.shape[0] != b:
-            return a
-        return a[lo:hi]
-    if isinstance(a, (list, tuple)) and len(a) == b:
-        return type(a)(a[lo:hi])
-    return a
 
 
 # ---------------------------------------------------------------------------------------------------- layout
