@@ -222,7 +222,7 @@ def test_fast_path_batched_passes_give_the_same_bytes_every_call(files):
     and blocks compiled with ``fullgraph=False``. At batch 2 and 3 (the official guider's batched passes) the same
     inputs must give the same bytes on every call, with calls of other batch sizes in between, and each item the
     bytes of the same item alone: the DiT runs such a batch one item at a time (``splits_batch``; issue 15, runs
-    22-23: flex traced into compiled blocks misreads batch items after the first). Run this with
+    22-23: flex traced into compiled blocks reads memory outside its inputs at batch > 1). Run this with
     ``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`` (ComfyUI's allocator) as well."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no fp8 tensor cores")

@@ -405,7 +405,7 @@ class SteadyDancerDiT(nn.Module):
     def splits_batch(self, device) -> bool:
         """Whether a forward of batch > 1 on ``device`` runs as one forward per item (``batch_split``; None =
         where the batched kernels cannot be trusted). That is flex top-k attention traced into compiled blocks on
-        CUDA: there, batch items after the first read memory outside their inputs (torch 2.11 + triton 3.6 on an
+        CUDA: there, at batch > 1, the kernel reads memory outside its inputs (torch 2.11 + triton 3.6 on an
         H200, issue 15: an illegal memory access with PyTorch's flex kernel options, outputs that change call to
         call under cudaMallocAsync with ours; flex compiled on its own, fp8 and SDPA in compiled blocks were all
         bit-reproducible at batch 2-3). One item at a time measured 2.6% faster over the official 40 steps."""
