@@ -98,8 +98,9 @@ def _env_flag(name: str) -> bool:
 # Diagnostics, off by default (issue 15). STEADYDANCER_TRACE_PASSES=1 logs one line per DiT pass (batch, timesteps,
 # float64 sums of the inputs and the output), so two queues that should be identical can be compared pass by pass
 # (bench/pass_trace.py). STEADYDANCER_SPLIT_PASSES=1 runs every batched pass (ComfyUI batches cond / uncond /
-# pose-uncond into one DiT call) as one DiT forward per item in every configuration (``batch_split``); without it
-# the DiT does so only where batched kernels cannot be trusted (``SteadyDancerDiT.splits_batch``).
+# pose-uncond into one DiT call) as one DiT forward per item (``batch_split``; not on a sequence-parallel multi-GPU
+# run, whose ranks must split alike); without it the DiT does so only where batched kernels cannot be trusted
+# (``SteadyDancerDiT.splits_batch``).
 _TRACE_PASSES = _env_flag("STEADYDANCER_TRACE_PASSES")
 _SPLIT_PASSES = _env_flag("STEADYDANCER_SPLIT_PASSES")
 

@@ -232,6 +232,8 @@ def test_splits_batch_only_for_flex_traced_into_compiled_blocks_on_cuda():
     assert not m.splits_batch("cuda")                    # flex, eager blocks
     m.batch_split = True
     assert m.splits_batch("cpu")
+    m.sequence_parallel = object()                       # a Ulysses rank: the rule only, alike on every rank
+    assert not m.splits_batch("cpu")
 
 
 def test_text_is_zero_padded_to_512(model):

@@ -408,8 +408,10 @@ class SteadyDancerDiT(nn.Module):
         CUDA: there, at batch > 1, the kernel reads memory outside its inputs (torch 2.11 + triton 3.6 on an
         H200, issue 15: an illegal memory access with PyTorch's flex kernel options, outputs that change call to
         call under cudaMallocAsync with ours; flex compiled on its own, fp8 and SDPA in compiled blocks were all
-        bit-reproducible at batch 2-3). One item at a time measured 2.6% faster over the official 40 steps."""
-        if self.batch_split is not None:
+        bit-reproducible at batch 2-3). One item at a time measured 2.6% faster over the official 40 steps.
+        Under sequence parallelism only the rule applies (``batch_split`` is ignored): every rank of the group
+        must make the same collective calls, and the rule gives every rank the same answer."""
+        if self.batch_split is not None and self.sequence_parallel is None:
             return bool(self.batch_split)
         from ..kernels.backends import sparse_settings
         from ..kernels.sparse_attention import flex_traced_in_graph
