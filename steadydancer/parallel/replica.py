@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..kernels import backends
-from ..model.dit import SteadyDancerDiT, build_meta
+from ..model.dit import SteadyDancerDiT, block_is_compiled, build_meta
 from ..weights.quant import QuantConv, QuantLinear, _Patched
 from .distributed import DistributedSetupError
 
@@ -75,7 +75,7 @@ def _core_type(m: nn.Module) -> type:
 
 
 def _compiled(model) -> bool:
-    return any(b._compiled_call_impl is not None or "forward" in b.__dict__ for b in model.blocks)
+    return any(block_is_compiled(b) for b in model.blocks)
 
 
 def describe(model: SteadyDancerDiT, resolved: Iterable[str] = ()) -> dict:
