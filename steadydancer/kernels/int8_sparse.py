@@ -191,9 +191,8 @@ def _free_op_name(namespace: str, name: str) -> str:
 @torch.library.custom_op(_free_op_name("steadydancer", "int8_sparse_attention"), mutates_args=())
 def _int8_sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, block_q: int,
                     block_k: int, scale: float, num_warps: int, num_stages: int) -> torch.Tensor:
-    mean = k.mean(dim=1, dtype=torch.float32)  # [B, H, D]: smooth-K (exact for softmax)
-    q8, qs = _quantize(q, None, block_q)
-    k8, ks = _quantize(k, mean.contiguous(), block_k)
+    q8, qs = quantize_blocks(q, block_q)
+    k8, ks = quantize_blocks(k, block_k, smooth=True)  # smooth-K: exact for softmax
     return attend_quantized(q8, qs, k8, ks, v, kv_indices, block_q, block_k, scale, q.dtype, num_warps, num_stages)
 
 
@@ -264,7 +263,8 @@ def check_shapes(q, k, v, kv_indices, block_q: int, block_k: int) -> None:
 
 def quantize_blocks(x: torch.Tensor, block: int, smooth: bool = False):
     """The kernel's int8 form of x [B, L, H, D]: (int8 [B, L, H, D], fp32 scales [B, H, nblocks]); ``smooth``
-    subtracts the per-head mean over tokens first (as for K). For tests and the bench."""
+    subtracts the per-head mean over tokens first (as for K). The op's first half; the tests and the bench call
+    it alone."""
     mean = x.mean(dim=1, dtype=torch.float32).contiguous() if smooth else None
     return _quantize(x.contiguous() if x.stride(-1) != 1 else x, mean, block)
 
