@@ -419,7 +419,7 @@ class SteadyDancerDiT(nn.Module):
         s = sparse_settings(self.attention_backend)
         if s is None or s.get("kernel") != "flex" or not flex_traced_in_graph(device):
             return False
-        return any(block_is_compiled(blk) for blk in self.blocks)
+        return blocks_compiled(self)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: ContextArg, clip_fea: torch.Tensor,
                 clip_fea_c: Optional[torch.Tensor], y: torch.Tensor, cond: torch.Tensor, ref_x: torch.Tensor,
@@ -485,9 +485,10 @@ class SteadyDancerDiT(nn.Module):
         return self.unpatchify(out, (f, grid[1], grid[2])).to(acc)
 
 
-def block_is_compiled(block: nn.Module) -> bool:
-    """``nn.Module.compile`` (or, for blocks with hooks, a compiled ``forward``: weights/speed_options.py)."""
-    return getattr(block, "_compiled_call_impl", None) is not None or "forward" in block.__dict__
+def blocks_compiled(model: nn.Module) -> bool:
+    """Whether ``model.blocks`` are compiled: ``nn.Module.compile`` (or, for blocks with hooks, a compiled
+    ``forward``; weights/speed_options.compile_blocks)."""
+    return any(getattr(b, "_compiled_call_impl", None) is not None or "forward" in b.__dict__ for b in model.blocks)
 
 
 def _bcast(t: torch.Tensor, b: int, name: str) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..kernels import backends
-from ..model.dit import SteadyDancerDiT, block_is_compiled, build_meta
+from ..model.dit import SteadyDancerDiT, blocks_compiled, build_meta
 from ..weights.quant import QuantConv, QuantLinear, _Patched
 from .distributed import DistributedSetupError
 
@@ -74,10 +74,6 @@ def _core_type(m: nn.Module) -> type:
     return type(m)
 
 
-def _compiled(model) -> bool:
-    return any(block_is_compiled(b) for b in model.blocks)
-
-
 def describe(model: SteadyDancerDiT, resolved: Iterable[str] = ()) -> dict:
     """The spec of ``model`` (see the module docstring). ``resolved``: names of quantized layers to describe as
     resolved (they must be ``_Patched`` layers)."""
@@ -109,7 +105,7 @@ def describe(model: SteadyDancerDiT, resolved: Iterable[str] = ()) -> dict:
     attention = model.attention_backend
     return dict(config=model.config, attention=attention, sparse=backends.sparse_settings(attention),
                 rope_dtype=model.rope_dtype, rope_real_tables=model.rope_real_tables,
-                compute_dtype=model._compute_dtype, compiled=_compiled(model), quant=quant, tensors=tensors)
+                compute_dtype=model._compute_dtype, compiled=blocks_compiled(model), quant=quant, tensors=tensors)
 
 
 def fingerprint(spec: dict) -> str:
