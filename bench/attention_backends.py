@@ -106,6 +106,16 @@ def _why_missing(name: str) -> str:
     return f"{name}: package not importable / not available here"
 
 
+def _vs_flex(name: str, out, flex_outs: dict) -> dict:
+    """A flex_sparse row's output is kept in ``flex_outs``; an int8_sparse row gets ``rel_l2_vs_flex``, its error
+    against the flex_sparse row with the same blocks (when that row ran)."""
+    if name.startswith("flex_sparse"):
+        flex_outs[name] = out
+        return {}
+    twin = _flex_twin(name)
+    return {"rel_l2_vs_flex": rel_l2(out, flex_outs[twin])} if twin in flex_outs else {}
+
+
 def _flex_twin(name: str) -> str | None:
     """The flex_sparse backend with the same blocks as int8_sparse backend ``name`` (None for other names)."""
     from steadydancer_turbo.steadydancer.kernels import backends as B
@@ -132,11 +142,7 @@ def section_qkv():
             t, _, o = cuda_time(lambda: fn(q, k, v), ARGS.reps)
             if name == "sdpa":
                 sdpa_out = o
-            extra = {}
-            if name.startswith("flex_sparse"):
-                flex_outs[name] = o
-            elif _flex_twin(name) in flex_outs:
-                extra["rel_l2_vs_flex"] = rel_l2(o, flex_outs[_flex_twin(name)])
+            extra = _vs_flex(name, o, flex_outs)
             record(section="qkv", backend=name, L=L, heads=H, head_dim=D, ms=median(t) * 1e3,
                    tflops=flops / median(t) / 1e12, rel_l2_vs_sdpa=rel_l2(o, sdpa_out),
                    rel_l2_vs_fp32=rel_l2(o, ref32), finite=bool(torch.isfinite(o).all()), **extra)
@@ -185,11 +191,7 @@ def section_model():
             else:
                 accel.use_attention(model, name)
             t, peak, o = cuda_time(forward, ARGS.model_reps)
-            extra = {}
-            if name.startswith("flex_sparse"):
-                outs[name] = o.float()
-            elif _flex_twin(name) in outs:
-                extra["rel_l2_vs_flex"] = rel_l2(o, outs[_flex_twin(name)])
+            extra = _vs_flex(name, o.float(), outs)
             record(section="model", backend=name, layers=cfg.num_layers, L=L, ms=median(t) * 1e3,
                    peak_gib=peak / 2**30, rel_l2_vs_sdpa=rel_l2(o, outs["sdpa"]),
                    rel_l2_vs_fp32_attention=rel_l2(o, outs[REF]), finite=bool(torch.isfinite(o).all()), **extra)

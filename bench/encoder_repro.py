@@ -72,7 +72,8 @@ def series(name, encode, frames, runs, tmp):
         rows.append({"frames_differing": int(np.count_nonzero(per)), "max_abs_levels": round(d["max_abs"] * 255),
                      "rel_l2": d["rel_l2"], "psnr_db": d["psnr_db"]})
     return {"name": name, "runs": runs, "runs_differing": sum(r["frames_differing"] > 0 for r in rows),
-            "distinct_files": sorted(files.values(), reverse=True), "worst": max(rows, key=lambda r: r["rel_l2"]) if rows else None, "encode_s": sorted(secs)[len(secs) // 2],
+            "distinct_files": sorted(files.values(), reverse=True),
+            "worst": max(rows, key=lambda r: r["rel_l2"]) if rows else None, "encode_s": sorted(secs)[len(secs) // 2],
             "all": rows}
 
 

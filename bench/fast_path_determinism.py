@@ -5,8 +5,9 @@ how far does a difference grow over a sampling loop of a random-weight model?
 Full-width SteadyDancer blocks (dim 5120, 40 heads; ``--layers`` of the 40, default 8), random weights
 (steadydancer/model/random_init.py, seed 0), 832x480x81 inputs from a fixed generator. ``--variant``:
 ``default`` = bf16, SDPA, eager (the shipped defaults); ``fast`` = the loader's fast options (fp8 matmul,
-flex top-k 0.10, compiled blocks); ``fp8`` / ``flex`` / ``compiled`` = one of them alone; ``--flex-defaults``:
-PyTorch's flex kernel options instead of ours (no TMA loads on Hopper). Each process runs one forward twice and a ``--steps``-step Euler flow loop
+flex top-k 0.10, compiled blocks); ``fp8`` / ``flex`` / ``compiled`` = one of them alone, ``flex_compiled`` /
+``fp8_compiled`` = two (``VARIANTS``); ``--flex-defaults``: PyTorch's flex kernel options instead of ours (no TMA
+loads on Hopper). Each process runs one forward twice and a ``--steps``-step Euler flow loop
 (x <- x + (s_next - s) * v(x), shift-5 sigmas) twice; ``--save F`` writes the results, ``--compare F`` (a second
 process) reports the difference to them. A third loop starts from the noise rounded once to bf16 (~0.2%):
 how much a tiny difference grows over the loop (random weights are not a contracting denoiser):
@@ -39,6 +40,13 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+# --variant -> speed_options.optimize arguments: the shipped defaults, the loader's fast options, and one or two
+# of them alone (eager blocks unless compiled; SDPA unless top-k; bf16 linears unless fp8)
+VARIANTS = {"default": {}, "fast": dict(fp8=True, sparse_topk=0.1, compile=True),
+            "fp8": dict(fp8=True), "flex": dict(sparse_topk=0.1), "compiled": dict(compile=True),
+            "flex_compiled": dict(sparse_topk=0.1, compile=True), "fp8_compiled": dict(fp8=True, compile=True)}
+
+
 def build(args):
     from steadydancer_turbo.steadydancer.model.config import SteadyDancerConfig
     from steadydancer_turbo.steadydancer.model.dit import SteadyDancerDiT
@@ -50,18 +58,7 @@ def build(args):
     if args.flex_defaults:
         from steadydancer_turbo.steadydancer.kernels import sparse_attention as sa
         sa.set_flex_kernel_options(None)  # PyTorch's flex kernel options (no TMA loads on Hopper)
-    if args.variant == "fast":
-        accel.optimize(model, fp8=True, sparse_topk=0.1, compile=True)
-    elif args.variant == "fp8":  # one fast option alone (eager blocks, SDPA)
-        accel.optimize(model, fp8=True)
-    elif args.variant == "flex":  # top-k 0.10 flex attention alone (bf16 linears, eager blocks)
-        accel.optimize(model, sparse_topk=0.1)
-    elif args.variant == "compiled":  # compiled blocks alone (bf16, SDPA)
-        accel.optimize(model, compile=True)
-    elif args.variant == "flex_compiled":  # two of the three: flex traced into the compiled blocks, bf16 linears
-        accel.optimize(model, sparse_topk=0.1, compile=True)
-    elif args.variant == "fp8_compiled":  # fp8 linears in compiled blocks, SDPA
-        accel.optimize(model, fp8=True, compile=True)
+    accel.optimize(model, **VARIANTS[args.variant])
     if args.no_split:
         model.batch_split = False  # batched forwards even where the DiT would run one item at a time
     return model
@@ -108,8 +105,8 @@ def loop(model, inp, steps, x=None, batches=(1,)):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", choices=("default", "fast", "fp8", "flex", "compiled", "flex_compiled", "fp8_compiled"), default="fast",
-                    help="fp8 / flex / compiled: one of the fast options alone")
+    ap.add_argument("--variant", choices=tuple(VARIANTS), default="fast",
+                    help="fp8 / flex / compiled: one of the fast options alone; flex_compiled / fp8_compiled: two")
     ap.add_argument("--flex-defaults", action="store_true", help="PyTorch's flex kernel options instead of ours "
                     "(no TMA loads on Hopper)")
     ap.add_argument("--no-split", action="store_true", help="batched forwards even where the DiT runs one item at "
@@ -141,7 +138,8 @@ def main(argv=None):
     if C.DEV == "cuda":
         torch.cuda.synchronize()
     tags = ("+flex_defaults" if args.flex_defaults else "") + ("+no_split" if args.no_split else "")
-    row = dict(variant=args.variant + tags, split=model.splits_batch(C.DEV), layers=args.layers, steps=args.steps, batches=list(batches),
+    row = dict(variant=args.variant + tags, split=model.splits_batch(C.DEV), layers=args.layers, steps=args.steps,
+               batches=list(batches),
                card=torch.cuda.get_device_name() if C.DEV == "cuda" else C.DEV,
                torch=torch.__version__, s=round(time.time() - t0, 1),
                same_process_forward_equal=bool(torch.equal(f1, f2)), same_process_forward_rel=rel(f2, f1),

@@ -5,7 +5,8 @@ A separate process because ``TRITON_INTERPRET=1`` must be set before the kernels
 reads it then), and the test process may have imported them already.
 
 References are independent of the kernel: float64 attention restricted to the same kept blocks
-(``sparse_attention_reference``), a float64 block quantizer written here, and dense float64 / bf16 attention.
+(``sparse_attention_reference``), the float64 block quantizer of tests/_int8_ref.py, and dense float64 / bf16
+attention.
 """
 from __future__ import annotations
 
