@@ -38,16 +38,22 @@ def load_frames(args):
     return rng.integers(0, 256, size=(args.count, h, w, 3), dtype=np.uint8), f"{args.count} noise frames {w}x{h}"
 
 
-def encode_core(frames, fps, path):
-    """Core Create Video -> Save Video's writer (comfy_api's VideoFromComponents.save_to, h264 in mp4)."""
-    import torch
+def save_core(images, fps, path):
+    """Core Create Video -> Save Video's writer (comfy_api's VideoFromComponents.save_to with the node's defaults:
+    h264 in mp4) on an IMAGE batch (float [N, H, W, 3] in 0..1). ComfyUI must be importable."""
     from fractions import Fraction
 
     from comfy_api.latest import InputImpl, Types
 
-    images = torch.from_numpy(frames).float() / 255.0
     comp = Types.VideoComponents(images=images, frame_rate=Fraction(round(fps * 1000), 1000))
     InputImpl.VideoFromComponents(comp).save_to(str(path))
+
+
+def encode_core(frames, fps, path):
+    """``save_core`` of uint8 frames [N, H, W, 3]."""
+    import torch
+
+    save_core(torch.from_numpy(frames).float() / 255.0, fps, path)
 
 
 def series(name, encode, frames, runs, tmp):

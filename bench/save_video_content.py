@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How much of core Save Video's time is the content (issue 15): ComfyUI's own h264 encode (the object the core
 SaveVideo node writes, ``VideoFromComponents.save_to`` with the node's defaults: mp4, codec auto = h264, no
-crf) of one 81-frame video of each kind:
+crf; ``bench/encoder_repro.save_core``) of one 81-frame video of each kind:
 
 - ``noise``: uniform random frames, what a random-weight DiT decodes to (the end-to-end bench's content);
 - ``smoothed noise``: the same noise under a 9x9 box blur;
@@ -21,8 +21,6 @@ import platform
 import sys
 import tempfile
 import time
-from fractions import Fraction
-
 BENCH = pathlib.Path(__file__).resolve().parent
 
 
@@ -30,8 +28,7 @@ def contents(n, w, h):
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    import _e2e_files as F
+    import _e2e_files as F  # bench/ is on sys.path (main)
 
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(n, h, w, 3, generator=g)
@@ -52,20 +49,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
     sys.path.insert(0, str(args.comfyui))
+    sys.path.insert(0, str(BENCH))
     import torch
-    from comfy_api.latest import InputImpl, Types
+    from encoder_repro import save_core
 
     print(f"ComfyUI {args.comfyui}, torch {torch.__version__}, {os.cpu_count()} CPUs ({platform.processor() or '?'}), "
           f"{args.frames} frames {w}x{h} @ 16 fps, best of {args.reps}")
     print("\n| content | encode s | file MB |\n|---|---:|---:|")
     with tempfile.TemporaryDirectory() as d:
         for name, frames in contents(args.frames, w, h):
-            video = InputImpl.VideoFromComponents(Types.VideoComponents(images=frames, frame_rate=Fraction(16)))
             best = math.inf
             path = os.path.join(d, "v.mp4")
             for _ in range(args.reps):
                 t = time.perf_counter()
-                video.save_to(path)
+                save_core(frames, 16, path)
                 best = min(best, time.perf_counter() - t)
             print(f"| {name} | {best:.2f} | {os.path.getsize(path) / 1e6:.2f} |", flush=True)
     return 0
