@@ -67,6 +67,21 @@ def test_user_set_folders_and_switches_are_respected(clean, tmp_path):
     assert accel._USER_CACHE_ENV.keys() == set(accel.CACHE_ENV) and mn.accel is accel
 
 
+def test_torchs_own_default_folders_are_not_a_users_choice(clean, tmp_path):
+    """What the import-time snapshot holds in ComfyUI: torch's default folders, which torch wrote into os.environ
+    itself before the pack was imported (`import torch._inductor.config`). They must not pin the cache there."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+    default = default_cache_dir()
+    folder = tmp_path / "ours"
+    got = accel.use_compile_cache(str(folder), user_env={"TORCHINDUCTOR_CACHE_DIR": default,
+                                                         "TRITON_CACHE_DIR": os.path.join(default, "triton", "0")})
+    assert got == {"inductor": str(folder), "triton": None} and cache_dir() == str(folder)
+    assert "TRITON_CACHE_DIR" not in os.environ
+    # a user's folder inside torch's temp folder, but not torch's default itself, stays the user's
+    mine = os.path.join(os.path.dirname(default), "my_inductor_cache")
+    assert accel.use_compile_cache(str(folder), user_env={"TORCHINDUCTOR_CACHE_DIR": mine})["inductor"] == mine
+
+
 def _comfy_user_dir(monkeypatch, path):
     monkeypatch.setattr(cb, "HAVE_COMFY", True)
     monkeypatch.setattr(cb, "folder_paths", types.SimpleNamespace(get_user_directory=lambda: str(path)))
@@ -111,16 +126,24 @@ def test_outside_comfyui_torch_defaults_stay(clean, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor CPU needs a C++ compiler")
 def test_a_real_compile_writes_its_fx_graph_cache_into_the_folder(tmp_path):
-    """A fresh interpreter (as after a ComfyUI restart): use_compile_cache, then one inductor compile on CPU;
-    its FX graph cache entry must be in our folder."""
+    """A fresh interpreter (as after a ComfyUI restart): torch's inductor config imported before the pack, as
+    ComfyUI's start does (it writes torch's default folder into os.environ, and the pack's import-time snapshot
+    sees it), then use_compile_cache with that default snapshot and one inductor compile on CPU; its FX graph
+    cache entry must be in our folder, not in torch's default one."""
     folder = tmp_path / "cache"
     code = textwrap.dedent(f"""
         import os, sys
         for k in {ENVS!r}:
             os.environ.pop(k, None)
+        import importlib
         import torch
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        cache_dir()  # what `import torch._inductor.config` does at ComfyUI's start, before custom nodes load
         from steadydancer_turbo.steadydancer.weights import speed_options as accel
-        accel.use_compile_cache({str(folder)!r}, user_env={{}})
+        accel = importlib.reload(accel)  # the pack's import-time snapshot, taken after that (conftest imported it)
+        assert accel._USER_CACHE_ENV["TORCHINDUCTOR_CACHE_DIR"], accel._USER_CACHE_ENV
+        got = accel.use_compile_cache({str(folder)!r})
+        assert got == {{"inductor": {str(folder)!r}, "triton": None}}, got
         f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
         x = torch.randn(16)
         torch.testing.assert_close(f(x), torch.sin(x) * 2 + 1)

@@ -38,7 +38,22 @@ CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 _CACHE_FLAGS = (("torch._inductor.config", "fx_graph_cache", "TORCHINDUCTOR_FX_GRAPH_CACHE"),
                 ("torch._functorch.config", "enable_autograd_cache", "TORCHINDUCTOR_AUTOGRAD_CACHE"),
                 ("torch._inductor.config", "autotune_local_cache", None))
-_USER_CACHE_ENV = {k: os.environ.get(k) for k in CACHE_ENV}  # as the process started (torch sets both itself later)
+_USER_CACHE_ENV = {k: os.environ.get(k) for k in CACHE_ENV}  # as the pack was imported (torch sets both itself)
+
+
+def _set_by_torch(key: str, value: str) -> bool:
+    """Whether ``value`` of ``key`` is a folder torch puts into ``os.environ`` itself, not a user's choice:
+    ``import torch._inductor.config`` (which ComfyUI's start and this pack's own imports do before the snapshot
+    above) writes its default ``<temp>/torchinductor_<user>``, and a compile writes Triton's folder under it."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        default = os.path.abspath(default_cache_dir())
+    except (ImportError, AttributeError):
+        return False
+    value = os.path.abspath(value)
+    if key == "TORCHINDUCTOR_CACHE_DIR":
+        return value == default
+    return os.path.commonpath([value, default]) == default and value != default
 
 
 def use_compile_cache(folder: str, user_env: dict | None = None) -> dict:
@@ -47,11 +62,13 @@ def use_compile_cache(folder: str, user_env: dict | None = None) -> dict:
     warm for the 480p turbo model). Call before the first compile. Process-wide: torch has one cache folder.
 
     ``user_env``: ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` as the user set them (default: as they were
-    when this module was imported, since torch writes both into ``os.environ`` itself on its first compile).
+    when this module was imported, since torch writes both into ``os.environ`` itself); torch's own default
+    folders there do not count as the user's (``_set_by_torch``).
     A folder the user set is kept; otherwise inductor's goes to ``folder`` and Triton's follows it
     (``folder/triton/<device>``, torch's own layout). The cache switches are turned on through torch's config,
     except where the user's environment set them. Returns ``{"inductor": path, "triton": path or None}``."""
-    user = dict(_USER_CACHE_ENV if user_env is None else user_env)
+    user = {k: v for k, v in (_USER_CACHE_ENV if user_env is None else user_env).items()
+            if v and not _set_by_torch(k, v)}
     inductor = user.get("TORCHINDUCTOR_CACHE_DIR") or os.path.abspath(folder)
     os.makedirs(inductor, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor
