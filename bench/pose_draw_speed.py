@@ -9,7 +9,9 @@ figure ``bench/_e2e_files.person_frame`` draws for the end-to-end bench) and a l
   bicubic, one frame after the other, then the uint8 video converted to float32 in torch;
 - ``new 1 thread``: today's node with the drawing pool limited to one thread (the single-thread gain: colours
   swapped while drawing, only the region around the figure resized, float32 written per patch);
-- ``new``: today's node as it runs (``dwpose.draw.default_threads()`` threads).
+- ``new``: today's node as it runs (``dwpose.draw.default_threads()`` threads);
+- ``new N threads`` (with ``--threads N,M,...``): today's node with the drawing pool at N threads (how the drawing
+  scales with threads on the machine at hand).
 
 Each row: median of ``--reps`` node calls (after one warm-up call) in ms, per frame (the node draws 2 x 81 frames:
 the pose video and the negative pose video), the drawing alone, and whether the outputs are bit-identical to
@@ -17,6 +19,7 @@ the pose video and the negative pose video), the drawing alone, and whether the 
 
 Usage:  python bench/pose_draw_speed.py                      # 832x480 and 1280x720, 81 frames
         python bench/pose_draw_speed.py --frames 9 --reps 1  # seconds-long smoke test
+        python bench/pose_draw_speed.py --sizes 832x480 --threads 1,2,4,8,16   # thread sweep
 """
 from __future__ import annotations
 
@@ -94,8 +97,9 @@ def run(path: str, W: int, H: int, n: int, reps: int):
         return wrapped
 
     pose_nodes.draw_pose_videos = timed(old_draw_pose_videos if path == "old" else real_videos)
-    if path == "new 1 thread":
-        draw.default_threads = lambda n_frames=None: 1
+    forced = 1 if path == "new 1 thread" else int(path.split()[1]) if path.endswith(" threads") else None
+    if forced is not None:
+        draw.default_threads = lambda n_frames=None: forced
     try:
         out = node.retarget(drv, ref, img, W, H, "crop", True, True, False, "steadydancer", 0)  # warm-up
         totals = []
@@ -106,7 +110,7 @@ def run(path: str, W: int, H: int, n: int, reps: int):
             totals.append(time.perf_counter() - t)
     finally:
         pose_nodes.draw_pose_videos, draw.default_threads = real_videos, real_threads
-    threads = 1 if path != "new" else draw.default_threads(n)
+    threads = draw.default_threads(n) if path == "new" else 1 if path == "old" else forced
     return statistics.median(totals), statistics.median(drawing), threads, out
 
 
@@ -120,6 +124,7 @@ def main():
     ap.add_argument("--sizes", default="832x480,1280x720", help="width x height list")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", default="", help="also rows with the drawing pool at each of these thread counts")
     args = ap.parse_args()
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import cv2
@@ -135,7 +140,8 @@ def main():
     for size in args.sizes.split(","):
         W, H = (int(v) for v in size.lower().split("x"))
         base = None
-        for path in ("old", "new 1 thread", "new"):
+        sweep = [f"new {t} threads" for t in args.threads.split(",") if t.strip()]
+        for path in ["old", "new 1 thread", "new"] + sweep:
             total, drawing, threads, out = run(path, W, H, args.frames, args.reps)
             if base is None:
                 base, ref_out = total, out
