@@ -49,7 +49,10 @@ HAND_LINE_WIDTH = 2
 HAND_POINT_RADIUS = 4
 FACE_RADIUS = 3
 EPS = 0.01
-MAX_THREADS = 32
+# drawing threads at most: the frames' Python and GIL hand-offs outweigh more threads. Retarget Poses at 832x480, 81 frames,
+# on a 16-core H200 host (bench/pose_draw_speed.py --threads, run 24): 1 thread 1065 ms, 2: 809, 4: 671, 8: 841,
+# 16: 1259; on a 2-core box 4-16 threads were twice as slow as 2
+MAX_THREADS = 4
 BICUBIC_SUPPORT = 2  # PIL's bicubic filter support, in output pixels when downscaling
 BAND = 32  # output rows resized at a time around the figure
 

@@ -154,7 +154,7 @@ def test_progress_in_frame_order_and_an_interrupt_stops_the_drawing(monkeypatch)
 
 
 def test_default_threads_follow_the_cpus_and_the_frame_count(monkeypatch):
+    monkeypatch.setattr(DR.os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    assert DR.default_threads() == 2 and DR.default_threads(1) == 1 and DR.default_threads(0) == 1
     monkeypatch.setattr(DR.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert DR.default_threads() == 16 and DR.default_threads(5) == 5 and DR.default_threads(0) == 1
-    monkeypatch.setattr(DR.os, "sched_getaffinity", lambda pid: set(range(200)), raising=False)
-    assert DR.default_threads() == DR.MAX_THREADS
+    assert DR.default_threads() == DR.MAX_THREADS == 4 and DR.default_threads(3) == 3
