@@ -53,7 +53,10 @@ def _set_by_torch(key: str, value: str) -> bool:
     value = os.path.abspath(value)
     if key == "TORCHINDUCTOR_CACHE_DIR":
         return value == default
-    return os.path.commonpath([value, default]) == default and value != default
+    try:
+        return os.path.commonpath([value, default]) == default and value != default
+    except ValueError:  # another drive (Windows)
+        return False
 
 
 def use_compile_cache(folder: str, user_env: dict | None = None) -> dict:
