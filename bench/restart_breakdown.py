@@ -83,7 +83,8 @@ def pinned_h2d(nbytes: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--file", required=True, help="fp8-scaled SteadyDancer DiT .safetensors (full size)")
-    ap.add_argument("--cache", required=True, help="torch.compile cache folder (TORCHINDUCTOR_CACHE_DIR)")
+    ap.add_argument("--cache", required=True, help="torch.compile cache folder, unless TORCHINDUCTOR_CACHE_DIR is set "
+                    "(then that one, as in ComfyUI)")
     ap.add_argument("--label", default="run")
     ap.add_argument("--topk", type=float, default=0.1)
     ap.add_argument("--floors", action="store_true", help="also the read and pinned-copy floors")
@@ -94,14 +95,14 @@ def main():
     from steadydancer_turbo.steadydancer.weights import loader, speed_options as accel
     from _dit import ours_inputs
 
-    accel.use_compile_cache(args.cache)
+    cache = accel.use_compile_cache(args.cache)["inductor"]  # a TORCHINDUCTOR_CACHE_DIR the caller set wins
     C.DEV = args.device
     if args.tiny:
         C.use_tiny_sizes()
     torch.empty(1, device=C.DEV)  # the CUDA context, which ComfyUI makes at start-up
     card = torch.cuda.get_device_name() if C.DEV == "cuda" else C.DEV
-    row = dict(label=args.label, card=card, torch=torch.__version__,
-               date=time.strftime("%Y-%m-%d"), cache_files_before=sum(len(f) for _, _, f in os.walk(args.cache)))
+    row = dict(label=args.label, card=card, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+               cache=cache, cache_files_before=sum(len(f) for _, _, f in os.walk(cache)))
 
     t = time.perf_counter()
     module = loader.load_steadydancer(args.file, device="cpu", offload_device="cpu", fp8_matmul=True,
