@@ -176,8 +176,7 @@ def native():
                 prog = transformer_options.get(PROGRESS_KEY)
                 batch = prog.batch if prog is not None else x.shape[0]  # rows per guidance pass
                 dit = cw.ContextWindowModel(dit, windows, x.shape[2], batch, functools.partial(_window_done, prog))
-            args = (x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
-            out = dit(*args)
+            out = dit(x[:, :c], t, context, clip_fea, clip_fea_c, x[:, c:], pose_latents, ref_x, ref_c)
             if _TRACE_PASSES:
                 _trace_pass(t, out, x=x, context=context, clip_fea=clip_fea, clip_fea_c=clip_fea_c,
                             pose=pose_latents, ref_x=ref_x, ref_c=ref_c,
